@@ -1,0 +1,5 @@
+# Only here because cffi's setuptools hook is configured through setup():
+# everything else about the package is in pyproject.toml.
+from setuptools import setup
+
+setup(cffi_modules=["writewatch/_build_native.py:ffibuilder"])

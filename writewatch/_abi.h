@@ -1,0 +1,112 @@
+/*
+ * The kernel ABI writewatch uses, declared once.
+ *
+ * This file is read twice: by the C compiler (included from _helpers.c) and by
+ * cffi's cdef (see _build_native.py), so it may hold only what both understand:
+ * structs of fixed-width fields, integer #defines and prototypes. No include
+ * guards, no expressions in #defines.
+ *
+ * The machine's uapi headers predate Linux 6.7, so PAGEMAP_SCAN and the
+ * userfaultfd async write-protect bits are spelled out here (include/uapi/linux/
+ * fs.h and userfaultfd.h of Linux 6.7+, x86_64 ioctl numbers).
+ */
+
+/* ---- PAGEMAP_SCAN on /proc/PID/pagemap (Linux 6.7) ---- */
+#define PAGEMAP_SCAN 0xC0606610
+
+#define PM_SCAN_WP_MATCHING 0x1
+#define PM_SCAN_CHECK_WPASYNC 0x2
+
+#define PAGE_IS_WPALLOWED 0x1
+#define PAGE_IS_WRITTEN 0x2
+#define PAGE_IS_FILE 0x4
+#define PAGE_IS_PRESENT 0x8
+#define PAGE_IS_SWAPPED 0x10
+#define PAGE_IS_PFNZERO 0x20
+#define PAGE_IS_HUGE 0x40
+#define PAGE_IS_SOFT_DIRTY 0x80
+
+struct page_region {
+    uint64_t start;
+    uint64_t end; /* exclusive */
+    uint64_t categories;
+};
+
+struct pm_scan_arg {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t start;
+    uint64_t end;
+    uint64_t walk_end;
+    uint64_t vec;
+    uint64_t vec_len;
+    uint64_t max_pages;
+    uint64_t category_inverted;
+    uint64_t category_mask;
+    uint64_t category_anyof_mask;
+    uint64_t return_mask;
+};
+
+/* ---- userfaultfd (syscall 323 on x86_64) ---- */
+#define WW_NR_USERFAULTFD 323
+#define UFFD_USER_MODE_ONLY 1
+#define UFFD_API 0xAA
+
+#define UFFDIO_API 0xC018AA3F
+#define UFFDIO_REGISTER 0xC020AA00
+#define UFFDIO_UNREGISTER 0x8010AA01
+#define UFFDIO_WRITEPROTECT 0xC018AA06
+
+#define UFFDIO_REGISTER_MODE_WP 2
+#define UFFDIO_WRITEPROTECT_MODE_WP 1
+
+/* Bit numbers of the ioctls a registration supports (uffdio_register.ioctls). */
+#define WW_UFFDIO_WRITEPROTECT_BIT 6
+
+#define UFFD_FEATURE_PAGEFAULT_FLAG_WP 0x1
+#define UFFD_FEATURE_WP_UNPOPULATED 0x2000
+#define UFFD_FEATURE_WP_ASYNC 0x8000
+
+struct uffdio_api {
+    uint64_t api;
+    uint64_t features;
+    uint64_t ioctls;
+};
+
+struct uffdio_range {
+    uint64_t start;
+    uint64_t len;
+};
+
+struct uffdio_register {
+    struct uffdio_range range;
+    uint64_t mode;
+    uint64_t ioctls;
+};
+
+struct uffdio_writeprotect {
+    struct uffdio_range range;
+    uint64_t mode;
+};
+
+/* ---- writewatch's native helpers (_helpers.c) ----
+ * Every helper returns a non-negative result or -errno: the Python side turns
+ * that into an OSError in one place (kernel._check). They run without the GIL.
+ */
+int64_t ww_mmap(uint64_t addr, uint64_t length, int prot, int flags);
+int ww_munmap(uint64_t addr, uint64_t length);
+int ww_mprotect(uint64_t addr, uint64_t length, int prot);
+int ww_madvise(uint64_t addr, uint64_t length, int advice);
+
+int ww_uffd_open(int flags);
+int ww_uffd_api(int uffd, uint64_t features, struct uffdio_api *out);
+int ww_uffd_register_wp(int uffd, uint64_t start, uint64_t length, uint64_t *ioctls);
+int ww_uffd_unregister(int uffd, uint64_t start, uint64_t length);
+int ww_uffd_writeprotect(int uffd, uint64_t start, uint64_t length, int protect);
+
+int64_t ww_pagemap_written(int pagemap_fd, uint64_t start, uint64_t end, int reset,
+                           uint64_t *out, uint64_t capacity, uint64_t origin,
+                           uint64_t *walk_end);
+int64_t ww_pagemap_reset(int pagemap_fd, uint64_t start, uint64_t end);
+int64_t ww_pagemap_check_watched(int pagemap_fd, uint64_t start, uint64_t end);
+int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg);

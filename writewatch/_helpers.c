@@ -1,0 +1,173 @@
+/*
+ * writewatch's native helpers: thin system-call wrappers and the PAGEMAP_SCAN
+ * loop. Only what must not run per page in Python lives here.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+
+#include "_abi.h"
+
+#define WW_PAGE_SIZE 4096u
+/* page_region entries fetched per ioctl; the loop goes on from walk_end. */
+#define WW_SCAN_BATCH 256
+
+int64_t ww_mmap(uint64_t addr, uint64_t length, int prot, int flags)
+{
+    void *p = mmap((void *)(uintptr_t)addr, length, prot, flags, -1, 0);
+    return p == MAP_FAILED ? -errno : (int64_t)(uintptr_t)p;
+}
+
+int ww_munmap(uint64_t addr, uint64_t length)
+{
+    return munmap((void *)(uintptr_t)addr, length) ? -errno : 0;
+}
+
+int ww_mprotect(uint64_t addr, uint64_t length, int prot)
+{
+    return mprotect((void *)(uintptr_t)addr, length, prot) ? -errno : 0;
+}
+
+int ww_madvise(uint64_t addr, uint64_t length, int advice)
+{
+    return madvise((void *)(uintptr_t)addr, length, advice) ? -errno : 0;
+}
+
+int ww_uffd_open(int flags)
+{
+    long fd = syscall(WW_NR_USERFAULTFD, flags);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+int ww_uffd_api(int uffd, uint64_t features, struct uffdio_api *out)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = features };
+    if (ioctl(uffd, UFFDIO_API, &api))
+        return -errno;
+    *out = api;
+    return 0;
+}
+
+int ww_uffd_register_wp(int uffd, uint64_t start, uint64_t length, uint64_t *ioctls)
+{
+    struct uffdio_register reg = {
+        .range = { .start = start, .len = length },
+        .mode = UFFDIO_REGISTER_MODE_WP,
+    };
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg))
+        return -errno;
+    *ioctls = reg.ioctls;
+    return 0;
+}
+
+int ww_uffd_unregister(int uffd, uint64_t start, uint64_t length)
+{
+    struct uffdio_range range = { .start = start, .len = length };
+    return ioctl(uffd, UFFDIO_UNREGISTER, &range) ? -errno : 0;
+}
+
+int ww_uffd_writeprotect(int uffd, uint64_t start, uint64_t length, int protect)
+{
+    struct uffdio_writeprotect wp = {
+        .range = { .start = start, .len = length },
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) ? -errno : 0;
+}
+
+static void scan_arg_init(struct pm_scan_arg *arg, uint64_t start, uint64_t end)
+{
+    memset(arg, 0, sizeof *arg);
+    arg->size = sizeof *arg;
+    arg->start = start;
+    arg->end = end;
+    /* Exactly WRITTEN/WRITTEN: the kernel's fast path, and the only mask whose
+     * answer for never-populated pages agreed across kernels. */
+    arg->category_mask = PAGE_IS_WRITTEN;
+    arg->return_mask = PAGE_IS_WRITTEN;
+}
+
+/*
+ * Write the pages written in [start, end) into out[0..capacity), as
+ * (page address - origin), ascending. With reset, each reported page is
+ * write-protected again in the same page-table walk (atomic per page); the walk
+ * stops when out is full, so pages past that point keep their state.
+ * Returns the number of entries written, or -errno; *walk_end is where the walk
+ * stopped (end when the whole range was walked).
+ */
+int64_t ww_pagemap_written(int pagemap_fd, uint64_t start, uint64_t end, int reset,
+                           uint64_t *out, uint64_t capacity, uint64_t origin,
+                           uint64_t *walk_end)
+{
+    struct page_region batch[WW_SCAN_BATCH];
+    struct pm_scan_arg arg;
+    uint64_t count = 0;
+
+    *walk_end = start;
+    while (start < end && count < capacity) {
+        scan_arg_init(&arg, start, end);
+        arg.flags = reset ? PM_SCAN_WP_MATCHING : 0;
+        arg.vec = (uint64_t)(uintptr_t)batch;
+        arg.vec_len = WW_SCAN_BATCH;
+        arg.max_pages = capacity - count;
+        long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+        if (n < 0)
+            return -errno;
+        for (long i = 0; i < n; i++) {
+            for (uint64_t page = batch[i].start; page < batch[i].end; page += WW_PAGE_SIZE) {
+                if (count == capacity) /* the kernel honours max_pages; never trust it past out's end */
+                    return -EIO;
+                out[count++] = page - origin;
+            }
+        }
+        if (arg.walk_end <= start) /* no progress: never report an unwalked range as clean */
+            return -EIO;
+        start = arg.walk_end;
+        *walk_end = start;
+    }
+    return (int64_t)count;
+}
+
+/* Write-protect every page of [start, end) again: one walk, no output. */
+int64_t ww_pagemap_reset(int pagemap_fd, uint64_t start, uint64_t end)
+{
+    struct pm_scan_arg arg;
+    scan_arg_init(&arg, start, end);
+    arg.flags = PM_SCAN_WP_MATCHING;
+    long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+    return n < 0 ? -errno : 0;
+}
+
+/*
+ * 0 when every mapping in [start, end) is registered for async write-protect,
+ * -EPERM when one is not. Registered mappings are filtered out by category
+ * before their pages are walked, so this costs one VMA lookup each and changes
+ * nothing (no WP_MATCHING).
+ */
+int64_t ww_pagemap_check_watched(int pagemap_fd, uint64_t start, uint64_t end)
+{
+    struct page_region unused;
+    struct pm_scan_arg arg;
+    scan_arg_init(&arg, start, end);
+    arg.flags = PM_SCAN_CHECK_WPASYNC;
+    arg.category_inverted = PAGE_IS_WPALLOWED;
+    arg.category_mask = PAGE_IS_WPALLOWED;
+    arg.vec = (uint64_t)(uintptr_t)&unused;
+    arg.vec_len = 1;
+    long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+    return n < 0 ? -errno : 0;
+}
+
+/* The bare ioctl, for probes and tests. */
+int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg)
+{
+    long n = ioctl(pagemap_fd, PAGEMAP_SCAN, arg);
+    return n < 0 ? -errno : n;
+}
