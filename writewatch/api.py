@@ -1,0 +1,205 @@
+"""The Windows-shaped API, and a Pythonic face over the same region table.
+
+The Windows functions never raise for a failure Windows reports: they return
+what the SDK says (0, False, 0xFFFFFFFF, None) and leave the reason in the
+calling thread's last error. Passing a value no C caller could pass (a string
+for an address, a list for the addresses array) raises TypeError, as ctypes
+would.
+
+The Pythonic face (WatchedMemory) raises WriteWatchError, an OSError whose
+.winerror is the Windows code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from writewatch import regions
+from writewatch.constants import (
+    MEM_COMMIT,
+    MEM_RELEASE,
+    MEM_RESERVE,
+    MEM_WRITE_WATCH,
+    PAGE_READWRITE,
+    WRITE_WATCH_FAILED,
+    WRITE_WATCH_FLAG_RESET,
+)
+from writewatch.regions import MEMORY_BASIC_INFORMATION, PAGE_SIZE, WriteWatchError
+
+_last_error = threading.local()
+
+T = TypeVar("T")
+
+
+def GetLastError() -> int:  # noqa: N802 - Windows names
+    """The calling thread's last error code."""
+    return getattr(_last_error, "code", 0)
+
+
+def SetLastError(code: int) -> None:  # noqa: N802
+    _last_error.code = code
+
+
+def _windows_call(failed: T, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except WriteWatchError as exc:
+        SetLastError(exc.winerror)
+        return failed
+
+
+def VirtualAlloc(address: int, size: int, allocation_type: int,  # noqa: N802
+                 protect: int) -> int:
+    """Reserve and/or commit pages; returns the base address, or 0 on failure."""
+    return _windows_call(0, lambda: regions.allocate(address, size, allocation_type, protect))
+
+
+def VirtualFree(address: int, size: int, free_type: int) -> bool:  # noqa: N802
+    """MEM_DECOMMIT a range or MEM_RELEASE an allocation; False on failure."""
+    def call() -> bool:
+        regions.free(address, size, free_type)
+        return True
+    return _windows_call(False, call)
+
+
+def VirtualProtect(address: int, size: int,  # noqa: N802
+                   new_protect: int) -> tuple[bool, int]:
+    """Change the protection of committed pages: (True, old protection of the
+    first page), or (False, 0) on failure."""
+    return _windows_call((False, 0),
+                         lambda: (True, regions.set_protection(address, size, new_protect)))
+
+
+def VirtualQuery(address: int) -> MEMORY_BASIC_INFORMATION | None:  # noqa: N802
+    """What is at address (None on failure, as Windows returns 0)."""
+    return _windows_call(None, lambda: regions.query(address))
+
+
+def GetWriteWatch(flags: int, base: int, size: int,  # noqa: N802
+                  addresses: npt.NDArray[np.uintp] | None,
+                  count: int | None = None) -> tuple[int, int, int]:
+    """Return (ret, count, granularity) as the C function leaves them.
+
+    addresses receives the page addresses written in [base, base+size) since the
+    last reset, ascending; count is its capacity (None: its length). ret is 0 on
+    success and 0xFFFFFFFF on failure; count is then the number of addresses and
+    granularity the page size. On failure count is returned unchanged."""
+    capacity = len(addresses) if count is None and addresses is not None else count
+    try:
+        found = regions.get_written(flags, base, size, addresses, count)
+    except WriteWatchError as exc:
+        SetLastError(exc.winerror)
+        return WRITE_WATCH_FAILED, capacity or 0, 0
+    return 0, found, PAGE_SIZE
+
+
+def ResetWriteWatch(base: int, size: int) -> int:  # noqa: N802
+    """Reset the write-tracking state of [base, base+size); 0 on success."""
+    def call() -> int:
+        regions.reset_written(base, size)
+        return 0
+    return _windows_call(WRITE_WATCH_FAILED, call)
+
+
+class WatchedMemory:
+    """A write-watched block of memory for Python code.
+
+    >>> with WatchedMemory(64 * 4096) as mem:
+    ...     mem.array[4096 * 3] = 1
+    ...     [hex(a - mem.address) for a in mem.written(reset=True)]
+    ['0x3000']
+
+    The reservation is committed whole (read-write) unless commit=False; then
+    commit() the parts to use. backend picks the write-watch mechanism ("auto":
+    the best this machine has).
+    """
+
+    def __init__(self, size: int, *, commit: bool = True, protect: int = PAGE_READWRITE,
+                 backend: str = "auto") -> None:
+        allocation_type = MEM_RESERVE | MEM_WRITE_WATCH | (MEM_COMMIT if commit else 0)
+        self.address = regions.allocate(0, size, allocation_type, protect, backend)
+        self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        self._array: np.ndarray | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.size:#x} bytes"
+        return f"<WatchedMemory at {self.address:#x}, {state}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the memory was freed")
+
+    @property
+    def array(self) -> np.ndarray:
+        """A uint8 view of the whole block (every page must be committed)."""
+        self._check_open()
+        if self._array is None:
+            self._array = regions.as_array(self.address, self.size)
+        return self._array
+
+    def view(self, offset: int = 0, size: int | None = None,
+             dtype: npt.DTypeLike = np.uint8) -> np.ndarray:
+        """A numpy view of [offset, offset+size) of the block."""
+        self._check_open()
+        return regions.as_array(self.address + offset,
+                                self.size - offset if size is None else size, dtype)
+
+    def commit(self, offset: int, size: int, protect: int = PAGE_READWRITE) -> None:
+        self._check_open()
+        regions.allocate(self.address + offset, size, MEM_COMMIT, protect)
+
+    def written(self, reset: bool = False,
+                out: npt.NDArray[np.uintp] | None = None) -> npt.NDArray[np.uintp]:
+        """Addresses of the pages written since the last reset, ascending.
+
+        With out, at most len(out) addresses are returned (a view of out) and,
+        with reset, only those pages are reset."""
+        self._check_open()
+        if out is None:
+            out = np.empty(regions.committed_size(self.address) // PAGE_SIZE, np.uintp)
+            if len(out) == 0:
+                return out
+        found = regions.get_written(WRITE_WATCH_FLAG_RESET if reset else 0,
+                                    self.address, self.size, out)
+        return out[:found]
+
+    def reset(self) -> None:
+        """Mark every page unwritten."""
+        self._check_open()
+        regions.reset_written(self.address, self.size)
+
+    def close(self) -> None:
+        """Release the memory (views made earlier keep it mapped until collected)."""
+        if not self._closed:
+            self._closed = True
+            self._array = None
+            regions.free(self.address, 0, MEM_RELEASE)
+
+    def __enter__(self) -> WatchedMemory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+__all__ = [
+    "GetLastError",
+    "GetWriteWatch",
+    "MEMORY_BASIC_INFORMATION",
+    "ResetWriteWatch",
+    "SetLastError",
+    "VirtualAlloc",
+    "VirtualFree",
+    "VirtualProtect",
+    "VirtualQuery",
+    "WatchedMemory",
+    "WriteWatchError",
+]

@@ -1,0 +1,566 @@
+"""The kernel layer: memory system calls, the process_memwatch primitive and the
+write-watch backends behind it.
+
+Nothing here knows about regions or Windows; regions.py calls down into this
+module and nothing calls up. Every native helper returns a value or -errno, and
+_check is the one place that turns -errno into the right OSError subclass.
+
+The default (and, for now, only) backend is ``pagemap``: one userfaultfd per
+process in async write-protect mode (Linux 6.7+), queried and re-armed with the
+PAGEMAP_SCAN ioctl on /proc/self/pagemap. A page reads "written" exactly when its
+page-table entry has lost the write-protect bit, so the kernel does all the
+bookkeeping and a first write costs one minor fault.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import signal
+import threading
+from dataclasses import asdict, dataclass
+from enum import IntFlag
+from typing import Any
+
+import numpy as np
+
+try:
+    from writewatch._native import ffi, lib
+except ImportError as exc:  # pragma: no cover - only in a tree that was never built
+    raise ImportError(
+        "writewatch's compiled part (writewatch._native) is missing: this looks like an "
+        "unbuilt source tree. Install the project (pip install -e .) or run from outside "
+        f"the checkout. ({exc})"
+    ) from exc
+
+PAGE_SIZE = mmap.PAGESIZE
+_PAGE_MASK = PAGE_SIZE - 1
+
+PROT_NONE = 0
+PROT_READ = mmap.PROT_READ
+PROT_WRITE = mmap.PROT_WRITE
+# mmap flags the stdlib does not export (x86_64 values)
+MAP_NORESERVE = 0x4000
+MAP_FIXED_NOREPLACE = 0x100000
+
+_UFFD_OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
+_UFFD_FEATURES = lib.UFFD_FEATURE_WP_ASYNC | lib.UFFD_FEATURE_WP_UNPOPULATED
+
+
+class MemwatchFlags(IntFlag):
+    """process_memwatch flags, as in the seed's uapi/linux/memwatch.h."""
+
+    MEMWATCH_SD_GET = 0x1
+    MEMWATCH_SD_CLEAR = 0x2
+    MEMWATCH_SD_NO_REUSED_REGIONS = 0x4
+
+
+MEMWATCH_SD_GET = MemwatchFlags.MEMWATCH_SD_GET
+MEMWATCH_SD_CLEAR = MemwatchFlags.MEMWATCH_SD_CLEAR
+MEMWATCH_SD_NO_REUSED_REGIONS = MemwatchFlags.MEMWATCH_SD_NO_REUSED_REGIONS
+_MEMWATCH_ALL = MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR | MEMWATCH_SD_NO_REUSED_REGIONS
+
+
+def _oserror(err: int, message: str) -> OSError:
+    # OSError(errno, ...) picks the matching subclass (ProcessLookupError, ...).
+    return OSError(err, f"{message}: {os.strerror(err)}")
+
+
+def _check(result: int, what: str) -> int:
+    """Return a native helper's result, or raise the OSError its -errno names."""
+    if result < 0:
+        raise _oserror(-result, what)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Plain memory calls (used by regions.py for every region, watched or not)
+
+
+def map_reserved(address: int, size: int, alignment: int) -> int:
+    """Reserve size bytes of inaccessible, unbacked address space.
+
+    With address 0 the kernel picks the place and it is aligned to alignment;
+    otherwise exactly [address, address+size) is taken or FileExistsError is raised
+    (MAP_FIXED_NOREPLACE never replaces an existing mapping).
+    """
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+    if address:
+        got = _check(lib.ww_mmap(address, size, PROT_NONE, flags | MAP_FIXED_NOREPLACE),
+                     "mmap")
+        if got != address:  # a kernel older than 4.17 treats the flag as a hint
+            lib.ww_munmap(got, size)
+            raise _oserror(errno.EEXIST, "mmap")
+        return got
+    # Over-allocate, then trim both ends to land on the alignment.
+    span = size + alignment - PAGE_SIZE
+    got = _check(lib.ww_mmap(0, span, PROT_NONE, flags), "mmap")
+    start = (got + alignment - 1) & ~(alignment - 1)
+    if start > got:
+        lib.ww_munmap(got, start - got)
+    if got + span > start + size:
+        lib.ww_munmap(start + size, got + span - start - size)
+    return start
+
+
+def unmap(address: int, size: int) -> None:
+    _check(lib.ww_munmap(address, size), "munmap")
+
+
+def protect(address: int, size: int, prot: int) -> None:
+    _check(lib.ww_mprotect(address, size, prot), "mprotect")
+
+
+def discard(address: int, size: int) -> None:
+    """Drop the pages' contents: they read as zero when next touched."""
+    _check(lib.ww_madvise(address, size, mmap.MADV_DONTNEED), "madvise(MADV_DONTNEED)")
+
+
+def no_huge_pages(address: int, size: int) -> None:
+    """Keep 4 KiB precision: a transparent huge page is tracked as one 2 MiB unit."""
+    _check(lib.ww_madvise(address, size, mmap.MADV_NOHUGEPAGE), "madvise(MADV_NOHUGEPAGE)")
+
+
+# ---------------------------------------------------------------------------
+# Fork: the child inherits the parent's userfaultfd and pagemap descriptors, and
+# they still act on the PARENT's memory. The child forgets them and opens its own.
+
+_process_epoch = 0
+
+
+def process_epoch() -> int:
+    """A number that changes in a forked child: state tied to kernel objects of an
+    older epoch (registrations, descriptors) belongs to the parent."""
+    return _process_epoch
+
+
+def _after_fork_in_child() -> None:
+    global _process_epoch
+    _process_epoch += 1
+    for backend in _backends.values():
+        backend.forget_process_state()
+
+
+# ---------------------------------------------------------------------------
+# Backends
+
+
+class Backend:
+    """What a write-watch mechanism provides to regions.py.
+
+    Ranges are page aligned and lie inside one mapping the caller owns. A watched
+    page is "written" once any write (user or kernel) reached it since it was last
+    reset; pages of ranges that are not watched are never scanned.
+    """
+
+    name = "abstract"
+
+    def watch(self, start: int, length: int, *, clean: bool = True) -> None:
+        """Start tracking. clean=False keeps every present page reported written
+        (used after fork, when the parent's dirty state cannot be known)."""
+        raise NotImplementedError
+
+    def unwatch(self, start: int, length: int) -> None:
+        raise NotImplementedError
+
+    def written(self, start: int, end: int, reset: bool, out: np.ndarray, offset: int,
+                capacity: int, origin: int) -> int:
+        """Write (page - origin) for the written pages of [start, end) into
+        out[offset:offset+capacity] (a contiguous 64-bit numpy array), ascending;
+        with reset, re-arm exactly the reported pages in the same step. Stops
+        when capacity entries are written. Returns the number written."""
+        raise NotImplementedError
+
+    def reset(self, start: int, end: int) -> None:
+        raise NotImplementedError
+
+    def forget_process_state(self) -> None:
+        """Called in a forked child: drop descriptors that belong to the parent."""
+
+
+class _PagemapFds:
+    """The per-process kernel objects of the pagemap backend."""
+
+    def __init__(self) -> None:
+        self.uffd = _open_uffd_with_features(_UFFD_FEATURES)
+        try:
+            self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(self.uffd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.uffd)
+        os.close(self.pagemap)
+
+
+def _open_uffd(flags: int = _UFFD_OPEN_FLAGS) -> int:
+    fd = lib.ww_uffd_open(flags | lib.UFFD_USER_MODE_ONLY)
+    if fd == -errno.EINVAL:  # before Linux 5.11 there is no UFFD_USER_MODE_ONLY
+        fd = lib.ww_uffd_open(flags)
+    return _check(fd, "userfaultfd")
+
+
+def _open_uffd_with_features(features: int) -> int:
+    fd = _open_uffd()
+    api = ffi.new("struct uffdio_api *")
+    result = lib.ww_uffd_api(fd, features, api)
+    if result < 0:
+        os.close(fd)
+        raise _oserror(-result, f"UFFDIO_API(features={features:#x})")
+    return fd
+
+
+class PagemapBackend(Backend):
+    """userfaultfd async write-protect + PAGEMAP_SCAN (Linux 6.7+)."""
+
+    name = "pagemap"
+
+    def __init__(self) -> None:
+        self._fds: _PagemapFds | None = None
+        self._lock = threading.Lock()
+
+    def _process_fds(self) -> _PagemapFds:
+        fds = self._fds
+        if fds is None:
+            with self._lock:
+                if self._fds is None:
+                    self._fds = _PagemapFds()
+                fds = self._fds
+        return fds
+
+    @property
+    def pagemap_fd(self) -> int:
+        return self._process_fds().pagemap
+
+    def forget_process_state(self) -> None:
+        self._lock = threading.Lock()
+        fds, self._fds = self._fds, None
+        if fds is not None:
+            fds.close()
+
+    def watch(self, start: int, length: int, *, clean: bool = True) -> None:
+        fds = self._process_fds()
+        ioctls = ffi.new("uint64_t *")
+        _check(lib.ww_uffd_register_wp(fds.uffd, start, length, ioctls), "UFFDIO_REGISTER")
+        if not ioctls[0] & (1 << lib.WW_UFFDIO_WRITEPROTECT_BIT):
+            self.unwatch(start, length)
+            raise _oserror(errno.EOPNOTSUPP, "UFFDIO_REGISTER gave no UFFDIO_WRITEPROTECT")
+        if clean:
+            # Only this range: write-protecting unpopulated memory allocates page
+            # tables for all of it, so cost follows what the caller asks to watch.
+            _check(lib.ww_uffd_writeprotect(fds.uffd, start, length, 1), "UFFDIO_WRITEPROTECT")
+
+    def unwatch(self, start: int, length: int) -> None:
+        _check(lib.ww_uffd_unregister(self._process_fds().uffd, start, length),
+               "UFFDIO_UNREGISTER")
+
+    def written(self, start: int, end: int, reset: bool, out: np.ndarray, offset: int,
+                capacity: int, origin: int) -> int:
+        if offset < 0 or capacity < 0 or offset + capacity > len(out):
+            raise ValueError("output span outside the array")
+        walk_end = ffi.new("uint64_t *")
+        buffer = ffi.from_buffer("uint64_t[]", out, require_writable=True)
+        return _check(lib.ww_pagemap_written(self.pagemap_fd, start, end, reset,
+                                             buffer + offset, capacity, origin, walk_end),
+                      "PAGEMAP_SCAN")
+
+    def reset(self, start: int, end: int) -> None:
+        _check(lib.ww_pagemap_reset(self.pagemap_fd, start, end), "PAGEMAP_SCAN")
+
+
+_backends: dict[str, Backend] = {"pagemap": PagemapBackend()}
+_backend_lock = threading.Lock()
+_backend_errors: dict[str, str] = {}
+
+
+class BackendUnavailable(OSError):
+    """The requested write-watch mechanism does not work on this machine."""
+
+
+def backend(name: str = "auto") -> Backend:
+    """The backend to watch new memory with; raises BackendUnavailable saying why
+    when the machine cannot provide it."""
+    if name == "auto":
+        name = "pagemap"
+    if name not in _backends:
+        raise ValueError(f"unknown write-watch backend {name!r}; known: {sorted(_backends)}")
+    with _backend_lock:
+        if name not in _backend_errors:
+            caps = probe()
+            _backend_errors[name] = "" if caps.pagemap_backend else caps.pagemap_backend_detail
+    if _backend_errors[name]:
+        raise BackendUnavailable(errno.ENOSYS, f"{name} backend unavailable: "
+                                 f"{_backend_errors[name]}")
+    return _backends[name]
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------------
+# process_memwatch: the seed's system call, on PAGEMAP_SCAN
+
+
+def _target_pagemap(pidfd: int) -> int:
+    """Open the pagemap of the process pidfd refers to; ESRCH if it is gone or the
+    caller may not inspect it (the kernel checks ptrace read access)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as info:
+            match = re.search(r"^Pid:\s*(-?\d+)", info.read(), re.MULTILINE)
+    except OSError as exc:
+        raise _oserror(errno.EINVAL, f"pidfd {pidfd} is not an open descriptor") from exc
+    if match is None:
+        raise _oserror(errno.EINVAL, f"descriptor {pidfd} is not a pidfd")
+    pid = int(match.group(1))
+    if pid <= 0:
+        raise _oserror(errno.ESRCH, f"the process of pidfd {pidfd} has exited")
+    try:
+        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _oserror(errno.ESRCH, f"cannot access process {pid} ({exc.strerror})") from exc
+    try:
+        # The process was alive after the open, so pid was not reused meanwhile.
+        signal.pidfd_send_signal(pidfd, 0)
+    except OSError as exc:
+        os.close(fd)
+        raise _oserror(errno.ESRCH, f"process {pid} exited") from exc
+    return fd
+
+
+def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
+    if not isinstance(vec, np.ndarray) or vec.dtype != np.int64 or vec.ndim != 1:
+        raise _oserror(errno.EINVAL, "vec must be a 1-D numpy int64 array")
+    if not vec.flags.c_contiguous or not vec.flags.writeable:
+        raise _oserror(errno.EINVAL, "vec must be contiguous and writable")
+    if vec_len is None:
+        vec_len = len(vec)
+    if not 0 < vec_len <= len(vec):
+        raise _oserror(errno.EINVAL, f"vec_len {vec_len} must be 1..len(vec) ({len(vec)})")
+    return ffi.from_buffer("uint64_t[]", vec), vec_len
+
+
+def process_memwatch(pidfd: int, start: int, length: int, flags: int,
+                     vec: np.ndarray | None = None, vec_len: int | None = None) -> int:
+    """The seed's ``process_memwatch`` on the pagemap mechanism.
+
+    pidfd 0 is the calling process; otherwise a pidfd (os.pidfd_open) of a process
+    the caller may ptrace-read. MEMWATCH_SD_GET writes the byte offsets from start
+    of the written pages of [start, start+length) into vec (numpy int64),
+    ascending, and stops when vec_len entries are filled; with MEMWATCH_SD_CLEAR
+    too, exactly the reported pages are re-armed in the same step and nothing past
+    the stop is cleared. CLEAR alone re-arms the whole range. Returns the number
+    of offsets written.
+
+    Memory that is not being watched is never reported clean: a range that
+    touches a mapping not registered for write watch fails with EINVAL before
+    anything is read or cleared. Unmapped gaps hold no pages and report nothing.
+    MEMWATCH_SD_NO_REUSED_REGIONS is accepted and has no effect: async
+    write-protect has no per-mapping dirty flag to ignore.
+
+    Errors (OSError): EINVAL (bad flags, unaligned start, negative length, GET
+    without room, range not watched), ESRCH (the process is gone or may not be
+    inspected), EIO (the kernel failed the scan).
+    """
+    if (not isinstance(flags, int) or flags & ~_MEMWATCH_ALL
+            or not flags & (MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR)):
+        raise _oserror(errno.EINVAL, f"invalid process_memwatch flags {flags!r}")
+    if start < 0 or start & _PAGE_MASK:
+        raise _oserror(errno.EINVAL, f"start {start:#x} is not page aligned")
+    if length < 0:
+        raise _oserror(errno.EINVAL, f"negative length {length}")
+    end = start + ((length + _PAGE_MASK) & ~_PAGE_MASK)
+    if end >= 1 << 64:
+        raise _oserror(errno.EINVAL, "range wraps the address space")
+    get = bool(flags & MEMWATCH_SD_GET)
+    clear = bool(flags & MEMWATCH_SD_CLEAR)
+    out, capacity = _vec_pointer(vec, vec_len) if get else (ffi.NULL, 0)
+    if end == start:
+        return 0
+
+    if pidfd == 0:
+        fd, owned = _pagemap_backend().pagemap_fd, False
+    else:
+        fd, owned = _target_pagemap(pidfd), True
+    try:
+        checked = lib.ww_pagemap_check_watched(fd, start, end)
+        if checked == -errno.EPERM:
+            raise _oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not all watched memory")
+        _memwatch_check(checked)
+        if get:
+            walk_end = ffi.new("uint64_t *")
+            return _memwatch_check(lib.ww_pagemap_written(fd, start, end, clear, out, capacity,
+                                                          start, walk_end))
+        _memwatch_check(lib.ww_pagemap_reset(fd, start, end))
+        return 0
+    finally:
+        if owned:
+            os.close(fd)
+
+
+def _pagemap_backend() -> PagemapBackend:
+    pagemap = backend("pagemap")
+    assert isinstance(pagemap, PagemapBackend)
+    return pagemap
+
+
+def _memwatch_check(result: int) -> int:
+    """The seed's errors: EINVAL and ESRCH pass through, any other failure is EIO."""
+    if result < 0 and -result not in (errno.EINVAL, errno.ESRCH):
+        raise OSError(errno.EIO, f"PAGEMAP_SCAN failed: {os.strerror(-result)}")
+    return _check(result, "PAGEMAP_SCAN")
+
+
+# ---------------------------------------------------------------------------
+# probe: what this machine supports, as data
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the running kernel and sandbox allow. Each *_detail says why."""
+
+    kernel_release: str
+    kernel_version: tuple[int, ...]
+    userfaultfd: bool
+    userfaultfd_detail: str
+    wp_async: bool
+    wp_unpopulated: bool
+    pagemap_scan: bool
+    pagemap_scan_detail: str
+    soft_dirty: bool
+    soft_dirty_detail: str
+    unprivileged_userfaultfd: int | None
+    seccomp_mode: int | None
+    pagemap_backend: bool
+    pagemap_backend_detail: str
+    uffd_features: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _seccomp_mode() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(r"^Seccomp:\s*(\d+)", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _kernel_version(release: str) -> tuple[int, ...]:
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    return tuple(int(part or 0) for part in match.groups()) if match else ()
+
+
+def _probe_userfaultfd(unprivileged: int | None, seccomp: int | None) -> tuple[bool, str, int]:
+    try:
+        fd = _open_uffd()
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            why = "the userfaultfd system call is not available (CONFIG_USERFAULTFD off"
+            why += ", or a seccomp filter blocks it)" if seccomp else ")"
+        elif exc.errno == errno.EPERM:
+            why = "userfaultfd is not permitted"
+            if unprivileged == 0:
+                why += " (vm.unprivileged_userfaultfd = 0 and no CAP_SYS_PTRACE"
+                why += "; a seccomp filter may also block it)" if seccomp else ")"
+            elif seccomp:
+                why += " (a seccomp filter blocks it, as container runtimes' defaults do)"
+        else:
+            why = f"userfaultfd failed: {exc.strerror}"
+        return False, why, 0
+    try:
+        api = ffi.new("struct uffdio_api *")
+        # features=0 asks for nothing and reports everything the kernel offers.
+        result = lib.ww_uffd_api(fd, 0, api)
+    finally:
+        os.close(fd)
+    if result < 0:
+        return False, f"UFFDIO_API failed: {os.strerror(-result)}", 0
+    return True, "userfaultfd available", int(api.features)
+
+
+def _probe_pagemap_scan() -> tuple[bool, str]:
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return False, f"/proc/self/pagemap cannot be opened: {exc.strerror}"
+    try:
+        arg = ffi.new("struct pm_scan_arg *")
+        arg.size = ffi.sizeof("struct pm_scan_arg")
+        arg.start = arg.end = 0
+        arg.category_mask = arg.return_mask = lib.PAGE_IS_WRITTEN
+        result = lib.ww_pagemap_raw(fd, arg)
+    finally:
+        os.close(fd)
+    if result == -errno.ENOTTY:
+        return False, "no PAGEMAP_SCAN ioctl (needs Linux 6.7 or newer)"
+    if result < 0:
+        return False, f"PAGEMAP_SCAN failed: {os.strerror(-result)}"
+    return True, "PAGEMAP_SCAN available"
+
+
+def _probe_soft_dirty() -> tuple[bool, str]:
+    # Every new mapping carries VM_SOFTDIRTY, shown as "sd" in smaps' VmFlags only
+    # when the kernel has CONFIG_MEM_SOFT_DIRTY: a probe with no side effect
+    # (clearing soft-dirty bits would touch the whole process).
+    try:
+        with open("/proc/self/smaps") as f:
+            flags = [line for line in f if line.startswith("VmFlags:")]
+    except OSError as exc:
+        return False, f"/proc/self/smaps cannot be read: {exc.strerror}"
+    if any(" sd" in line for line in flags):
+        return True, "soft-dirty bits available (CONFIG_MEM_SOFT_DIRTY)"
+    return False, "kernel built without CONFIG_MEM_SOFT_DIRTY"
+
+
+def probe() -> Capabilities:
+    """Find out, without changing anything, what this machine supports."""
+    release = os.uname().release
+    version = _kernel_version(release)
+    unprivileged = _read_int("/proc/sys/vm/unprivileged_userfaultfd")
+    seccomp = _seccomp_mode()
+    uffd_ok, uffd_detail, features = _probe_userfaultfd(unprivileged, seccomp)
+    wp_async = bool(features & lib.UFFD_FEATURE_WP_ASYNC)
+    wp_unpopulated = bool(features & lib.UFFD_FEATURE_WP_UNPOPULATED)
+    scan_ok, scan_detail = _probe_pagemap_scan()
+    sd_ok, sd_detail = _probe_soft_dirty()
+
+    missing = []
+    if not uffd_ok:
+        missing.append(uffd_detail)
+    elif not (wp_async and wp_unpopulated):
+        missing.append("userfaultfd lacks WP_ASYNC/WP_UNPOPULATED (needs Linux 6.7 or newer)")
+    if not scan_ok:
+        missing.append(scan_detail)
+    backend_ok = not missing
+    backend_detail = ("userfaultfd async write-protect + PAGEMAP_SCAN" if backend_ok
+                      else "; ".join(missing))
+    return Capabilities(
+        kernel_release=release,
+        kernel_version=version,
+        userfaultfd=uffd_ok,
+        userfaultfd_detail=uffd_detail,
+        wp_async=wp_async,
+        wp_unpopulated=wp_unpopulated,
+        pagemap_scan=scan_ok,
+        pagemap_scan_detail=scan_detail,
+        soft_dirty=sd_ok,
+        soft_dirty_detail=sd_detail,
+        unprivileged_userfaultfd=unprivileged,
+        seccomp_mode=seccomp,
+        pagemap_backend=backend_ok,
+        pagemap_backend_detail=backend_detail,
+        uffd_features=features,
+    )
