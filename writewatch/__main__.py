@@ -1,0 +1,138 @@
+"""Command line: ``python -m writewatch info | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+import writewatch as ww
+from writewatch.kernel import Capabilities
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no "
+
+
+def _advice(caps: Capabilities) -> list[str]:
+    """What a user can do about each missing piece."""
+    advice = []
+    if caps.kernel_version and caps.kernel_version < (6, 7):
+        advice.append(f"Linux {caps.kernel_release} predates 6.7: PAGEMAP_SCAN and "
+                      "userfaultfd WP_ASYNC need Linux 6.7 or newer (upgrade the kernel).")
+    if not caps.userfaultfd:
+        if caps.seccomp_mode:
+            advice.append("A seccomp filter is active (Seccomp mode "
+                          f"{caps.seccomp_mode}): container runtimes block userfaultfd by "
+                          "default; allow the userfaultfd system call in the profile "
+                          "(e.g. docker --security-opt seccomp=<profile allowing it>).")
+        if caps.unprivileged_userfaultfd == 0:
+            advice.append("vm.unprivileged_userfaultfd is 0: writewatch opens userfaultfd "
+                          "with UFFD_USER_MODE_ONLY, which needs no privilege on Linux 5.11+; "
+                          "on older kernels run 'sysctl vm.unprivileged_userfaultfd=1' or "
+                          "grant CAP_SYS_PTRACE.")
+    return advice
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    caps = ww.probe()
+    if args.json:
+        print(json.dumps(caps.as_dict(), indent=2))
+        return 0
+    print(f"writewatch {ww.__version__} on Linux {caps.kernel_release}")
+    print()
+    print("Mechanism:")
+    if caps.pagemap_backend:
+        print(f"  pagemap  (used)  {caps.pagemap_backend_detail}")
+    else:
+        print(f"  pagemap  unavailable: {caps.pagemap_backend_detail}")
+        print("  MEM_WRITE_WATCH allocations fail with ERROR_NOT_SUPPORTED on this machine.")
+    print()
+    print("Kernel features:")
+    print(f"  [{_yes(caps.userfaultfd)}] userfaultfd          {caps.userfaultfd_detail}")
+    print(f"  [{_yes(caps.wp_async)}] UFFD WP_ASYNC        async write-protect (Linux 6.7)")
+    print(f"  [{_yes(caps.wp_unpopulated)}] UFFD WP_UNPOPULATED  protect never-touched pages "
+          "(Linux 6.7)")
+    print(f"  [{_yes(caps.pagemap_scan)}] PAGEMAP_SCAN         {caps.pagemap_scan_detail}")
+    print(f"  [{_yes(caps.soft_dirty)}] soft-dirty           {caps.soft_dirty_detail}")
+    print(f"  vm.unprivileged_userfaultfd = {caps.unprivileged_userfaultfd}, "
+          f"seccomp mode = {caps.seccomp_mode}")
+    advice = _advice(caps)
+    if advice:
+        print()
+        print("To get what is missing:")
+        for line in advice:
+            print(f"  - {line}")
+    return 0
+
+
+def _pages(addresses: np.ndarray, base: int) -> list[int]:
+    return [int(a - base) // ww.PAGE_SIZE for a in addresses]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Allocate a watched region, write patterns, and check every report."""
+    npages = args.pages
+    page = ww.PAGE_SIZE
+    base = ww.VirtualAlloc(0, npages * page,
+                           ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH,
+                           ww.PAGE_READWRITE)
+    if not base:
+        print(f"VirtualAlloc(MEM_WRITE_WATCH) failed with error {ww.GetLastError()}; "
+              "run 'python -m writewatch info' to see why.", file=sys.stderr)
+        return 2
+    memory = ww.as_array(base, npages * page)
+    addresses = np.zeros(npages, np.uintp)
+    failures = 0
+    print(f"Watching {npages} pages at {base:#x} (page size {page}).")
+
+    def report(title: str, expected: list[int], flags: int = 0, count: int | None = None) -> None:
+        nonlocal failures
+        ret, found, granularity = ww.GetWriteWatch(flags, base, npages * page, addresses, count)
+        got = _pages(addresses[:found], base) if ret == 0 else None
+        ok = ret == 0 and granularity == page and got == expected
+        failures += not ok
+        print(f"  {'ok  ' if ok else 'FAIL'} {title}: {got}" +
+              ("" if ok else f"  (expected {expected}, ret {ret:#x})"))
+
+    report("fresh region reports", [])
+    pattern = list(range(0, npages, 3))
+    for p in pattern:
+        memory[p * page + 7] = 0xAB
+    report(f"after writing every 3rd page, GetWriteWatch", pattern)
+    report("again, with WRITE_WATCH_FLAG_RESET", pattern, ww.WRITE_WATCH_FLAG_RESET)
+    report("after the reset", [])
+    memory[5 * page - 2:5 * page + 2] = 1  # straddles pages 4 and 5
+    memory[9 * page] = 1
+    report("a 4-byte write across pages 4|5 and a write to page 9", [4, 5, 9])
+    report("capped at 1 with RESET", [4], ww.WRITE_WATCH_FLAG_RESET, 1)
+    report("the pages not returned stay written", [5, 9])
+    if ww.ResetWriteWatch(base, npages * page) != 0:
+        failures += 1
+    report("after ResetWriteWatch", [])
+    ww.VirtualFree(base, 0, ww.MEM_RELEASE)
+    print("demo passed" if not failures else f"demo FAILED: {failures} wrong report(s)")
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m writewatch",
+                                     description="Windows write watch on Linux.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="which mechanism is used here, and why")
+    info.add_argument("--json", action="store_true", help="print the probe as JSON")
+    info.set_defaults(run=cmd_info)
+    demo = sub.add_parser("demo", help="watch a region, write patterns, check the reports")
+    demo.add_argument("--pages", type=int, default=32, help="region size in pages (>= 16)")
+    demo.set_defaults(run=cmd_demo)
+    args = parser.parse_args(argv)
+    if args.command == "demo" and args.pages < 16:
+        parser.error("--pages must be at least 16")
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
