@@ -102,7 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pattern = list(range(0, npages, 3))
     for p in pattern:
         memory[p * page + 7] = 0xAB
-    report(f"after writing every 3rd page, GetWriteWatch", pattern)
+    report("after writing every 3rd page, GetWriteWatch", pattern)
     report("again, with WRITE_WATCH_FLAG_RESET", pattern, ww.WRITE_WATCH_FLAG_RESET)
     report("after the reset", [])
     memory[5 * page - 2:5 * page + 2] = 1  # straddles pages 4 and 5

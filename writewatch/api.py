@@ -191,9 +191,9 @@ class WatchedMemory:
 
 
 __all__ = [
+    "MEMORY_BASIC_INFORMATION",
     "GetLastError",
     "GetWriteWatch",
-    "MEMORY_BASIC_INFORMATION",
     "ResetWriteWatch",
     "SetLastError",
     "VirtualAlloc",

@@ -276,12 +276,12 @@ _backend_lock = threading.Lock()
 _backend_errors: dict[str, str] = {}
 
 
-class BackendUnavailable(OSError):
+class BackendUnavailableError(OSError):
     """The requested write-watch mechanism does not work on this machine."""
 
 
 def backend(name: str = "auto") -> Backend:
-    """The backend to watch new memory with; raises BackendUnavailable saying why
+    """The backend to watch new memory with; raises BackendUnavailableError saying why
     when the machine cannot provide it."""
     if name == "auto":
         name = "pagemap"
@@ -292,7 +292,7 @@ def backend(name: str = "auto") -> Backend:
             caps = probe()
             _backend_errors[name] = "" if caps.pagemap_backend else caps.pagemap_backend_detail
     if _backend_errors[name]:
-        raise BackendUnavailable(errno.ENOSYS, f"{name} backend unavailable: "
+        raise BackendUnavailableError(errno.ENOSYS, f"{name} backend unavailable: "
                                  f"{_backend_errors[name]}")
     return _backends[name]
 

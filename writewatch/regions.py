@@ -165,10 +165,7 @@ class _Mapping:
         self.size = size
 
     def __del__(self) -> None:
-        try:
-            kernel.unmap(self.base, self.size)
-        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to do
-            pass
+        kernel.unmap(self.base, self.size)
 
 
 class Region:
@@ -343,21 +340,21 @@ def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
         region = _reserve(address, size, protect, bool(allocation_type & MEM_WRITE_WATCH),
                           backend)
         if allocation_type & MEM_COMMIT:
-            first = _page_floor(address) if address else region.base
+            first, last = ((_page_floor(address), _page_ceil(address + size)) if address
+                           else (region.base, region.end))
             try:
-                _commit(region, first, _page_ceil(first + size) if not address
-                        else _page_ceil(address + size), protect)
+                _commit(region, first, last, protect)
             except WriteWatchError:
                 release_region(region)
                 raise
         return region.base
 
-    region = _table.find(address)
+    reservation = _table.find(address)
     first, last = _page_floor(address), _page_ceil(address + size)
-    if region is None or last > region.end:
+    if reservation is None or last > reservation.end:
         raise WriteWatchError(ERROR_INVALID_ADDRESS,
                               f"[{first:#x}, {last:#x}) is not inside one reservation")
-    _commit(region, first, last, protect)
+    _commit(reservation, first, last, protect)
     return first
 
 
@@ -369,7 +366,7 @@ def _reserve(address: int, size: int, protect: int, write_watch: bool,
     if write_watch:
         try:
             watcher = kernel.backend(backend_name)
-        except kernel.BackendUnavailable as exc:
+        except kernel.BackendUnavailableError as exc:
             raise WriteWatchError(ERROR_NOT_SUPPORTED, str(exc)) from exc
     try:
         base = kernel.map_reserved(base, length, ALLOCATION_GRANULARITY)

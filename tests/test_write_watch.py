@@ -1,0 +1,407 @@
+"""GetWriteWatch / ResetWriteWatch conformance: REFERENCE.md section 1, items
+1-17, as Windows does them and Wine's conformance tests assert them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import writewatch as ww
+
+P = ww.PAGE_SIZE
+pytestmark = pytest.mark.skipif(not ww.probe().pagemap_backend,
+                                reason="no write-watch mechanism on this machine: "
+                                       + ww.probe().pagemap_backend_detail)
+
+
+class Watched:
+    """A MEM_WRITE_WATCH region under test and helpers to query it."""
+
+    def __init__(self, npages: int, allocation_type: int, protect: int) -> None:
+        self.npages = npages
+        self.size = npages * P
+        self.base = ww.VirtualAlloc(0, self.size, allocation_type, protect)
+        assert self.base, ww.GetLastError()
+
+    def view(self) -> np.ndarray:
+        return ww.as_array(self.base, self.size)
+
+    def pages(self, flags: int = 0, offset: int = 0, size: int | None = None,
+              count: int | None = None) -> list[int]:
+        """Page numbers GetWriteWatch reports (asserting it succeeds)."""
+        out = np.full(self.npages, 0xDEAD, np.uintp)
+        ret, found, granularity = ww.GetWriteWatch(
+            flags, self.base + offset, self.size - offset if size is None else size, out, count)
+        assert (ret, granularity) == (0, P), ww.GetLastError()
+        assert (out[found:] == 0xDEAD).all(), "wrote past the reported count"
+        return [(int(a) - self.base) // P for a in out[:found]]
+
+
+@pytest.fixture
+def watched() -> Iterator[callable]:
+    made: list[Watched] = []
+
+    def make(npages: int = 16,
+             allocation_type: int = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH,
+             protect: int = ww.PAGE_READWRITE) -> Watched:
+        made.append(Watched(npages, allocation_type, protect))
+        return made[-1]
+
+    yield make
+    for region in made:
+        assert ww.VirtualFree(region.base, 0, ww.MEM_RELEASE)
+
+
+def expect_failure(result: object, failed: object, error: int) -> None:
+    assert result == failed
+    assert ww.GetLastError() == error
+
+
+# -- item 1: allocation flags
+
+
+def test_item1_reserve_commit_write_watch_succeeds(watched):
+    assert watched().base % ww.ALLOCATION_GRANULARITY == 0
+
+
+def test_item1_reserve_only_write_watch_succeeds(watched):
+    region = watched(allocation_type=ww.MEM_RESERVE | ww.MEM_WRITE_WATCH,
+                     protect=ww.PAGE_NOACCESS)
+    assert ww.VirtualQuery(region.base).State == ww.MEM_RESERVE
+
+
+def test_item1_write_watch_alone_fails_87():
+    expect_failure(ww.VirtualAlloc(0, 16 * P, ww.MEM_WRITE_WATCH, ww.PAGE_READWRITE), 0,
+                   ww.ERROR_INVALID_PARAMETER)
+
+
+# -- items 2-9: what gets reported
+
+
+def test_item2_fresh_region_reports_nothing(watched):
+    assert watched().pages() == []
+
+
+def test_item2_committing_does_not_dirty(watched):
+    region = watched(allocation_type=ww.MEM_RESERVE | ww.MEM_WRITE_WATCH,
+                     protect=ww.PAGE_NOACCESS)
+    assert ww.VirtualAlloc(region.base, 8 * P, ww.MEM_COMMIT, ww.PAGE_READWRITE) == region.base
+    assert region.pages() == []
+
+
+def test_item3_one_write_reports_its_page_with_page_granularity(watched):
+    region = watched()
+    region.view()[P + 1] = 1
+    out = np.zeros(16, np.uintp)
+    assert ww.GetWriteWatch(0, region.base, region.size, out) == (0, 1, P)
+    assert out[0] == region.base + P
+
+
+def test_item4_reset_flag_resets_reported_pages(watched):
+    region = watched()
+    region.view()[P + 1] = 1
+    assert region.pages(ww.WRITE_WATCH_FLAG_RESET) == [1]
+    assert region.pages() == []
+
+
+def test_item5_addresses_ascend_whatever_the_write_order(watched):
+    region = watched()
+    view = region.view()
+    for page in (9, 2, 14, 0, 5):
+        view[page * P] = 1
+    assert region.pages() == [0, 2, 5, 9, 14]
+
+
+def test_item6_sub_range_reports_only_pages_inside(watched):
+    region = watched()
+    view = region.view()
+    for page in (2, 3, 4, 5, 6):
+        view[page * P] = 1
+    assert region.pages(offset=3 * P, size=2 * P) == [3, 4]
+
+
+def test_item6_sub_range_reset_leaves_the_rest(watched):
+    region = watched()
+    view = region.view()
+    for page in (2, 3, 4, 5):
+        view[page * P] = 1
+    assert region.pages(ww.WRITE_WATCH_FLAG_RESET, offset=3 * P, size=2 * P) == [3, 4]
+    assert region.pages() == [2, 5]
+
+
+def test_item7_reset_write_watch_resets_only_its_range(watched):
+    region = watched()
+    view = region.view()
+    for page in range(6):
+        view[page * P] = 1
+    assert ww.ResetWriteWatch(region.base + P, 3 * P) == 0
+    assert region.pages() == [0, 4, 5]
+
+
+def test_item8_write_straddling_a_page_boundary_dirties_both(watched):
+    region = watched()
+    region.view()[4 * P - 2:4 * P + 2] = 7
+    assert region.pages() == [3, 4]
+
+
+def test_item9_capped_reset_resets_only_returned_pages(watched):
+    region = watched()
+    view = region.view()
+    for page in (1, 4, 7):
+        view[page * P] = 1
+    assert region.pages(ww.WRITE_WATCH_FLAG_RESET, count=1) == [1]
+    assert region.pages() == [4, 7]
+
+
+def test_item9_capped_without_reset_returns_the_first_pages(watched):
+    region = watched()
+    view = region.view()
+    for page in (1, 4, 7):
+        view[page * P] = 1
+    assert region.pages(count=2) == [1, 4]
+    assert region.pages() == [1, 4, 7]
+
+
+def test_item9_cap_across_committed_runs_stops_the_walk(watched):
+    """Capacity spent in one committed run: later runs are neither walked nor reset."""
+    region = watched(allocation_type=ww.MEM_RESERVE | ww.MEM_WRITE_WATCH,
+                     protect=ww.PAGE_NOACCESS)
+    for first in (0, 6, 12):
+        assert ww.VirtualAlloc(region.base + first * P, 3 * P, ww.MEM_COMMIT,
+                               ww.PAGE_READWRITE)
+    for page in (1, 2, 7, 13):
+        ww.as_array(region.base + page * P, P)[0] = 1
+    assert region.pages(ww.WRITE_WATCH_FLAG_RESET, count=3) == [1, 2, 7]
+    assert region.pages() == [13]
+
+
+# -- items 10-12: protection and decommit
+
+
+def test_item10_protection_changes_neither_dirty_nor_reset(watched):
+    region = watched()
+    region.view()[2 * P] = 1
+    assert ww.VirtualProtect(region.base, region.size, ww.PAGE_READONLY) == (True,
+                                                                            ww.PAGE_READWRITE)
+    assert ww.VirtualProtect(region.base, region.size, ww.PAGE_READWRITE) == (True,
+                                                                             ww.PAGE_READONLY)
+    assert region.pages() == [2]
+    assert region.pages(ww.WRITE_WATCH_FLAG_RESET) == [2]
+    assert ww.VirtualProtect(region.base, region.size, ww.PAGE_NOACCESS)[0]
+    assert ww.VirtualProtect(region.base, region.size, ww.PAGE_READWRITE)[0]
+    assert region.pages() == []
+
+
+def test_item11_decommit_clears_dirty_state_and_recommit_starts_clean(watched):
+    region = watched()
+    view = region.view()
+    for page in (1, 2, 3):
+        view[page * P] = 0x5A
+    del view
+    assert ww.VirtualFree(region.base + 2 * P, 2 * P, ww.MEM_DECOMMIT)
+    assert region.pages() == [1]
+    assert ww.VirtualAlloc(region.base + 2 * P, 2 * P, ww.MEM_COMMIT, ww.PAGE_READWRITE)
+    assert region.pages() == [1]
+    recommitted = ww.as_array(region.base + 2 * P, 2 * P)
+    assert not recommitted.any(), "recommitted pages must read as zero"
+    recommitted[P] = 1
+    assert region.pages() == [1, 3]
+
+
+def test_item11_decommit_whole_region_then_recommit_reports_nothing(watched):
+    region = watched()
+    region.view()[::P] = 1
+    assert ww.VirtualFree(region.base, region.size, ww.MEM_DECOMMIT)
+    assert region.pages() == []
+    assert ww.VirtualAlloc(region.base, region.size, ww.MEM_COMMIT, ww.PAGE_READWRITE)
+    assert region.pages() == []
+
+
+def test_item12_pages_written_through_a_protection_change_are_reported(watched):
+    region = watched(protect=ww.PAGE_NOACCESS)
+    assert ww.VirtualProtect(region.base, 6 * P, ww.PAGE_READWRITE) == (True,
+                                                                       ww.PAGE_NOACCESS)
+    ww.as_array(region.base + 2 * P, P)[10] = 1
+    assert ww.VirtualProtect(region.base, 6 * P, ww.PAGE_NOACCESS) == (True,
+                                                                      ww.PAGE_READWRITE)
+    assert region.pages() == [2]
+
+
+# -- item 13: a large region
+
+
+def test_item13_every_other_page_of_2048(watched):
+    region = watched(2048)
+    region.view()[::2 * P] = 1
+    expected = list(range(0, 2048, 2))
+    assert region.pages() == expected
+    assert region.pages(ww.WRITE_WATCH_FLAG_RESET, count=1024) == expected
+    assert region.pages() == []
+
+
+# -- item 14 is in test_kernel_writes.py; item 16: reserve-only
+
+
+def test_item16_reserve_only_region_reports_nothing_and_resets(watched):
+    region = watched(allocation_type=ww.MEM_RESERVE | ww.MEM_WRITE_WATCH,
+                     protect=ww.PAGE_NOACCESS)
+    assert region.pages() == []
+    assert ww.ResetWriteWatch(region.base, region.size) == 0
+
+
+def test_item17_reset_flag_is_one_atomic_step(watched):
+    """Without RESET a second call sees the same pages; with RESET the pages
+    reported are the ones re-armed (the concurrent proof is in
+    test_atomic_reset.py)."""
+    region = watched()
+    region.view()[5 * P] = 1
+    assert region.pages() == [5]
+    assert region.pages(ww.WRITE_WATCH_FLAG_RESET) == [5]
+    region.view()[5 * P] = 2
+    assert region.pages(ww.WRITE_WATCH_FLAG_RESET) == [5]
+
+
+# -- item 15: parameter errors, in Wine's order
+
+
+def test_item15_count_zero_fails_87(watched):
+    region = watched()
+    out = np.zeros(4, np.uintp)
+    expect_failure(ww.GetWriteWatch(0, region.base, region.size, out, 0)[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_INVALID_PARAMETER)
+    expect_failure(ww.GetWriteWatch(0, region.base, region.size, np.zeros(0, np.uintp))[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_INVALID_PARAMETER)
+
+
+def test_item15_count_zero_is_checked_before_the_missing_array(watched):
+    region = watched()
+    expect_failure(ww.GetWriteWatch(0, region.base, region.size, None, 0)[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_INVALID_PARAMETER)
+
+
+def test_item15_missing_array_with_count_fails_998(watched):
+    region = watched()
+    expect_failure(ww.GetWriteWatch(0, region.base, region.size, None, 64)[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_NOACCESS)
+
+
+def test_item15_missing_array_is_checked_before_flags(watched):
+    region = watched()
+    expect_failure(ww.GetWriteWatch(0xDEADBEEF, region.base, region.size, None, 64)[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_NOACCESS)
+
+
+@pytest.mark.parametrize("flags", [2, 3, 0xDEADBEEF])
+def test_item15_bad_flags_fail_87(watched, flags):
+    region = watched()
+    expect_failure(ww.GetWriteWatch(flags, region.base, region.size,
+                                    np.zeros(16, np.uintp))[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_INVALID_PARAMETER)
+
+
+def test_item15_size_zero_fails_87(watched):
+    region = watched()
+    expect_failure(ww.GetWriteWatch(0, region.base, 0, np.zeros(16, np.uintp))[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_INVALID_PARAMETER)
+    expect_failure(ww.ResetWriteWatch(region.base, 0), ww.WRITE_WATCH_FAILED,
+                   ww.ERROR_INVALID_PARAMETER)
+
+
+@pytest.mark.parametrize("offset, size", [(0, 32 * P), (15 * P, P + 1), (P, 16 * P)],
+                         ids=["size-x2", "base+size-P-with-P+1", "shifted-past-end"])
+def test_item15_range_leaving_the_region_fails_87(watched, offset, size):
+    region = watched()
+    region.view()[0] = 1
+    expect_failure(ww.GetWriteWatch(0, region.base + offset, size,
+                                    np.zeros(16, np.uintp))[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_INVALID_PARAMETER)
+    expect_failure(ww.ResetWriteWatch(region.base + offset, size), ww.WRITE_WATCH_FAILED,
+                   ww.ERROR_INVALID_PARAMETER)
+    assert region.pages() == [0], "a failed call must not reset anything"
+
+
+def test_item15_base_not_in_a_write_watch_region_fails_87():
+    out = np.zeros(16, np.uintp)
+    plain = ww.VirtualAlloc(0, 16 * P, ww.MEM_RESERVE | ww.MEM_COMMIT, ww.PAGE_READWRITE)
+    try:
+        for base in (0, plain, out.ctypes.data):
+            expect_failure(ww.GetWriteWatch(0, base, P, out)[0], ww.WRITE_WATCH_FAILED,
+                           ww.ERROR_INVALID_PARAMETER)
+            expect_failure(ww.ResetWriteWatch(base, P), ww.WRITE_WATCH_FAILED,
+                           ww.ERROR_INVALID_PARAMETER)
+    finally:
+        ww.VirtualFree(plain, 0, ww.MEM_RELEASE)
+
+
+def test_item15_unaligned_base_inside_the_region_rounds_down(watched):
+    region = watched()
+    region.view()[3 * P] = 1
+    out = np.zeros(16, np.uintp)
+    assert ww.GetWriteWatch(0, region.base + 3 * P + 123, 10, out) == (0, 1, P)
+    assert out[0] == region.base + 3 * P
+
+
+def test_failure_leaves_count_as_given(watched):
+    region = watched()
+    assert ww.GetWriteWatch(7, region.base, region.size, np.zeros(16, np.uintp), 5) == (
+        ww.WRITE_WATCH_FAILED, 5, 0)
+
+
+# -- the addresses array: nothing is ever written past its end
+
+
+def test_count_larger_than_the_array_is_refused_998(watched):
+    region = watched()
+    region.view()[::P] = 1
+    backing = np.full(24, 0xDEAD, np.uintp)
+    out = backing[:8]
+    expect_failure(ww.GetWriteWatch(0, region.base, region.size, out, 9)[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_NOACCESS)
+    assert (backing == 0xDEAD).all()
+
+
+def test_read_only_array_is_refused_998(watched):
+    region = watched()
+    out = np.zeros(16, np.uintp)
+    out.flags.writeable = False
+    expect_failure(ww.GetWriteWatch(0, region.base, region.size, out)[0],
+                   ww.WRITE_WATCH_FAILED, ww.ERROR_NOACCESS)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(16, np.int32), np.zeros((4, 4), np.uintp),
+                                 np.zeros(32, np.uintp)[::2], [0] * 16],
+                         ids=["int32", "2-D", "strided", "list"])
+def test_wrong_kind_of_array_raises_type_error(watched, bad):
+    region = watched()
+    with pytest.raises(TypeError):
+        ww.GetWriteWatch(0, region.base, region.size, bad)
+
+
+def test_capacity_exactly_filled(watched):
+    region = watched()
+    region.view()[::P] = 1
+    out = np.zeros(16, np.uintp)
+    assert ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, region.base, region.size, out) == (
+        0, 16, P)
+    assert list(out) == [region.base + i * P for i in range(16)]
+    assert region.pages() == []
+
+
+def test_last_error_is_per_thread(watched):
+    import threading
+
+    region = watched()
+    ww.SetLastError(0)
+    seen = []
+
+    def other() -> None:
+        ww.GetWriteWatch(0, region.base, 0, np.zeros(1, np.uintp))
+        seen.append(ww.GetLastError())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen == [ww.ERROR_INVALID_PARAMETER]
+    assert ww.GetLastError() == 0
