@@ -1,0 +1,82 @@
+"""python -m writewatch info / demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import writewatch as ww
+from writewatch.__main__ import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "writewatch", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_info_names_the_mechanism_and_each_feature():
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    caps = ww.probe()
+    assert caps.kernel_release in result.stdout
+    for feature in ("userfaultfd", "WP_ASYNC", "PAGEMAP_SCAN", "soft-dirty"):
+        assert feature in result.stdout
+    if caps.pagemap_backend:
+        assert "pagemap  (used)" in result.stdout
+    else:
+        assert "unavailable" in result.stdout
+
+
+def test_info_json_matches_probe():
+    result = run_cli("info", "--json")
+    assert result.returncode == 0, result.stderr
+    reported = json.loads(result.stdout)
+    caps = ww.probe().as_dict()
+    assert reported["kernel_release"] == caps["kernel_release"]
+    assert reported["pagemap_backend"] == caps["pagemap_backend"]
+    assert reported["soft_dirty"] == caps["soft_dirty"]
+
+
+def test_probe_agrees_with_the_kernel():
+    """The probe's answers are what the system itself says."""
+    caps = ww.probe()
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+        assert caps.unprivileged_userfaultfd == int(f.read())
+    assert caps.kernel_release == os.uname().release
+    assert caps.kernel_version[:2] == tuple(int(x) for x in
+                                            caps.kernel_release.split(".")[:2])
+    if caps.pagemap_backend:
+        assert caps.userfaultfd and caps.wp_async and caps.wp_unpopulated and caps.pagemap_scan
+
+
+@pytest.mark.skipif(not ww.probe().pagemap_backend, reason="no write-watch mechanism here")
+def test_demo_passes():
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo passed" in result.stdout
+    assert "FAIL" not in result.stdout
+
+
+@pytest.mark.skipif(not ww.probe().pagemap_backend, reason="no write-watch mechanism here")
+def test_demo_exits_nonzero_when_a_report_is_wrong(monkeypatch, capsys):
+    real = ww.GetWriteWatch
+
+    def drops_the_last_page(flags, base, size, addresses, count=None):
+        ret, found, granularity = real(flags, base, size, addresses, count)
+        return ret, max(found - 1, 0), granularity
+
+    monkeypatch.setattr(ww, "GetWriteWatch", drops_the_last_page)
+    assert main(["demo"]) == 1
+    assert "demo FAILED" in capsys.readouterr().out
+
+
+def test_demo_refuses_too_few_pages():
+    result = run_cli("demo", "--pages", "4")
+    assert result.returncode == 2
+    assert "at least 16" in result.stderr
+
+
