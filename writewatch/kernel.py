@@ -280,6 +280,11 @@ class BackendUnavailableError(OSError):
     """The requested write-watch mechanism does not work on this machine."""
 
 
+def backend_names() -> list[str]:
+    """Every backend writewatch knows, available here or not."""
+    return list(_backends)
+
+
 def backend(name: str = "auto") -> Backend:
     """The backend to watch new memory with; raises BackendUnavailableError saying why
     when the machine cannot provide it."""
