@@ -89,6 +89,22 @@ struct uffdio_writeprotect {
     uint64_t mode;
 };
 
+#define UFFD_EVENT_PAGEFAULT 0x12
+#define UFFD_PAGEFAULT_FLAG_WRITE 0x1
+#define UFFD_PAGEFAULT_FLAG_WP 0x2
+
+/* struct uffd_msg (32 bytes); only the page-fault member of its union is
+ * spelled out, as the only event writewatch registers for. */
+struct uffd_msg {
+    uint8_t event;
+    uint8_t reserved1;
+    uint16_t reserved2;
+    uint32_t reserved3;
+    uint64_t pagefault_flags;
+    uint64_t pagefault_address;
+    uint64_t pagefault_feat;
+};
+
 /* ---- writewatch's native helpers (_helpers.c) ----
  * Every helper returns a non-negative result or -errno: the Python side turns
  * that into an OSError in one place (kernel._check). They run without the GIL.
@@ -110,3 +126,31 @@ int64_t ww_pagemap_written(int pagemap_fd, uint64_t start, uint64_t end, int res
 int64_t ww_pagemap_reset(int pagemap_fd, uint64_t start, uint64_t end);
 int64_t ww_pagemap_check_watched(int pagemap_fd, uint64_t start, uint64_t end);
 int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg);
+
+/* Userspace tracking for the fallback backends (_tracking.c): one range per
+ * reservation, one state byte per page. */
+#define WW_MODE_MPROTECT 1
+#define WW_MODE_UFFD 2
+
+#define WW_PAGE_DIRTY 0x1
+#define WW_PAGE_ARMED 0x2
+#define WW_PAGE_READ 0x4
+#define WW_PAGE_WRITE 0x8
+#define WW_PAGE_WATCHED 0x10 /* committed and tracked */
+
+int ww_track_attach(uint64_t start, uint64_t length, int mode);
+int ww_track_detach(int slot);
+int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clean);
+int ww_track_unwatch(int slot, uint64_t start, uint64_t length);
+int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot);
+int64_t ww_track_written(int slot, uint64_t start, uint64_t end, int reset,
+                         uint64_t *out, uint64_t capacity, uint64_t origin);
+int ww_track_prepare_write(int slot, uint64_t start, uint64_t length);
+int ww_track_find(uint64_t address);
+int ww_track_all_watched(int slot, uint64_t start, uint64_t end);
+int ww_track_state(int slot, uint64_t address);
+void ww_track_after_fork_child(void);
+int ww_segv_install(void);
+int ww_segv_installed(void);
+int ww_uffd_handler_start(int uffd);
+int ww_touch_for_write(uint64_t start, uint64_t length);

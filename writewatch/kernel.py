@@ -15,6 +15,7 @@ bookkeeping and a first write costs one minor fault.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import re
@@ -44,6 +45,7 @@ PROT_WRITE = mmap.PROT_WRITE
 # mmap flags the stdlib does not export (x86_64 values)
 MAP_NORESERVE = 0x4000
 MAP_FIXED_NOREPLACE = 0x100000
+MADV_POPULATE_WRITE = 23  # Linux 5.14
 
 _UFFD_OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
 _UFFD_FEATURES = lib.UFFD_FEATURE_WP_ASYNC | lib.UFFD_FEATURE_WP_UNPOPULATED
@@ -139,30 +141,37 @@ def process_epoch() -> int:
 def _after_fork_in_child() -> None:
     global _process_epoch
     _process_epoch += 1
-    for backend in _backends.values():
-        backend.forget_process_state()
+    lib.ww_track_after_fork_child()
+    for each in _backends.values():
+        each.forget_process_state()
 
 
 # ---------------------------------------------------------------------------
 # Backends
 
 
-class Backend:
-    """What a write-watch mechanism provides to regions.py.
+class Watcher:
+    """The write-watch state of one reservation on one backend.
 
-    Ranges are page aligned and lie inside one mapping the caller owns. A watched
-    page is "written" once any write (user or kernel) reached it since it was last
-    reset; pages of ranges that are not watched are never scanned.
+    regions.py calls it with page-aligned spans inside the reservation, holding
+    the region's lock. A watched page is "written" once any write reached it
+    since it was last reset.
     """
 
-    name = "abstract"
+    survives_fork = False  # does tracking go on unaided in a forked child?
 
-    def watch(self, start: int, length: int, *, clean: bool = True) -> None:
-        """Start tracking. clean=False keeps every present page reported written
-        (used after fork, when the parent's dirty state cannot be known)."""
+    def watch(self, start: int, length: int, prot: int, *, clean: bool = True) -> None:
+        """Track newly committed pages and give them the POSIX protection prot.
+        clean=False reports every page written until reset (after fork, when the
+        parent's dirty state is unknown)."""
         raise NotImplementedError
 
     def unwatch(self, start: int, length: int) -> None:
+        """Stop tracking pages about to be decommitted."""
+        raise NotImplementedError
+
+    def protect(self, start: int, length: int, prot: int) -> None:
+        """Change the protection of watched pages, keeping their dirty state."""
         raise NotImplementedError
 
     def written(self, start: int, end: int, reset: bool, out: np.ndarray, offset: int,
@@ -176,104 +185,313 @@ class Backend:
     def reset(self, start: int, end: int) -> None:
         raise NotImplementedError
 
+    def prepare_kernel_write(self, start: int, length: int) -> None:
+        """Mark pages written before the kernel writes them (read(2) and
+        friends), so that the kernel's write cannot fail on a tracking trap."""
+
+    def detach(self) -> None:
+        """The reservation is gone."""
+
+
+def _output_pointer(out: np.ndarray, offset: int, capacity: int) -> Any:
+    if offset < 0 or capacity < 0 or offset + capacity > len(out):
+        raise ValueError("output span outside the array")
+    return ffi.from_buffer("uint64_t[]", out, require_writable=True) + offset
+
+
+class Backend:
+    """A write-watch mechanism: makes a Watcher for each reservation."""
+
+    name = "abstract"
+    summary = ""
+    preference = 0  # auto picks the available backend with the highest
+
+    def unavailable_reason(self, caps: Capabilities) -> str:
+        """Why this machine cannot run the backend ("" when it can)."""
+        raise NotImplementedError
+
+    def attach(self, base: int, size: int) -> Watcher:
+        raise NotImplementedError
+
     def forget_process_state(self) -> None:
         """Called in a forked child: drop descriptors that belong to the parent."""
 
 
-class _PagemapFds:
-    """The per-process kernel objects of the pagemap backend."""
-
-    def __init__(self) -> None:
-        self.uffd = _open_uffd_with_features(_UFFD_FEATURES)
-        try:
-            self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            os.close(self.uffd)
-            raise
-
-    def close(self) -> None:
-        os.close(self.uffd)
-        os.close(self.pagemap)
-
-
-def _open_uffd(flags: int = _UFFD_OPEN_FLAGS) -> int:
-    fd = lib.ww_uffd_open(flags | lib.UFFD_USER_MODE_ONLY)
+def _open_uffd(flags: int = _UFFD_OPEN_FLAGS, *, user_mode_only: bool = True) -> int:
+    fd = -errno.EINVAL
+    if user_mode_only:
+        fd = lib.ww_uffd_open(flags | lib.UFFD_USER_MODE_ONLY)
     if fd == -errno.EINVAL:  # before Linux 5.11 there is no UFFD_USER_MODE_ONLY
         fd = lib.ww_uffd_open(flags)
     return _check(fd, "userfaultfd")
 
 
-def _open_uffd_with_features(features: int) -> int:
+def _offered_uffd_features() -> int:
+    """Every userfaultfd feature this kernel offers (UFFDIO_API asking for none)."""
     fd = _open_uffd()
+    try:
+        return _uffd_api(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _uffd_api(fd: int, features: int) -> int:
+    """Enable features on a fresh userfaultfd; returns every feature the kernel has."""
     api = ffi.new("struct uffdio_api *")
     result = lib.ww_uffd_api(fd, features, api)
     if result < 0:
-        os.close(fd)
         raise _oserror(-result, f"UFFDIO_API(features={features:#x})")
-    return fd
+    return int(api.features)
 
 
-class PagemapBackend(Backend):
-    """userfaultfd async write-protect + PAGEMAP_SCAN (Linux 6.7+)."""
+def _register_wp(uffd: int, start: int, length: int) -> None:
+    ioctls = ffi.new("uint64_t *")
+    _check(lib.ww_uffd_register_wp(uffd, start, length, ioctls), "UFFDIO_REGISTER")
+    if not ioctls[0] & (1 << lib.WW_UFFDIO_WRITEPROTECT_BIT):
+        lib.ww_uffd_unregister(uffd, start, length)
+        raise _oserror(errno.EOPNOTSUPP, "UFFDIO_REGISTER gave no UFFDIO_WRITEPROTECT")
 
-    name = "pagemap"
+
+class _PerProcess:
+    """Lazily opened per-process kernel objects, forgotten in a forked child."""
 
     def __init__(self) -> None:
-        self._fds: _PagemapFds | None = None
+        self._fds: tuple[int, ...] | None = None
         self._lock = threading.Lock()
 
-    def _process_fds(self) -> _PagemapFds:
+    def open(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get(self) -> tuple[int, ...]:
         fds = self._fds
         if fds is None:
             with self._lock:
                 if self._fds is None:
-                    self._fds = _PagemapFds()
+                    self._fds = self.open()
                 fds = self._fds
         return fds
 
-    @property
-    def pagemap_fd(self) -> int:
-        return self._process_fds().pagemap
-
-    def forget_process_state(self) -> None:
+    def forget(self) -> None:
         self._lock = threading.Lock()
         fds, self._fds = self._fds, None
-        if fds is not None:
-            fds.close()
+        for fd in fds or ():
+            os.close(fd)
 
-    def watch(self, start: int, length: int, *, clean: bool = True) -> None:
-        fds = self._process_fds()
-        ioctls = ffi.new("uint64_t *")
-        _check(lib.ww_uffd_register_wp(fds.uffd, start, length, ioctls), "UFFDIO_REGISTER")
-        if not ioctls[0] & (1 << lib.WW_UFFDIO_WRITEPROTECT_BIT):
-            self.unwatch(start, length)
-            raise _oserror(errno.EOPNOTSUPP, "UFFDIO_REGISTER gave no UFFDIO_WRITEPROTECT")
+
+class _PagemapFds(_PerProcess):
+    def open(self) -> tuple[int, ...]:
+        uffd = _open_uffd()
+        try:
+            _uffd_api(uffd, _UFFD_FEATURES)
+            pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(uffd)
+            raise
+        return uffd, pagemap
+
+
+class PagemapBackend(Backend):
+    """userfaultfd async write-protect + PAGEMAP_SCAN (Linux 6.7+): the kernel
+    keeps the dirty state in the page tables; a first write costs one minor
+    fault and no context switch."""
+
+    name = "pagemap"
+    summary = "userfaultfd async write-protect + PAGEMAP_SCAN"
+    preference = 3
+
+    def __init__(self) -> None:
+        self.fds = _PagemapFds()
+
+    def unavailable_reason(self, caps: Capabilities) -> str:
+        return "" if caps.pagemap_backend else caps.pagemap_backend_detail
+
+    @property
+    def uffd(self) -> int:
+        return self.fds.get()[0]
+
+    @property
+    def pagemap_fd(self) -> int:
+        return self.fds.get()[1]
+
+    def attach(self, base: int, size: int) -> Watcher:
+        return _PagemapWatcher(self)
+
+    def forget_process_state(self) -> None:
+        self.fds.forget()
+
+
+class _PagemapWatcher(Watcher):
+    def __init__(self, backend: PagemapBackend) -> None:
+        self.backend = backend
+
+    def watch(self, start: int, length: int, prot: int, *, clean: bool = True) -> None:
+        uffd = self.backend.uffd
+        _register_wp(uffd, start, length)
         if clean:
             # Only this range: write-protecting unpopulated memory allocates page
             # tables for all of it, so cost follows what the caller asks to watch.
-            _check(lib.ww_uffd_writeprotect(fds.uffd, start, length, 1), "UFFDIO_WRITEPROTECT")
+            _check(lib.ww_uffd_writeprotect(uffd, start, length, 1), "UFFDIO_WRITEPROTECT")
+        self.protect(start, length, prot)
 
     def unwatch(self, start: int, length: int) -> None:
-        _check(lib.ww_uffd_unregister(self._process_fds().uffd, start, length),
-               "UFFDIO_UNREGISTER")
+        _check(lib.ww_uffd_unregister(self.backend.uffd, start, length), "UFFDIO_UNREGISTER")
+
+    def protect(self, start: int, length: int, prot: int) -> None:
+        # The write-protect bit survives mprotect, so dirty state does too.
+        protect(start, length, prot)
 
     def written(self, start: int, end: int, reset: bool, out: np.ndarray, offset: int,
                 capacity: int, origin: int) -> int:
-        if offset < 0 or capacity < 0 or offset + capacity > len(out):
-            raise ValueError("output span outside the array")
         walk_end = ffi.new("uint64_t *")
-        buffer = ffi.from_buffer("uint64_t[]", out, require_writable=True)
-        return _check(lib.ww_pagemap_written(self.pagemap_fd, start, end, reset,
-                                             buffer + offset, capacity, origin, walk_end),
-                      "PAGEMAP_SCAN")
+        return _check(lib.ww_pagemap_written(self.backend.pagemap_fd, start, end, reset,
+                                             _output_pointer(out, offset, capacity),
+                                             capacity, origin, walk_end), "PAGEMAP_SCAN")
 
     def reset(self, start: int, end: int) -> None:
-        _check(lib.ww_pagemap_reset(self.pagemap_fd, start, end), "PAGEMAP_SCAN")
+        _check(lib.ww_pagemap_reset(self.backend.pagemap_fd, start, end), "PAGEMAP_SCAN")
+
+    # prepare_kernel_write: nothing to do, the kernel resolves async write-protect
+    # faults of its own writes too.
 
 
-_backends: dict[str, Backend] = {"pagemap": PagemapBackend()}
+class _TrackedWatcher(Watcher):
+    """Per-page state kept by _tracking.c (the mprotect and uffd backends)."""
+
+    def __init__(self, base: int, size: int, mode: int) -> None:
+        self.slot = _check(lib.ww_track_attach(base, size, mode), "write-watch range table")
+
+    def watch(self, start: int, length: int, prot: int, *, clean: bool = True) -> None:
+        _check(lib.ww_track_watch(self.slot, start, length, prot, clean), "watch")
+
+    def unwatch(self, start: int, length: int) -> None:
+        _check(lib.ww_track_unwatch(self.slot, start, length), "unwatch")
+
+    def protect(self, start: int, length: int, prot: int) -> None:
+        _check(lib.ww_track_protect(self.slot, start, length, prot), "mprotect")
+
+    def written(self, start: int, end: int, reset: bool, out: np.ndarray, offset: int,
+                capacity: int, origin: int) -> int:
+        return _check(lib.ww_track_written(self.slot, start, end, reset,
+                                           _output_pointer(out, offset, capacity),
+                                           capacity, origin), "collect")
+
+    def reset(self, start: int, end: int) -> None:
+        _check(lib.ww_track_written(self.slot, start, end, 1, ffi.NULL, (end - start) // PAGE_SIZE,
+                                    0), "reset")
+
+    def prepare_kernel_write(self, start: int, length: int) -> None:
+        _check(lib.ww_track_prepare_write(self.slot, start, length), "prepare_kernel_write")
+
+    def detach(self) -> None:
+        _check(lib.ww_track_detach(self.slot), "detach")
+
+
+class MprotectBackend(Backend):
+    """Armed pages are read-only; a native SIGSEGV handler records the first
+    write and gives write access back. Works on any Linux; each first write
+    costs a signal and an mprotect. The kernel cannot write into armed pages
+    (read(2) fails with EFAULT): call prepare_kernel_write first."""
+
+    name = "mprotect"
+    summary = "mprotect + SIGSEGV handler (native)"
+    preference = 1
+
+    def unavailable_reason(self, caps: Capabilities) -> str:
+        return ""
+
+    def attach(self, base: int, size: int) -> Watcher:
+        _check(lib.ww_segv_install(), "sigaction(SIGSEGV)")
+        watcher = _TrackedWatcher(base, size, lib.WW_MODE_MPROTECT)
+        # A forked child inherits the handler, the state and the protections.
+        watcher.survives_fork = True
+        return watcher
+
+
+class _SyncUffd(_PerProcess):
+    """The uffd backend's descriptor and handler thread for this process."""
+
+    features = 0
+    kernel_faults = False  # do the kernel's own writes reach the handler thread?
+
+    def open(self) -> tuple[int, ...]:
+        # Without UFFD_USER_MODE_ONLY, faults taken by the kernel's own writes
+        # (read(2) into watched memory) reach the handler thread too; it needs
+        # privilege (or vm.unprivileged_userfaultfd = 1), so fall back to it.
+        try:
+            uffd = _open_uffd(user_mode_only=False)
+            self.kernel_faults = True
+        except PermissionError:
+            uffd = _open_uffd()
+            self.kernel_faults = False
+        try:
+            offered = _offered_uffd_features()
+            wanted = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP
+                      | offered & lib.UFFD_FEATURE_WP_UNPOPULATED)
+            self.features = _uffd_api(uffd, wanted) & wanted
+            _check(lib.ww_uffd_handler_start(uffd), "pthread_create")
+        except OSError:
+            os.close(uffd)
+            raise
+        return (uffd,)
+
+
+class UffdBackend(Backend):
+    """userfaultfd synchronous write-protect (Linux 5.7+) with a native handler
+    thread: each first write blocks until the thread records it and removes
+    the protection."""
+
+    name = "uffd"
+    summary = "userfaultfd write-protect + handler thread (native)"
+    preference = 2
+
+    def __init__(self) -> None:
+        self.uffd = _SyncUffd()
+
+    def unavailable_reason(self, caps: Capabilities) -> str:
+        if not caps.userfaultfd:
+            return caps.userfaultfd_detail
+        if not caps.uffd_features & lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP:
+            return "userfaultfd has no write-protect mode (needs Linux 5.7 or newer)"
+        return ""
+
+    def attach(self, base: int, size: int) -> Watcher:
+        return _UffdWatcher(self, base, size)
+
+    def forget_process_state(self) -> None:
+        self.uffd.forget()
+
+
+class _UffdWatcher(_TrackedWatcher):
+    def __init__(self, backend: UffdBackend, base: int, size: int) -> None:
+        super().__init__(base, size, lib.WW_MODE_UFFD)
+        self.backend = backend
+
+    def watch(self, start: int, length: int, prot: int, *, clean: bool = True) -> None:
+        (uffd,) = self.backend.uffd.get()
+        _register_wp(uffd, start, length)
+        if clean and not self.backend.uffd.features & lib.UFFD_FEATURE_WP_UNPOPULATED:
+            # Write-protecting an empty page table entry does nothing before
+            # Linux 6.7: fault the pages in first so the protection sticks.
+            protect(start, length, PROT_READ | PROT_WRITE)
+            if lib.ww_madvise(start, length, MADV_POPULATE_WRITE) < 0:
+                lib.ww_touch_for_write(start, length)
+        super().watch(start, length, prot, clean=clean)
+
+    def unwatch(self, start: int, length: int) -> None:
+        super().unwatch(start, length)
+        (uffd,) = self.backend.uffd.get()
+        _check(lib.ww_uffd_unregister(uffd, start, length), "UFFDIO_UNREGISTER")
+
+
+_backends: dict[str, Backend] = {
+    each.name: each for each in (PagemapBackend(), UffdBackend(), MprotectBackend())
+}
 _backend_lock = threading.Lock()
-_backend_errors: dict[str, str] = {}
+_unavailable: dict[str, str] | None = None
+_auto_choice: str | None = None
+log = logging.getLogger("writewatch")
+
+BACKEND_ENV = "WRITEWATCH_BACKEND"
 
 
 class BackendUnavailableError(OSError):
@@ -281,24 +499,52 @@ class BackendUnavailableError(OSError):
 
 
 def backend_names() -> list[str]:
-    """Every backend writewatch knows, available here or not."""
-    return list(_backends)
+    """Every backend writewatch knows, available here or not, best first."""
+    return sorted(_backends, key=lambda name: -_backends[name].preference)
+
+
+def backend_status() -> dict[str, str]:
+    """Each backend's name -> "" if it works here, else why not (probed once)."""
+    global _unavailable
+    with _backend_lock:
+        if _unavailable is None:
+            caps = probe()
+            _unavailable = {name: _backends[name].unavailable_reason(caps)
+                            for name in backend_names()}
+        return dict(_unavailable)
+
+
+def requested_backend() -> str:
+    """The backend WRITEWATCH_BACKEND asks for ("auto" when unset)."""
+    name = os.environ.get(BACKEND_ENV, "auto").strip() or "auto"
+    if name != "auto" and name not in _backends:
+        raise ValueError(f"{BACKEND_ENV}={name!r} names no backend; choose one of "
+                         f"{', '.join(backend_names())} or auto")
+    return name
 
 
 def backend(name: str = "auto") -> Backend:
-    """The backend to watch new memory with; raises BackendUnavailableError saying why
-    when the machine cannot provide it."""
+    """The backend to watch new memory with.
+
+    "auto" means what WRITEWATCH_BACKEND says, or else the best backend that
+    works here (chosen once per process and logged). An explicit request for a
+    backend this machine cannot run raises BackendUnavailableError saying why;
+    it never switches silently."""
+    global _auto_choice
     if name == "auto":
-        name = "pagemap"
+        name = requested_backend()
+    if name == "auto":
+        if _auto_choice is None:
+            status = backend_status()
+            _auto_choice = next(each for each in backend_names() if not status[each])
+            log.info("writewatch: using %s backend", _auto_choice)
+        name = _auto_choice
     if name not in _backends:
-        raise ValueError(f"unknown write-watch backend {name!r}; known: {sorted(_backends)}")
-    with _backend_lock:
-        if name not in _backend_errors:
-            caps = probe()
-            _backend_errors[name] = "" if caps.pagemap_backend else caps.pagemap_backend_detail
-    if _backend_errors[name]:
-        raise BackendUnavailableError(errno.ENOSYS, f"{name} backend unavailable: "
-                                 f"{_backend_errors[name]}")
+        raise ValueError(f"unknown write-watch backend {name!r}; choose one of "
+                         f"{', '.join(backend_names())} or auto")
+    reason = backend_status()[name]
+    if reason:
+        raise BackendUnavailableError(errno.ENOSYS, f"{name} backend unavailable: {reason}")
     return _backends[name]
 
 
@@ -386,7 +632,14 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
         return 0
 
     if pidfd == 0:
-        fd, owned = _pagemap_backend().pagemap_fd, False
+        slot = lib.ww_track_find(start)
+        if slot >= 0:  # memory watched by the mprotect or uffd backend
+            return _memwatch_tracked(slot, start, end, get, clear, out, capacity)
+        if backend_status()["pagemap"]:
+            raise _oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not watched memory")
+        pagemap = _backends["pagemap"]
+        assert isinstance(pagemap, PagemapBackend)
+        fd, owned = pagemap.pagemap_fd, False
     else:
         fd, owned = _target_pagemap(pidfd), True
     try:
@@ -405,10 +658,17 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
             os.close(fd)
 
 
-def _pagemap_backend() -> PagemapBackend:
-    pagemap = backend("pagemap")
-    assert isinstance(pagemap, PagemapBackend)
-    return pagemap
+def _memwatch_tracked(slot: int, start: int, end: int, get: bool, clear: bool, out: Any,
+                      capacity: int) -> int:
+    """process_memwatch on this process's memory of a userspace-tracking backend."""
+    if not lib.ww_track_all_watched(slot, start, end):
+        raise _oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not all watched memory")
+    if get:
+        return _memwatch_check(lib.ww_track_written(slot, start, end, clear, out, capacity,
+                                                    start))
+    _memwatch_check(lib.ww_track_written(slot, start, end, 1, ffi.NULL,
+                                         (end - start) // PAGE_SIZE, 0))
+    return 0
 
 
 def _memwatch_check(result: int) -> int:
@@ -485,15 +745,12 @@ def _probe_userfaultfd(unprivileged: int | None, seccomp: int | None) -> tuple[b
         else:
             why = f"userfaultfd failed: {exc.strerror}"
         return False, why, 0
+    os.close(fd)
     try:
-        api = ffi.new("struct uffdio_api *")
-        # features=0 asks for nothing and reports everything the kernel offers.
-        result = lib.ww_uffd_api(fd, 0, api)
-    finally:
-        os.close(fd)
-    if result < 0:
-        return False, f"UFFDIO_API failed: {os.strerror(-result)}", 0
-    return True, "userfaultfd available", int(api.features)
+        features = _offered_uffd_features()
+    except OSError as exc:
+        return False, f"UFFDIO_API failed: {exc.strerror}", 0
+    return True, "userfaultfd available", features
 
 
 def _probe_pagemap_scan() -> tuple[bool, str]:

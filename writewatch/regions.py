@@ -171,16 +171,16 @@ class _Mapping:
 class Region:
     """One VirtualAlloc reservation."""
 
-    __slots__ = ("allocation_protect", "backend", "base", "epoch", "lock", "mapping",
-                 "pages", "size", "write_watch")
+    __slots__ = ("allocation_protect", "base", "epoch", "lock", "mapping", "pages", "size",
+                 "watcher", "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
-                 backend: kernel.Backend | None) -> None:
+                 watcher: kernel.Watcher | None) -> None:
         self.base = base
         self.size = size
         self.allocation_protect = allocation_protect
-        self.backend = backend
-        self.write_watch = backend is not None
+        self.watcher = watcher
+        self.write_watch = watcher is not None
         self.lock = threading.Lock()
         self.mapping: _Mapping | None = _Mapping(base, size)
         self.pages = PageRuns(size // PAGE_SIZE)
@@ -209,12 +209,15 @@ class Region:
                 spans.append((s, e))
         return spans
 
-    def reserved_spans(self, first: int, last: int) -> list[tuple[int, int]]:
+    def spans(self, first: int, last: int) -> Iterator[tuple[int, int, int]]:
+        """(start, end, page state) address spans of runs in [first, last)."""
         base = self.base
-        return [(base + s * PAGE_SIZE, base + e * PAGE_SIZE)
-                for s, e, value in self.pages.runs((first - base) // PAGE_SIZE,
-                                                   (last - base) // PAGE_SIZE)
-                if value == _RESERVED]
+        for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
+                                                 (last - base) // PAGE_SIZE):
+            yield base + start * PAGE_SIZE, base + end * PAGE_SIZE, value
+
+    def reserved_spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        return [(s, e) for s, e, value in self.spans(first, last) if value == _RESERVED]
 
     def assign(self, first: int, last: int, value: int) -> None:
         self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
@@ -224,10 +227,12 @@ class Region:
         """In a forked child, register the committed pages with the child's own
         kernel objects. The child's page tables carry no dirty state, so every page
         that may have been written reads written until it is reset. Lock held."""
-        if self.backend is None or self.epoch == kernel.process_epoch():
+        if (self.watcher is None or self.watcher.survives_fork
+                or self.epoch == kernel.process_epoch()):
             return
-        for start, end in self.committed_spans(self.base, self.end):
-            self.backend.watch(start, end - start, clean=False)
+        for start, end, value in self.spans(self.base, self.end):
+            if value != _RESERVED:
+                self.watcher.watch(start, end - start, _POSIX_PROT[value], clean=False)
         self.epoch = kernel.process_epoch()
 
 
@@ -362,20 +367,26 @@ def _reserve(address: int, size: int, protect: int, write_watch: bool,
              backend_name: str) -> Region:
     base = address & ~(ALLOCATION_GRANULARITY - 1)
     length = _page_ceil(address + size) - base if address else _page_ceil(size)
-    watcher = None
+    mechanism = None
     if write_watch:
         try:
-            watcher = kernel.backend(backend_name)
+            mechanism = kernel.backend(backend_name)
         except kernel.BackendUnavailableError as exc:
             raise WriteWatchError(ERROR_NOT_SUPPORTED, str(exc)) from exc
     try:
         base = kernel.map_reserved(base, length, ALLOCATION_GRANULARITY)
     except OSError as exc:
         raise _mapping_error(exc, f"cannot reserve {length:#x} bytes at {base:#x}") from exc
+    watcher = None
+    if mechanism is not None:
+        try:
+            # Once for the whole reservation: every VMA later split off inherits it.
+            kernel.no_huge_pages(base, length)
+            watcher = mechanism.attach(base, length)
+        except OSError as exc:
+            kernel.unmap(base, length)
+            raise _mapping_error(exc, "cannot watch the reservation") from exc
     region = Region(base, length, protect, watcher)
-    if write_watch:
-        # Once for the whole reservation: every VMA later split off inherits it.
-        kernel.no_huge_pages(base, length)
     _table.insert(region)
     return region
 
@@ -385,21 +396,38 @@ def _commit(region: Region, first: int, last: int, protect: int) -> None:
         if region.released:
             raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released")
         region.sync_after_fork()
-        fresh = region.reserved_spans(first, last)
-        watched: list[tuple[int, int]] = []
+        prot = _POSIX_PROT[protect]
+        watcher = region.watcher
+        done: list[tuple[int, int, int]] = []
         try:
-            if region.backend is not None:
-                # Watch before making the pages accessible: no write can slip in
-                # between and be lost.
-                for start, end in fresh:
-                    region.backend.watch(start, end - start)
-                    watched.append((start, end))
-            kernel.protect(first, last - first, _POSIX_PROT[protect])
+            if watcher is None:
+                kernel.protect(first, last - first, prot)
+            else:
+                # Fresh pages start watched and clean (the watcher makes them
+                # accessible only once armed, so no write slips in between);
+                # committed ones only change protection and keep their state.
+                for start, end, value in list(region.spans(first, last)):
+                    if value == _RESERVED:
+                        watcher.watch(start, end - start, prot)
+                    else:
+                        watcher.protect(start, end - start, prot)
+                    done.append((start, end, value))
         except OSError as exc:
-            for start, end in watched:
-                region.backend.unwatch(start, end - start)  # type: ignore[union-attr]
+            _undo_commit(region, done)
             raise _mapping_error(exc, "cannot commit") from exc
         region.assign(first, last, protect)
+
+
+def _undo_commit(region: Region, done: list[tuple[int, int, int]]) -> None:
+    """Put back what a failed commit changed, span by span. Lock held."""
+    assert region.watcher is not None or not done
+    for start, end, value in done:
+        if value == _RESERVED:
+            region.watcher.unwatch(start, end - start)  # type: ignore[union-attr]
+            kernel.protect(start, end - start, kernel.PROT_NONE)
+        else:
+            region.watcher.protect(start, end - start,  # type: ignore[union-attr]
+                                   _POSIX_PROT[value])
 
 
 def free(address: Any, size: Any, free_type: Any) -> None:
@@ -441,13 +469,14 @@ def free(address: Any, size: Any, free_type: Any) -> None:
         if not committed:
             return
         try:
-            # Windows drops the dirty state of decommitted pages; dropping the
-            # pages does that too, and unwatching keeps them out of every scan.
+            # Windows drops the dirty state of decommitted pages: unwatching
+            # forgets it and keeps the pages out of every scan, and dropping the
+            # pages leaves nothing behind.
+            if region.watcher is not None:
+                for start, end in committed:
+                    region.watcher.unwatch(start, end - start)
             kernel.discard(first, last - first)
             kernel.protect(first, last - first, kernel.PROT_NONE)
-            if region.backend is not None:
-                for start, end in committed:
-                    region.backend.unwatch(start, end - start)
         except OSError as exc:
             raise _mapping_error(exc, "cannot decommit") from exc
         region.assign(first, last, _RESERVED)
@@ -461,9 +490,16 @@ def release_region(region: Region) -> None:
     except (KeyError, ValueError):
         raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released") from None
     with region.lock:
-        if region.backend is not None and region.epoch == kernel.process_epoch():
-            for start, end in region.committed_spans(region.base, region.end):
-                region.backend.unwatch(start, end - start)
+        watcher = region.watcher
+        if watcher is not None:
+            if watcher.survives_fork or region.epoch == kernel.process_epoch():
+                # A view may outlive the release: leave its pages plainly
+                # accessible, not armed for a tracker that is about to go.
+                for start, end, value in list(region.spans(region.base, region.end)):
+                    if value != _RESERVED:
+                        watcher.unwatch(start, end - start)
+                        kernel.protect(start, end - start, _POSIX_PROT[value])
+            watcher.detach()
         region.mapping = None
 
 
@@ -485,8 +521,12 @@ def set_protection(address: Any, size: Any, new_protect: Any) -> int:
         if region.reserved_spans(first, last):
             raise WriteWatchError(ERROR_INVALID_ADDRESS, "the range is not all committed")
         old = region.pages.value_at((first - region.base) // PAGE_SIZE)
+        region.sync_after_fork()
         try:
-            kernel.protect(first, last - first, _POSIX_PROT[new_protect])
+            if region.watcher is None:
+                kernel.protect(first, last - first, _POSIX_PROT[new_protect])
+            else:
+                region.watcher.protect(first, last - first, _POSIX_PROT[new_protect])
         except OSError as exc:
             raise _mapping_error(exc, "cannot change protection") from exc
         region.assign(first, last, new_protect)
@@ -594,11 +634,11 @@ def get_written(flags: Any, base: Any, size: Any, addresses: Any, count: Any = N
         if region.released:
             raise WriteWatchError(ERROR_INVALID_PARAMETER, "the region was released")
         region.sync_after_fork()
-        assert region.backend is not None
+        assert region.watcher is not None
         for start, end in region.committed_spans(first, last):
             # The walk stops where the array fills: later pages are neither
             # reported nor reset (Windows' capped RESET).
-            found += region.backend.written(start, end, reset, addresses, found,
+            found += region.watcher.written(start, end, reset, addresses, found,
                                             count - found, 0)
             if found == count:
                 break
@@ -616,9 +656,33 @@ def reset_written(base: Any, size: Any) -> None:
         if region.released:
             raise WriteWatchError(ERROR_INVALID_PARAMETER, "the region was released")
         region.sync_after_fork()
-        assert region.backend is not None
+        assert region.watcher is not None
         for start, end in region.committed_spans(first, last):
-            region.backend.reset(start, end)
+            region.watcher.reset(start, end)
+
+
+def prepare_kernel_write(address: Any, size: Any) -> None:
+    """Call before the kernel writes into [address, address+size) of a
+    write-watch region (os.readv, readinto, recv_into into a view): the pages
+    are marked written and made writable, so that the kernel's write succeeds
+    on every backend. Needed by the mprotect backend (armed pages are
+    read-only and the kernel does not fault into a signal handler) and by the
+    uffd backend without privilege; harmless elsewhere. Memory outside
+    write-watch regions is left alone."""
+    address = _uint(address, "address")
+    size = _uint(size, "size")
+    if size == 0:
+        return
+    region = _table.find(address)
+    if region is None or region.watcher is None:
+        return
+    first, last = _page_floor(address), min(_page_ceil(address + size), region.end)
+    with region.lock:
+        if region.released:
+            return
+        region.sync_after_fork()
+        for start, end in region.committed_spans(first, last):
+            region.watcher.prepare_kernel_write(start, end - start)
 
 
 # ---------------------------------------------------------------------------
