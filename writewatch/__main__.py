@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 import writewatch as ww
+from writewatch import kernel
 from writewatch.kernel import Capabilities
 
 
@@ -37,19 +38,36 @@ def _advice(caps: Capabilities) -> list[str]:
     return advice
 
 
+def _chosen_backend() -> tuple[str | None, str]:
+    """The backend auto would use here, and why (or None and the error)."""
+    try:
+        requested = kernel.requested_backend()
+        name = kernel.backend().name
+    except (ValueError, OSError) as exc:
+        return None, str(exc)
+    if requested != "auto":
+        return name, f"requested by {kernel.BACKEND_ENV}={requested}"
+    return name, "the best one available here"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     caps = ww.probe()
+    backends = kernel.backend_report()
+    chosen, why = _chosen_backend()
     if args.json:
-        print(json.dumps(caps.as_dict(), indent=2))
+        print(json.dumps({**caps.as_dict(), "backends": backends, "backend": chosen,
+                          "backend_reason": why}, indent=2))
         return 0
     print(f"writewatch {ww.__version__} on Linux {caps.kernel_release}")
     print()
-    print("Mechanism:")
-    if caps.pagemap_backend:
-        print(f"  pagemap  (used)  {caps.pagemap_backend_detail}")
+    if chosen:
+        print(f"Using the {chosen} backend: {why}.")
     else:
-        print(f"  pagemap  unavailable: {caps.pagemap_backend_detail}")
-        print("  MEM_WRITE_WATCH allocations fail with ERROR_NOT_SUPPORTED on this machine.")
+        print(f"No usable backend: {why}")
+    print("Backends (best first; choose with WRITEWATCH_BACKEND=pagemap|uffd|mprotect|auto):")
+    for each in backends:
+        mark = "yes" if each["available"] else "no "
+        print(f"  [{mark}] {each['name']:<9} {each['detail']}")
     print()
     print("Kernel features:")
     print(f"  [{_yes(caps.userfaultfd)}] userfaultfd          {caps.userfaultfd_detail}")
@@ -57,7 +75,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  [{_yes(caps.wp_unpopulated)}] UFFD WP_UNPOPULATED  protect never-touched pages "
           "(Linux 6.7)")
     print(f"  [{_yes(caps.pagemap_scan)}] PAGEMAP_SCAN         {caps.pagemap_scan_detail}")
-    print(f"  [{_yes(caps.soft_dirty)}] soft-dirty           {caps.soft_dirty_detail}")
+    print(f"  [{_yes(caps.soft_dirty)}] soft-dirty           {caps.soft_dirty_detail}; "
+          "not used: it clears only whole processes, with no atomic get-and-clear")
     print(f"  vm.unprivileged_userfaultfd = {caps.unprivileged_userfaultfd}, "
           f"seccomp mode = {caps.seccomp_mode}")
     advice = _advice(caps)

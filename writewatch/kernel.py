@@ -514,6 +514,13 @@ def backend_status() -> dict[str, str]:
         return dict(_unavailable)
 
 
+def backend_report() -> list[dict[str, Any]]:
+    """Each backend, best first: name, available, and what it is or why not."""
+    status = backend_status()
+    return [{"name": name, "available": not status[name],
+             "detail": status[name] or _backends[name].summary} for name in backend_names()]
+
+
 def requested_backend() -> str:
     """The backend WRITEWATCH_BACKEND asks for ("auto" when unset)."""
     name = os.environ.get(BACKEND_ENV, "auto").strip() or "auto"
