@@ -10,12 +10,17 @@ import sys
 import pytest
 
 import writewatch as ww
+from writewatch import kernel
 from writewatch.__main__ import main
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "writewatch", *args], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env={**os.environ, **env})
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli_env({}, *args)
 
 
 def test_info_names_the_mechanism_and_each_feature():
@@ -25,10 +30,16 @@ def test_info_names_the_mechanism_and_each_feature():
     assert caps.kernel_release in result.stdout
     for feature in ("userfaultfd", "WP_ASYNC", "PAGEMAP_SCAN", "soft-dirty"):
         assert feature in result.stdout
-    if caps.pagemap_backend:
-        assert "pagemap  (used)" in result.stdout
-    else:
-        assert "unavailable" in result.stdout
+    assert f"Using the {kernel.backend().name} backend" in result.stdout
+    for name, reason in kernel.backend_status().items():
+        mark = "[no ]" if reason else "[yes]"
+        assert f"{mark} {name:<9} {reason or ''}" in result.stdout
+
+
+def test_info_says_why_an_explicit_backend_is_refused():
+    result = run_cli_env({"WRITEWATCH_BACKEND": "bogus"}, "info")
+    assert "No usable backend" in result.stdout
+    assert "names no backend" in result.stdout
 
 
 def test_info_json_matches_probe():
