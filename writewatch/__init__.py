@@ -52,6 +52,7 @@ from writewatch.regions import (
     PAGE_SIZE,
     WriteWatchError,
     as_array,
+    prepare_kernel_write,
 )
 
 __version__ = "0.1.0"
@@ -93,6 +94,7 @@ __all__ = [
     "WatchedMemory",
     "WriteWatchError",
     "as_array",
+    "prepare_kernel_write",
     "probe",
     "process_memwatch",
 ]
