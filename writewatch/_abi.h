@@ -124,6 +124,11 @@ int64_t ww_pagemap_written(int pagemap_fd, uint64_t start, uint64_t end, int res
                            uint64_t *out, uint64_t capacity, uint64_t origin,
                            uint64_t *walk_end);
 int64_t ww_pagemap_reset(int pagemap_fd, uint64_t start, uint64_t end);
+int64_t ww_pagemap_written_spans(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
+                                 uint64_t first, uint64_t last, int reset,
+                                 uint64_t *out, uint64_t capacity);
+int64_t ww_pagemap_reset_spans(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
+                               uint64_t first, uint64_t last);
 int64_t ww_pagemap_check_watched(int pagemap_fd, uint64_t start, uint64_t end);
 int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg);
 
@@ -145,6 +150,9 @@ int ww_track_unwatch(int slot, uint64_t start, uint64_t length);
 int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot);
 int64_t ww_track_written(int slot, uint64_t start, uint64_t end, int reset,
                          uint64_t *out, uint64_t capacity, uint64_t origin);
+int64_t ww_track_written_spans(int slot, const uint64_t *spans, uint64_t nspans,
+                               uint64_t first, uint64_t last, int reset,
+                               uint64_t *out, uint64_t capacity);
 int ww_track_prepare_write(int slot, uint64_t start, uint64_t length);
 int ww_track_find(uint64_t address);
 int ww_track_all_watched(int slot, uint64_t start, uint64_t end);

@@ -135,6 +135,51 @@ int64_t ww_pagemap_written(int pagemap_fd, uint64_t start, uint64_t end, int res
     return (int64_t)count;
 }
 
+/* Clip span i of spans (start/end pairs) to [first, last); 0 when empty. */
+static int clip_span(const uint64_t *spans, uint64_t i, uint64_t first, uint64_t last,
+                     uint64_t *start, uint64_t *end)
+{
+    *start = spans[2 * i] > first ? spans[2 * i] : first;
+    *end = spans[2 * i + 1] < last ? spans[2 * i + 1] : last;
+    return *start < *end;
+}
+
+/*
+ * GetWriteWatch in one call: the written pages of every span (the committed
+ * runs of a region, ascending) inside [first, last), as addresses, until out
+ * is full. A span not walked because out filled is neither reported nor reset.
+ */
+int64_t ww_pagemap_written_spans(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
+                                 uint64_t first, uint64_t last, int reset,
+                                 uint64_t *out, uint64_t capacity)
+{
+    uint64_t count = 0, start, end, walk_end;
+    for (uint64_t i = 0; i < nspans && count < capacity; i++) {
+        if (!clip_span(spans, i, first, last, &start, &end))
+            continue;
+        int64_t n = ww_pagemap_written(pagemap_fd, start, end, reset, out + count,
+                                       capacity - count, 0, &walk_end);
+        if (n < 0)
+            return n;
+        count += (uint64_t)n;
+    }
+    return (int64_t)count;
+}
+
+int64_t ww_pagemap_reset_spans(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
+                               uint64_t first, uint64_t last)
+{
+    uint64_t start, end;
+    for (uint64_t i = 0; i < nspans; i++) {
+        if (!clip_span(spans, i, first, last, &start, &end))
+            continue;
+        int64_t result = ww_pagemap_reset(pagemap_fd, start, end);
+        if (result < 0)
+            return result;
+    }
+    return 0;
+}
+
 /* Write-protect every page of [start, end) again: one walk, no output. */
 int64_t ww_pagemap_reset(int pagemap_fd, uint64_t start, uint64_t end)
 {

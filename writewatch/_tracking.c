@@ -375,6 +375,27 @@ int64_t ww_track_written(int slot, uint64_t start, uint64_t end, int reset,
     return result ? result : (int64_t)count;
 }
 
+/* ww_track_written over every span (start/end pairs) inside [first, last), as
+ * addresses, until out is full; out NULL resets without reporting. */
+int64_t ww_track_written_spans(int slot, const uint64_t *spans, uint64_t nspans,
+                               uint64_t first, uint64_t last, int reset,
+                               uint64_t *out, uint64_t capacity)
+{
+    uint64_t count = 0;
+    for (uint64_t i = 0; i < nspans && count < capacity; i++) {
+        uint64_t start = spans[2 * i] > first ? spans[2 * i] : first;
+        uint64_t end = spans[2 * i + 1] < last ? spans[2 * i + 1] : last;
+        if (start >= end)
+            continue;
+        int64_t n = ww_track_written(slot, start, end, reset, out ? out + count : NULL,
+                                     capacity - count, 0);
+        if (n < 0)
+            return n;
+        count += (uint64_t)n;
+    }
+    return (int64_t)count;
+}
+
 /*
  * Before the kernel writes into [start, start+length) (read(2) and friends):
  * mark the writable pages dirty and disarm them, so the kernel's write does not

@@ -62,7 +62,8 @@ class MemwatchFlags(IntFlag):
 MEMWATCH_SD_GET = MemwatchFlags.MEMWATCH_SD_GET
 MEMWATCH_SD_CLEAR = MemwatchFlags.MEMWATCH_SD_CLEAR
 MEMWATCH_SD_NO_REUSED_REGIONS = MemwatchFlags.MEMWATCH_SD_NO_REUSED_REGIONS
-_MEMWATCH_ALL = MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR | MEMWATCH_SD_NO_REUSED_REGIONS
+# A plain int: ~ on an IntFlag complements only within its defined bits.
+_MEMWATCH_ALL = int(MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR | MEMWATCH_SD_NO_REUSED_REGIONS)
 
 
 def _oserror(err: int, message: str) -> OSError:
@@ -174,15 +175,17 @@ class Watcher:
         """Change the protection of watched pages, keeping their dirty state."""
         raise NotImplementedError
 
-    def written(self, start: int, end: int, reset: bool, out: np.ndarray, offset: int,
-                capacity: int, origin: int) -> int:
-        """Write (page - origin) for the written pages of [start, end) into
-        out[offset:offset+capacity] (a contiguous 64-bit numpy array), ascending;
-        with reset, re-arm exactly the reported pages in the same step. Stops
-        when capacity entries are written. Returns the number written."""
+    def written(self, spans: Spans, first: int, last: int, reset: bool, out: np.ndarray,
+                capacity: int) -> int:
+        """Write the addresses of the written pages of spans inside [first, last)
+        into out[:capacity] (a contiguous 64-bit numpy array), ascending; with
+        reset, re-arm exactly the reported pages in the same step. Stops when
+        capacity entries are written. Returns the number written. Raises
+        BufferError if out is not a writable contiguous buffer."""
         raise NotImplementedError
 
-    def reset(self, start: int, end: int) -> None:
+    def reset(self, spans: Spans, first: int, last: int) -> None:
+        """Re-arm every page of spans inside [first, last)."""
         raise NotImplementedError
 
     def prepare_kernel_write(self, start: int, length: int) -> None:
@@ -193,10 +196,25 @@ class Watcher:
         """The reservation is gone."""
 
 
-def _output_pointer(out: np.ndarray, offset: int, capacity: int) -> Any:
-    if offset < 0 or capacity < 0 or offset + capacity > len(out):
-        raise ValueError("output span outside the array")
-    return ffi.from_buffer("uint64_t[]", out, require_writable=True) + offset
+class Spans:
+    """Page-aligned, ascending, disjoint [start, end) address spans in a C array:
+    built once when a region's committed runs change, used by every scan."""
+
+    __slots__ = ("array", "count")
+
+    def __init__(self, spans: list[tuple[int, int]]) -> None:
+        self.count = len(spans)
+        self.array = ffi.new("uint64_t[]", [bound for span in spans for bound in span] or [0])
+
+
+def _output_pointer(out: np.ndarray, capacity: int) -> Any:
+    if not 0 <= capacity <= len(out) or out.itemsize != 8:
+        raise ValueError("capacity outside the 64-bit output array")
+    try:
+        # Writability is the caller's check: asking cffi for it costs twice as much.
+        return ffi.from_buffer("uint64_t[]", out)
+    except TypeError as exc:  # cffi's word for a non-contiguous buffer
+        raise BufferError(str(exc)) from None
 
 
 class Backend:
@@ -340,15 +358,15 @@ class _PagemapWatcher(Watcher):
         # The write-protect bit survives mprotect, so dirty state does too.
         protect(start, length, prot)
 
-    def written(self, start: int, end: int, reset: bool, out: np.ndarray, offset: int,
-                capacity: int, origin: int) -> int:
-        walk_end = ffi.new("uint64_t *")
-        return _check(lib.ww_pagemap_written(self.backend.pagemap_fd, start, end, reset,
-                                             _output_pointer(out, offset, capacity),
-                                             capacity, origin, walk_end), "PAGEMAP_SCAN")
+    def written(self, spans: Spans, first: int, last: int, reset: bool, out: np.ndarray,
+                capacity: int) -> int:
+        return _check(lib.ww_pagemap_written_spans(
+            self.backend.pagemap_fd, spans.array, spans.count, first, last, reset,
+            _output_pointer(out, capacity), capacity), "PAGEMAP_SCAN")
 
-    def reset(self, start: int, end: int) -> None:
-        _check(lib.ww_pagemap_reset(self.backend.pagemap_fd, start, end), "PAGEMAP_SCAN")
+    def reset(self, spans: Spans, first: int, last: int) -> None:
+        _check(lib.ww_pagemap_reset_spans(self.backend.pagemap_fd, spans.array, spans.count,
+                                          first, last), "PAGEMAP_SCAN")
 
     # prepare_kernel_write: nothing to do, the kernel resolves async write-protect
     # faults of its own writes too.
@@ -369,15 +387,15 @@ class _TrackedWatcher(Watcher):
     def protect(self, start: int, length: int, prot: int) -> None:
         _check(lib.ww_track_protect(self.slot, start, length, prot), "mprotect")
 
-    def written(self, start: int, end: int, reset: bool, out: np.ndarray, offset: int,
-                capacity: int, origin: int) -> int:
-        return _check(lib.ww_track_written(self.slot, start, end, reset,
-                                           _output_pointer(out, offset, capacity),
-                                           capacity, origin), "collect")
+    def written(self, spans: Spans, first: int, last: int, reset: bool, out: np.ndarray,
+                capacity: int) -> int:
+        return _check(lib.ww_track_written_spans(self.slot, spans.array, spans.count, first,
+                                                 last, reset, _output_pointer(out, capacity),
+                                                 capacity), "collect")
 
-    def reset(self, start: int, end: int) -> None:
-        _check(lib.ww_track_written(self.slot, start, end, 1, ffi.NULL, (end - start) // PAGE_SIZE,
-                                    0), "reset")
+    def reset(self, spans: Spans, first: int, last: int) -> None:
+        _check(lib.ww_track_written_spans(self.slot, spans.array, spans.count, first, last, 1,
+                                          ffi.NULL, (last - first) // PAGE_SIZE), "reset")
 
     def prepare_kernel_write(self, start: int, length: int) -> None:
         _check(lib.ww_track_prepare_write(self.slot, start, length), "prepare_kernel_write")

@@ -14,6 +14,7 @@ turns them into return values and the thread's last error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import operator
 import os
@@ -48,8 +49,9 @@ from writewatch.constants import (
 PAGE_SIZE = kernel.PAGE_SIZE
 ALLOCATION_GRANULARITY = 0x10000
 _PAGE_MASK = PAGE_SIZE - 1
-# x86_64 user space ends below 2**47 (four-level page tables; wider needs opt-in).
-USER_SPACE_END = 1 << 47
+# x86_64 user space ends one page below 2**47 (TASK_SIZE with four-level page
+# tables; five-level needs an opt-in mmap hint).
+USER_SPACE_END = (1 << 47) - PAGE_SIZE
 
 _RESERVED = 0  # page state value of a reserved (uncommitted) page; else its protection
 _POSIX_PROT = {
@@ -171,8 +173,8 @@ class _Mapping:
 class Region:
     """One VirtualAlloc reservation."""
 
-    __slots__ = ("allocation_protect", "base", "epoch", "lock", "mapping", "pages", "size",
-                 "watcher", "write_watch")
+    __slots__ = ("_scan_spans", "allocation_protect", "base", "epoch", "lock", "mapping",
+                 "pages", "size", "watcher", "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
                  watcher: kernel.Watcher | None) -> None:
@@ -185,6 +187,7 @@ class Region:
         self.mapping: _Mapping | None = _Mapping(base, size)
         self.pages = PageRuns(size // PAGE_SIZE)
         self.epoch = kernel.process_epoch()
+        self._scan_spans: kernel.Spans | None = None
 
     @property
     def end(self) -> int:
@@ -222,6 +225,14 @@ class Region:
     def assign(self, first: int, last: int, value: int) -> None:
         self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
                           value)
+        self._scan_spans = None
+
+    def scan_spans(self) -> kernel.Spans:
+        """The committed spans as the kernel layer scans them, rebuilt only when
+        pages are committed, decommitted or re-protected. Lock held."""
+        if self._scan_spans is None:
+            self._scan_spans = kernel.Spans(self.committed_spans(self.base, self.end))
+        return self._scan_spans
 
     def sync_after_fork(self) -> None:
         """In a forked child, register the committed pages with the child's own
@@ -292,6 +303,12 @@ def _after_fork_in_child() -> None:
     _table.lock = threading.Lock()
     for region in _table.regions.values():
         region.lock = threading.Lock()
+    # Watch the child's memory again now (kernel.py's hook, registered first, has
+    # dropped the parent's descriptors), so that it is watched whichever call
+    # comes first, process_memwatch included. A failure here is retried lazily.
+    for region in _table.regions.values():
+        with contextlib.suppress(OSError):
+            region.sync_after_fork()
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
@@ -586,18 +603,18 @@ def _watched_region(base: int, size: int) -> tuple[Region, int, int]:
     return region, first, last
 
 
-def _output_array(addresses: Any, count: Any) -> tuple[np.ndarray | None, int]:
-    if addresses is not None:
-        if not isinstance(addresses, np.ndarray):
-            raise TypeError("addresses must be a numpy array of uintp (or None)")
-        if addresses.dtype != np.uintp or addresses.ndim != 1:
-            raise TypeError(f"addresses must be a 1-D uintp array, not {addresses.ndim}-D "
-                            f"{addresses.dtype}")
-        if not addresses.flags.c_contiguous:
-            raise TypeError("addresses must be contiguous")
-    if count is None:
-        return addresses, 0 if addresses is None else len(addresses)
-    return addresses, _uint(count, "count")
+_UINTP = np.dtype(np.uintp)
+
+
+def _check_output_array(addresses: Any) -> None:
+    """The addresses array must be what a PVOID* is: 1-D contiguous uintp."""
+    if not isinstance(addresses, np.ndarray):
+        raise TypeError("addresses must be a numpy array of uintp (or None)")
+    if addresses.dtype != _UINTP or addresses.ndim != 1:
+        raise TypeError(f"addresses must be a 1-D uintp array, not {addresses.ndim}-D "
+                        f"{addresses.dtype}")
+    if not addresses.flags.c_contiguous:
+        raise TypeError("addresses must be contiguous")
 
 
 def get_written(flags: Any, base: Any, size: Any, addresses: Any, count: Any = None) -> int:
@@ -609,15 +626,21 @@ def get_written(flags: Any, base: Any, size: Any, addresses: Any, count: Any = N
     count=None means len(addresses). Checks in Wine's order: count 0 ->
     ERROR_INVALID_PARAMETER; no array (or one too short or read-only) ->
     ERROR_NOACCESS; flags, size 0, a range leaving the region ->
-    ERROR_INVALID_PARAMETER."""
-    addresses, count = _output_array(addresses, count)
+    ERROR_INVALID_PARAMETER. This is the per-frame call of a game loop, so the
+    common case runs few Python operations and one native call."""
+    if addresses is not None and not (type(addresses) is np.ndarray
+                                      and addresses.dtype is _UINTP and addresses.ndim == 1
+                                      and addresses.flags.c_contiguous):
+        _check_output_array(addresses)
+    capacity = 0 if addresses is None else len(addresses)
+    count = capacity if count is None else _uint(count, "count")
     if count == 0:
         raise WriteWatchError(ERROR_INVALID_PARAMETER, "count is 0")
     if addresses is None:
         raise WriteWatchError(ERROR_NOACCESS, "no addresses array for a nonzero count")
-    if count > len(addresses):
+    if count > capacity:
         raise WriteWatchError(ERROR_NOACCESS, f"count {count} is larger than the addresses "
-                              f"array ({len(addresses)})")
+                              f"array ({capacity})")
     if not addresses.flags.writeable:
         raise WriteWatchError(ERROR_NOACCESS, "the addresses array is read-only")
     flags = _uint(flags, "flags")
@@ -628,21 +651,16 @@ def get_written(flags: Any, base: Any, size: Any, addresses: Any, count: Any = N
     if size == 0:
         raise WriteWatchError(ERROR_INVALID_PARAMETER, "size is 0")
     region, first, last = _watched_region(base, size)
-    reset = bool(flags & WRITE_WATCH_FLAG_RESET)
-    found = 0
     with region.lock:
         if region.released:
             raise WriteWatchError(ERROR_INVALID_PARAMETER, "the region was released")
-        region.sync_after_fork()
-        assert region.watcher is not None
-        for start, end in region.committed_spans(first, last):
-            # The walk stops where the array fills: later pages are neither
-            # reported nor reset (Windows' capped RESET).
-            found += region.watcher.written(start, end, reset, addresses, found,
-                                            count - found, 0)
-            if found == count:
-                break
-    return found
+        if region.epoch != kernel.process_epoch():
+            region.sync_after_fork()
+        watcher = region.watcher
+        assert watcher is not None
+        # The walk stops where the array fills: later pages are neither reported
+        # nor reset (Windows' capped RESET).
+        return watcher.written(region.scan_spans(), first, last, bool(flags), addresses, count)
 
 
 def reset_written(base: Any, size: Any) -> None:
@@ -657,8 +675,7 @@ def reset_written(base: Any, size: Any) -> None:
             raise WriteWatchError(ERROR_INVALID_PARAMETER, "the region was released")
         region.sync_after_fork()
         assert region.watcher is not None
-        for start, end in region.committed_spans(first, last):
-            region.watcher.reset(start, end)
+        region.watcher.reset(region.scan_spans(), first, last)
 
 
 def prepare_kernel_write(address: Any, size: Any) -> None:
