@@ -46,6 +46,7 @@ struct track_range {
 };
 
 static struct track_range *track_ranges[TRACK_MAX_RANGES];
+static pthread_mutex_t track_slots_mutex = PTHREAD_MUTEX_INITIALIZER; /* attach/detach */
 static int track_slots_used;     /* slots [0, used) may hold a range */
 static int track_handlers_active;
 static int track_sync_uffd = -1; /* this process's uffd of the uffd backend */
@@ -151,19 +152,18 @@ static int needs_arming(const struct track_range *r, uint8_t st)
     return r->mode == WW_MODE_UFFD || (st & WW_PAGE_WRITE);
 }
 
-/* ---- the range table (called from Python, never concurrently for one slot) ---- */
+/* ---- the range table (Python never uses one slot from two threads at once) ---- */
+
+static int free_slot(void)
+{
+    for (int i = 0; i < TRACK_MAX_RANGES; i++)
+        if (!__atomic_load_n(&track_ranges[i], __ATOMIC_ACQUIRE))
+            return i;
+    return -ENOMEM;
+}
 
 int ww_track_attach(uint64_t start, uint64_t length, int mode)
 {
-    int slot = -1;
-    for (int i = 0; i < TRACK_MAX_RANGES; i++) {
-        if (!__atomic_load_n(&track_ranges[i], __ATOMIC_ACQUIRE)) {
-            slot = i;
-            break;
-        }
-    }
-    if (slot < 0)
-        return -ENOMEM;
     struct track_range *r = calloc(1, sizeof *r);
     if (!r)
         return -ENOMEM;
@@ -178,18 +178,30 @@ int ww_track_attach(uint64_t start, uint64_t length, int mode)
         return -ENOMEM;
     }
     r->state = state;
-    __atomic_store_n(&track_ranges[slot], r, __ATOMIC_RELEASE);
-    if (slot >= __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE))
-        __atomic_store_n(&track_slots_used, slot + 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&track_slots_mutex);
+    int slot = free_slot();
+    if (slot >= 0) {
+        __atomic_store_n(&track_ranges[slot], r, __ATOMIC_RELEASE);
+        if (slot >= __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE))
+            __atomic_store_n(&track_slots_used, slot + 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&track_slots_mutex);
+    if (slot < 0) {
+        munmap(state, r->state_size);
+        free(r);
+    }
     return slot;
 }
 
 int ww_track_detach(int slot)
 {
+    pthread_mutex_lock(&track_slots_mutex);
     struct track_range *r = range_at_slot(slot);
+    if (r)
+        __atomic_store_n(&track_ranges[slot], NULL, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&track_slots_mutex);
     if (!r)
         return -EINVAL;
-    __atomic_store_n(&track_ranges[slot], NULL, __ATOMIC_SEQ_CST);
     /* A handler that found r before the store is still counted here. */
     while (__atomic_load_n(&track_handlers_active, __ATOMIC_SEQ_CST))
         sched_yield();
@@ -574,6 +586,7 @@ void ww_track_after_fork_child(void)
             track_ranges[i]->lock = 0;
     track_handlers_active = 0;
     track_sync_uffd = -1;
+    pthread_mutex_init(&track_slots_mutex, NULL);
 }
 
 /* Fault pages in for writing without changing them (an atomic OR of 0 is a

@@ -231,6 +231,11 @@ class Backend:
     def attach(self, base: int, size: int) -> Watcher:
         raise NotImplementedError
 
+    def kernel_writes_fault(self) -> bool:
+        """True when the kernel's own writes into watched pages (read(2) and
+        friends) fail with EFAULT unless prepare_kernel_write comes first."""
+        return False
+
     def forget_process_state(self) -> None:
         """Called in a forked child: drop descriptors that belong to the parent."""
 
@@ -417,6 +422,9 @@ class MprotectBackend(Backend):
     def unavailable_reason(self, caps: Capabilities) -> str:
         return ""
 
+    def kernel_writes_fault(self) -> bool:
+        return True  # the kernel does not fault into a signal handler
+
     def attach(self, base: int, size: int) -> Watcher:
         _check(lib.ww_segv_install(), "sigaction(SIGSEGV)")
         watcher = _TrackedWatcher(base, size, lib.WW_MODE_MPROTECT)
@@ -474,6 +482,10 @@ class UffdBackend(Backend):
 
     def attach(self, base: int, size: int) -> Watcher:
         return _UffdWatcher(self, base, size)
+
+    def kernel_writes_fault(self) -> bool:
+        self.uffd.get()
+        return not self.uffd.kernel_faults
 
     def forget_process_state(self) -> None:
         self.uffd.forget()
@@ -580,9 +592,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # process_memwatch: the seed's system call, on PAGEMAP_SCAN
 
 
-def _target_pagemap(pidfd: int) -> int:
-    """Open the pagemap of the process pidfd refers to; ESRCH if it is gone or the
-    caller may not inspect it (the kernel checks ptrace read access)."""
+def _pidfd_pid(pidfd: int) -> int:
+    """The pid a pidfd refers to (EINVAL if it is none, ESRCH if it exited)."""
     try:
         with open(f"/proc/self/fdinfo/{pidfd}") as info:
             match = re.search(r"^Pid:\s*(-?\d+)", info.read(), re.MULTILINE)
@@ -593,6 +604,13 @@ def _target_pagemap(pidfd: int) -> int:
     pid = int(match.group(1))
     if pid <= 0:
         raise _oserror(errno.ESRCH, f"the process of pidfd {pidfd} has exited")
+    return pid
+
+
+def _target_pagemap(pidfd: int) -> int:
+    """Open the pagemap of the process pidfd refers to; ESRCH if it is gone or the
+    caller may not inspect it (the kernel checks ptrace read access)."""
+    pid = _pidfd_pid(pidfd)
     try:
         fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -656,6 +674,8 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
     if end == start:
         return 0
 
+    if pidfd != 0 and _pidfd_pid(pidfd) == os.getpid():
+        pidfd = 0  # a pidfd of the calling process is the calling process
     if pidfd == 0:
         slot = lib.ww_track_find(start)
         if slot >= 0:  # memory watched by the mprotect or uffd backend
