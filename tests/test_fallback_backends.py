@@ -15,6 +15,7 @@ import writewatch as ww
 from writewatch import kernel, regions
 
 P = ww.PAGE_SIZE
+pytestmark = pytest.mark.any_backend  # names its backends itself
 
 
 def available(name: str) -> bool:

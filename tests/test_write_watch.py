@@ -3,55 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
 import writewatch as ww
 
 P = ww.PAGE_SIZE
-pytestmark = pytest.mark.skipif(not ww.probe().pagemap_backend,
-                                reason="no write-watch mechanism on this machine: "
-                                       + ww.probe().pagemap_backend_detail)
-
-
-class Watched:
-    """A MEM_WRITE_WATCH region under test and helpers to query it."""
-
-    def __init__(self, npages: int, allocation_type: int, protect: int) -> None:
-        self.npages = npages
-        self.size = npages * P
-        self.base = ww.VirtualAlloc(0, self.size, allocation_type, protect)
-        assert self.base, ww.GetLastError()
-
-    def view(self) -> np.ndarray:
-        return ww.as_array(self.base, self.size)
-
-    def pages(self, flags: int = 0, offset: int = 0, size: int | None = None,
-              count: int | None = None) -> list[int]:
-        """Page numbers GetWriteWatch reports (asserting it succeeds)."""
-        out = np.full(self.npages, 0xDEAD, np.uintp)
-        ret, found, granularity = ww.GetWriteWatch(
-            flags, self.base + offset, self.size - offset if size is None else size, out, count)
-        assert (ret, granularity) == (0, P), ww.GetLastError()
-        assert (out[found:] == 0xDEAD).all(), "wrote past the reported count"
-        return [(int(a) - self.base) // P for a in out[:found]]
-
-
-@pytest.fixture
-def watched() -> Iterator[callable]:
-    made: list[Watched] = []
-
-    def make(npages: int = 16,
-             allocation_type: int = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH,
-             protect: int = ww.PAGE_READWRITE) -> Watched:
-        made.append(Watched(npages, allocation_type, protect))
-        return made[-1]
-
-    yield make
-    for region in made:
-        assert ww.VirtualFree(region.base, 0, ww.MEM_RELEASE)
 
 
 def expect_failure(result: object, failed: object, error: int) -> None:
@@ -81,14 +38,14 @@ def test_item1_write_watch_alone_fails_87():
 
 
 def test_item2_fresh_region_reports_nothing(watched):
-    assert watched().pages() == []
+    assert watched().written() == []
 
 
 def test_item2_committing_does_not_dirty(watched):
     region = watched(allocation_type=ww.MEM_RESERVE | ww.MEM_WRITE_WATCH,
                      protect=ww.PAGE_NOACCESS)
     assert ww.VirtualAlloc(region.base, 8 * P, ww.MEM_COMMIT, ww.PAGE_READWRITE) == region.base
-    assert region.pages() == []
+    assert region.written() == []
 
 
 def test_item3_one_write_reports_its_page_with_page_granularity(watched):
@@ -102,8 +59,8 @@ def test_item3_one_write_reports_its_page_with_page_granularity(watched):
 def test_item4_reset_flag_resets_reported_pages(watched):
     region = watched()
     region.view()[P + 1] = 1
-    assert region.pages(ww.WRITE_WATCH_FLAG_RESET) == [1]
-    assert region.pages() == []
+    assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [1]
+    assert region.written() == []
 
 
 def test_item5_addresses_ascend_whatever_the_write_order(watched):
@@ -111,7 +68,7 @@ def test_item5_addresses_ascend_whatever_the_write_order(watched):
     view = region.view()
     for page in (9, 2, 14, 0, 5):
         view[page * P] = 1
-    assert region.pages() == [0, 2, 5, 9, 14]
+    assert region.written() == [0, 2, 5, 9, 14]
 
 
 def test_item6_sub_range_reports_only_pages_inside(watched):
@@ -119,7 +76,7 @@ def test_item6_sub_range_reports_only_pages_inside(watched):
     view = region.view()
     for page in (2, 3, 4, 5, 6):
         view[page * P] = 1
-    assert region.pages(offset=3 * P, size=2 * P) == [3, 4]
+    assert region.written(offset=3 * P, size=2 * P) == [3, 4]
 
 
 def test_item6_sub_range_reset_leaves_the_rest(watched):
@@ -127,8 +84,8 @@ def test_item6_sub_range_reset_leaves_the_rest(watched):
     view = region.view()
     for page in (2, 3, 4, 5):
         view[page * P] = 1
-    assert region.pages(ww.WRITE_WATCH_FLAG_RESET, offset=3 * P, size=2 * P) == [3, 4]
-    assert region.pages() == [2, 5]
+    assert region.written(ww.WRITE_WATCH_FLAG_RESET, offset=3 * P, size=2 * P) == [3, 4]
+    assert region.written() == [2, 5]
 
 
 def test_item7_reset_write_watch_resets_only_its_range(watched):
@@ -137,13 +94,13 @@ def test_item7_reset_write_watch_resets_only_its_range(watched):
     for page in range(6):
         view[page * P] = 1
     assert ww.ResetWriteWatch(region.base + P, 3 * P) == 0
-    assert region.pages() == [0, 4, 5]
+    assert region.written() == [0, 4, 5]
 
 
 def test_item8_write_straddling_a_page_boundary_dirties_both(watched):
     region = watched()
     region.view()[4 * P - 2:4 * P + 2] = 7
-    assert region.pages() == [3, 4]
+    assert region.written() == [3, 4]
 
 
 def test_item9_capped_reset_resets_only_returned_pages(watched):
@@ -151,8 +108,8 @@ def test_item9_capped_reset_resets_only_returned_pages(watched):
     view = region.view()
     for page in (1, 4, 7):
         view[page * P] = 1
-    assert region.pages(ww.WRITE_WATCH_FLAG_RESET, count=1) == [1]
-    assert region.pages() == [4, 7]
+    assert region.written(ww.WRITE_WATCH_FLAG_RESET, count=1) == [1]
+    assert region.written() == [4, 7]
 
 
 def test_item9_capped_without_reset_returns_the_first_pages(watched):
@@ -160,8 +117,8 @@ def test_item9_capped_without_reset_returns_the_first_pages(watched):
     view = region.view()
     for page in (1, 4, 7):
         view[page * P] = 1
-    assert region.pages(count=2) == [1, 4]
-    assert region.pages() == [1, 4, 7]
+    assert region.written(count=2) == [1, 4]
+    assert region.written() == [1, 4, 7]
 
 
 def test_item9_cap_across_committed_runs_stops_the_walk(watched):
@@ -173,8 +130,8 @@ def test_item9_cap_across_committed_runs_stops_the_walk(watched):
                                ww.PAGE_READWRITE)
     for page in (1, 2, 7, 13):
         ww.as_array(region.base + page * P, P)[0] = 1
-    assert region.pages(ww.WRITE_WATCH_FLAG_RESET, count=3) == [1, 2, 7]
-    assert region.pages() == [13]
+    assert region.written(ww.WRITE_WATCH_FLAG_RESET, count=3) == [1, 2, 7]
+    assert region.written() == [13]
 
 
 # -- items 10-12: protection and decommit
@@ -187,11 +144,11 @@ def test_item10_protection_changes_neither_dirty_nor_reset(watched):
                                                                             ww.PAGE_READWRITE)
     assert ww.VirtualProtect(region.base, region.size, ww.PAGE_READWRITE) == (True,
                                                                              ww.PAGE_READONLY)
-    assert region.pages() == [2]
-    assert region.pages(ww.WRITE_WATCH_FLAG_RESET) == [2]
+    assert region.written() == [2]
+    assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [2]
     assert ww.VirtualProtect(region.base, region.size, ww.PAGE_NOACCESS)[0]
     assert ww.VirtualProtect(region.base, region.size, ww.PAGE_READWRITE)[0]
-    assert region.pages() == []
+    assert region.written() == []
 
 
 def test_item11_decommit_clears_dirty_state_and_recommit_starts_clean(watched):
@@ -201,22 +158,22 @@ def test_item11_decommit_clears_dirty_state_and_recommit_starts_clean(watched):
         view[page * P] = 0x5A
     del view
     assert ww.VirtualFree(region.base + 2 * P, 2 * P, ww.MEM_DECOMMIT)
-    assert region.pages() == [1]
+    assert region.written() == [1]
     assert ww.VirtualAlloc(region.base + 2 * P, 2 * P, ww.MEM_COMMIT, ww.PAGE_READWRITE)
-    assert region.pages() == [1]
+    assert region.written() == [1]
     recommitted = ww.as_array(region.base + 2 * P, 2 * P)
     assert not recommitted.any(), "recommitted pages must read as zero"
     recommitted[P] = 1
-    assert region.pages() == [1, 3]
+    assert region.written() == [1, 3]
 
 
 def test_item11_decommit_whole_region_then_recommit_reports_nothing(watched):
     region = watched()
     region.view()[::P] = 1
     assert ww.VirtualFree(region.base, region.size, ww.MEM_DECOMMIT)
-    assert region.pages() == []
+    assert region.written() == []
     assert ww.VirtualAlloc(region.base, region.size, ww.MEM_COMMIT, ww.PAGE_READWRITE)
-    assert region.pages() == []
+    assert region.written() == []
 
 
 def test_item12_pages_written_through_a_protection_change_are_reported(watched):
@@ -226,7 +183,7 @@ def test_item12_pages_written_through_a_protection_change_are_reported(watched):
     ww.as_array(region.base + 2 * P, P)[10] = 1
     assert ww.VirtualProtect(region.base, 6 * P, ww.PAGE_NOACCESS) == (True,
                                                                       ww.PAGE_READWRITE)
-    assert region.pages() == [2]
+    assert region.written() == [2]
 
 
 # -- item 13: a large region
@@ -236,9 +193,9 @@ def test_item13_every_other_page_of_2048(watched):
     region = watched(2048)
     region.view()[::2 * P] = 1
     expected = list(range(0, 2048, 2))
-    assert region.pages() == expected
-    assert region.pages(ww.WRITE_WATCH_FLAG_RESET, count=1024) == expected
-    assert region.pages() == []
+    assert region.written() == expected
+    assert region.written(ww.WRITE_WATCH_FLAG_RESET, count=1024) == expected
+    assert region.written() == []
 
 
 # -- item 14 is in test_kernel_writes.py; item 16: reserve-only
@@ -247,7 +204,7 @@ def test_item13_every_other_page_of_2048(watched):
 def test_item16_reserve_only_region_reports_nothing_and_resets(watched):
     region = watched(allocation_type=ww.MEM_RESERVE | ww.MEM_WRITE_WATCH,
                      protect=ww.PAGE_NOACCESS)
-    assert region.pages() == []
+    assert region.written() == []
     assert ww.ResetWriteWatch(region.base, region.size) == 0
 
 
@@ -257,10 +214,10 @@ def test_item17_reset_flag_is_one_atomic_step(watched):
     test_atomic_reset.py)."""
     region = watched()
     region.view()[5 * P] = 1
-    assert region.pages() == [5]
-    assert region.pages(ww.WRITE_WATCH_FLAG_RESET) == [5]
+    assert region.written() == [5]
+    assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [5]
     region.view()[5 * P] = 2
-    assert region.pages(ww.WRITE_WATCH_FLAG_RESET) == [5]
+    assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [5]
 
 
 # -- item 15: parameter errors, in Wine's order
@@ -319,7 +276,7 @@ def test_item15_range_leaving_the_region_fails_87(watched, offset, size):
                    ww.WRITE_WATCH_FAILED, ww.ERROR_INVALID_PARAMETER)
     expect_failure(ww.ResetWriteWatch(region.base + offset, size), ww.WRITE_WATCH_FAILED,
                    ww.ERROR_INVALID_PARAMETER)
-    assert region.pages() == [0], "a failed call must not reset anything"
+    assert region.written() == [0], "a failed call must not reset anything"
 
 
 def test_item15_base_not_in_a_write_watch_region_fails_87():
@@ -386,7 +343,7 @@ def test_capacity_exactly_filled(watched):
     assert ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, region.base, region.size, out) == (
         0, 16, P)
     assert list(out) == [region.base + i * P for i in range(16)]
-    assert region.pages() == []
+    assert region.written() == []
 
 
 def test_last_error_is_per_thread(watched):

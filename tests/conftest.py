@@ -1,0 +1,89 @@
+"""Shared test setup.
+
+Every test runs once per write-watch backend available here (ids [pagemap],
+[uffd], [mprotect]): the autouse fixture sets WRITEWATCH_BACKEND for the test,
+so "auto" allocations and child processes use that backend. Setting
+WRITEWATCH_BACKEND before pytest restricts the run to that one backend. Tests
+marked any_backend (they name backends themselves, or use none) run once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+import writewatch as ww
+from writewatch import kernel
+
+P = ww.PAGE_SIZE
+
+
+def backends_under_test() -> list[str]:
+    requested = kernel.requested_backend()
+    if requested != "auto":
+        return [requested]
+    return [name for name, reason in kernel.backend_status().items() if not reason]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "any_backend: run once, not once per backend")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (metafunc.definition.get_closest_marker("any_backend") is None
+            and "write_watch_backend" in metafunc.fixturenames):
+        metafunc.parametrize("write_watch_backend", backends_under_test(), indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def write_watch_backend(request: pytest.FixtureRequest,
+                        monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The backend this test runs on (None for any_backend tests)."""
+    name: str | None = getattr(request, "param", None)
+    if name is not None:
+        monkeypatch.setenv(kernel.BACKEND_ENV, name)
+    return name
+
+
+class WatchedRegion:
+    """A MEM_WRITE_WATCH region of npages under test, released by the fixture."""
+
+    def __init__(self, npages: int, allocation_type: int, protect: int) -> None:
+        self.npages = npages
+        self.size = npages * P
+        self.base = ww.VirtualAlloc(0, self.size, allocation_type, protect)
+        assert self.base, f"VirtualAlloc failed: {ww.GetLastError()}"
+
+    def view(self) -> np.ndarray:
+        return ww.as_array(self.base, self.size)
+
+    def written(self, flags: int = 0, offset: int = 0, size: int | None = None,
+                count: int | None = None) -> list[int]:
+        """Page numbers GetWriteWatch reports, asserting that it succeeds and
+        writes nothing past the count it returns."""
+        out = np.full(self.npages + 1, 0xDEAD, np.uintp)
+        ret, found, granularity = ww.GetWriteWatch(
+            flags, self.base + offset, self.size - offset if size is None else size, out,
+            count)
+        assert (ret, granularity) == (0, P), f"GetWriteWatch failed: {ww.GetLastError()}"
+        assert (out[found:] == 0xDEAD).all(), "wrote past the reported count"
+        return [(int(a) - self.base) // P for a in out[:found]]
+
+
+@pytest.fixture
+def watched() -> Iterator[Callable[..., WatchedRegion]]:
+    """Factory: watched(npages=16, allocation_type=RESERVE|COMMIT|WRITE_WATCH,
+    protect=PAGE_READWRITE) -> WatchedRegion, released after the test."""
+    made: list[WatchedRegion] = []
+
+    def make(npages: int = 16,
+             allocation_type: int = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH,
+             protect: int = ww.PAGE_READWRITE) -> WatchedRegion:
+        made.append(WatchedRegion(npages, allocation_type, protect))
+        return made[-1]
+
+    yield make
+    for region in made:
+        assert ww.VirtualFree(region.base, 0, ww.MEM_RELEASE), ww.GetLastError()

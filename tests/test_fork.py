@@ -1,0 +1,300 @@
+"""Write watch across fork (REFERENCE.md section 3, the fork trap).
+
+A forked child's mappings lose their userfaultfd registration, and the
+descriptors it inherits still act on the PARENT's memory. writewatch must give
+the child working tracking of its own (conservative at first: every page that
+may have been written reads written until reset, then exact again) and must
+never change the parent's dirty state from the child.
+
+Children are plain os.fork() children that always end in os._exit: a failure in
+one is reported here and never runs the rest of the test session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import writewatch as ww
+
+P = ww.PAGE_SIZE
+NPAGES = 32     # reserved
+COMMITTED = 16  # the first 16 committed; the rest reserved (never reported)
+PARENT_PAGES = [2, 7, 11]
+
+
+
+class Region:
+    def __init__(self) -> None:
+        self.base = ww.VirtualAlloc(0, NPAGES * P, ww.MEM_RESERVE | ww.MEM_WRITE_WATCH,
+                                    ww.PAGE_NOACCESS)
+        assert self.base, ww.GetLastError()
+        assert ww.VirtualAlloc(self.base, COMMITTED * P, ww.MEM_COMMIT,
+                               ww.PAGE_READWRITE) == self.base, ww.GetLastError()
+        self.memory = ww.as_array(self.base, COMMITTED * P)
+
+    def write(self, *pages: int) -> None:
+        for page in pages:
+            self.memory[page * P + 40] += 1
+
+    def pages(self, reset: bool = False) -> list[int]:
+        """Page numbers GetWriteWatch reports over the whole reservation."""
+        out = np.full(NPAGES, 0xDEAD, np.uintp)
+        ret, found, granularity = ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET if reset else 0,
+                                                   self.base, NPAGES * P, out)
+        assert (ret, granularity) == (0, P), ww.GetLastError()
+        return [(int(a) - self.base) // P for a in out[:found]]
+
+    def reset(self) -> None:
+        assert ww.ResetWriteWatch(self.base, NPAGES * P) == 0, ww.GetLastError()
+
+
+@pytest.fixture
+def region() -> Iterator[Region]:
+    each = Region()
+    yield each
+    del each.memory
+    assert ww.VirtualFree(each.base, 0, ww.MEM_RELEASE)
+
+
+CHILD_TIMEOUT = 60  # seconds; only a hung child ever gets near it
+
+
+def run_forked(body: Callable[[], Any],
+               while_child_runs: Callable[[], None] | None = None) -> Any:
+    """Run body() in an os.fork() child and return its JSON-able result; the
+    child's exception (with traceback) fails the test here. The child always
+    leaves through os._exit. while_child_runs, if given, runs in the parent
+    right after the fork."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        status = 70
+        try:
+            os.close(read_end)
+            try:
+                report = {"result": body()}
+                status = 0
+            except BaseException:
+                report = {"error": traceback.format_exc()}
+                status = 1
+            data = json.dumps(report).encode()
+            while data:
+                data = data[os.write(write_end, data):]
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    if while_child_runs is not None:
+        while_child_runs()
+    chunks = []
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    while select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    else:  # timed out: never leave a stuck child behind
+        os.kill(pid, signal.SIGKILL)
+    os.close(read_end)
+    _, wait_status = os.waitpid(pid, 0)
+    assert chunks, f"child died without a report (wait status {wait_status:#x})"
+    report = json.loads(b"".join(chunks))
+    if "error" in report:
+        pytest.fail("in the forked child:\n" + report["error"])
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    return report["result"]
+
+
+# ---------------------------------------------------------------------------
+# the child has working tracking of its own
+
+
+@pytest.mark.parametrize("parent_wrote", [PARENT_PAGES, []],
+                         ids=["parent-wrote-pages", "parent-wrote-nothing"])
+@pytest.mark.parametrize("how", ["get-with-reset", "reset-write-watch"])
+def test_child_reports_conservatively_then_exactly_after_reset(region, parent_wrote, how):
+    """Fork: in the child every page written before the fork reads written (more
+    may, never a reserved one); after a reset the child is exact again: one
+    write, exactly that page, and a RESET poll clears it."""
+    region.write(*parent_wrote)
+
+    def child() -> dict[str, Any]:
+        seen: dict[str, Any] = {"first": region.pages()}
+        if how == "get-with-reset":
+            seen["first_reset"] = region.pages(reset=True)
+        else:
+            region.reset()
+        seen["after_reset"] = region.pages()
+        region.write(5)
+        seen["after_write"] = region.pages(reset=True)
+        seen["after_second_reset"] = region.pages()
+        region.write(13, 1)
+        seen["two_writes"] = region.pages()
+        return seen
+
+    seen = run_forked(child)
+    assert set(parent_wrote) <= set(seen["first"]), "a page written before fork was lost"
+    assert all(page < COMMITTED for page in seen["first"]), "reserved page reported"
+    if how == "get-with-reset":
+        assert seen["first_reset"] == seen["first"]
+    assert seen["after_reset"] == []
+    assert seen["after_write"] == [5]
+    assert seen["after_second_reset"] == []
+    assert seen["two_writes"] == [1, 13]
+
+
+def test_child_commits_fresh_pages_tracked_exactly(region):
+    """Pages the child commits after the fork start clean in the child (its own
+    tracking), while the inherited ones are still conservative until reset."""
+    region.write(*PARENT_PAGES)
+
+    def child() -> dict[str, Any]:
+        at = region.base + COMMITTED * P
+        assert ww.VirtualAlloc(at, 8 * P, ww.MEM_COMMIT, ww.PAGE_READWRITE) == at
+        fresh = ww.as_array(at, 8 * P)
+        seen = {"fresh_part": [page for page in region.pages() if page >= COMMITTED]}
+        fresh[2 * P] = 1  # page 18 of the reservation
+        seen["after_write"] = [page for page in region.pages() if page >= COMMITTED]
+        seen["inherited"] = [page for page in region.pages() if page < COMMITTED]
+        return seen
+
+    seen = run_forked(child)
+    assert seen["fresh_part"] == []
+    assert seen["after_write"] == [COMMITTED + 2]
+    assert set(PARENT_PAGES) <= set(seen["inherited"])
+    assert region.pages() == PARENT_PAGES  # the parent never saw any of it
+
+
+def test_child_decommit_and_release_do_not_touch_the_parent(region):
+    """The child decommitting pages (its dirty state dropped) and releasing the
+    region leaves the parent's pages, contents and tracking as they were."""
+    region.write(*PARENT_PAGES)
+
+    def child() -> dict[str, Any]:
+        assert ww.VirtualFree(region.base, 8 * P, ww.MEM_DECOMMIT)
+        seen = {"after_decommit": region.pages()}
+        assert ww.VirtualFree(region.base, 0, ww.MEM_RELEASE)
+        return seen
+
+    seen = run_forked(child)
+    assert all(8 <= page < COMMITTED for page in seen["after_decommit"])
+    assert 11 in seen["after_decommit"]
+    assert region.pages() == PARENT_PAGES
+    assert int(region.memory[2 * P + 40]) == 1  # the child's discard was its own
+    region.write(4)
+    assert region.pages(reset=True) == [2, 4, 7, 11]
+
+
+def test_child_process_memwatch_on_its_own_region(region):
+    """process_memwatch(0, ...) in a forked child on a region inherited from the
+    parent: the region is write-watch memory there too, so it is served
+    (conservatively at first) rather than refused as unwatched."""
+    region.write(*PARENT_PAGES)
+
+    def child() -> dict[str, Any]:
+        vec = np.zeros(COMMITTED, np.int64)
+        seen: dict[str, Any] = {}
+        try:
+            found = ww.process_memwatch(0, region.base, COMMITTED * P,
+                                        ww.MEMWATCH_SD_GET | ww.MEMWATCH_SD_CLEAR, vec)
+            seen["first"] = (vec[:found] // P).tolist()
+        except OSError as exc:
+            seen["first"] = f"{type(exc).__name__}: {exc}"
+        region.pages(reset=True)  # whatever the above did, start clean
+        region.write(6)
+        found = ww.process_memwatch(0, region.base, COMMITTED * P, ww.MEMWATCH_SD_GET, vec)
+        seen["after_write"] = (vec[:found] // P).tolist()
+        return seen
+
+    seen = run_forked(child)
+    assert isinstance(seen["first"], list), seen["first"]
+    assert set(PARENT_PAGES) <= set(seen["first"])
+    assert seen["after_write"] == [6]
+    assert region.pages() == PARENT_PAGES  # and the parent is untouched
+
+
+# ---------------------------------------------------------------------------
+# the child never touches the parent's state
+
+
+def test_child_resets_do_not_touch_the_parent(region):
+    """Fork trap: the child's GetWriteWatch(RESET), ResetWriteWatch and
+    process_memwatch CLEAR over the whole region act on the child's memory
+    only; the parent still reports exactly its own pages afterwards."""
+    region.write(*PARENT_PAGES)
+
+    def child() -> list[int]:
+        first = region.pages(reset=True)
+        region.write(3, 9)
+        region.reset()
+        region.write(4)
+        ww.process_memwatch(0, region.base, COMMITTED * P, ww.MEMWATCH_SD_CLEAR)
+        region.pages(reset=True)
+        return first
+
+    child_first = run_forked(child)
+    assert set(PARENT_PAGES) <= set(child_first)  # the child did see them
+    assert region.pages() == PARENT_PAGES
+    # and the parent's tracking goes on exactly
+    region.write(12)
+    assert region.pages(reset=True) == [*PARENT_PAGES, 12]
+    assert region.pages() == []
+
+
+def test_parent_writes_while_child_lives_are_tracked(region):
+    """Writes the parent makes while a forked child lives (copy-on-write faults,
+    on a clean page and on an already written one) are reported exactly; the
+    child's own writes never show up in the parent."""
+    region.write(*PARENT_PAGES)
+    go_read, go_write = os.pipe()
+
+    def child() -> list[int]:
+        assert os.read(go_read, 1) == b"x"  # the parent has written
+        region.write(0, 1)
+        return region.pages(reset=True)
+
+    def parent_while_child_runs() -> None:
+        region.write(2, 14)  # 2 was already dirty, 14 was clean
+        os.write(go_write, b"x")
+
+    try:
+        child_pages = run_forked(child, parent_while_child_runs)
+    finally:
+        os.close(go_read)
+        os.close(go_write)
+    assert {0, 1, *PARENT_PAGES} <= set(child_pages)
+    assert region.pages() == [2, 7, 11, 14]
+
+
+# ---------------------------------------------------------------------------
+# fork followed by exec
+
+
+def test_fork_then_exec_leaves_parent_tracking_intact(region):
+    """Fork + execv of a fresh interpreter: the parent's dirty pages are still
+    exactly reported, new writes are tracked and RESET works."""
+    region.write(1, 8)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", "pass"])
+        finally:
+            os._exit(127)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    assert region.pages() == [1, 8]
+    region.write(3)
+    assert region.pages(reset=True) == [1, 3, 8]
+    assert region.pages() == []
+    region.write(15)
+    assert region.pages() == [15]
