@@ -4,6 +4,7 @@ other, and planted bugs are found and reported with a shrunk trace."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -289,3 +290,97 @@ def test_cli_refuses_what_it_cannot_load():
     assert result.returncode == 2
     assert "cannot load" in result.stderr
     assert run_tester("model", "bogus").returncode == 2
+
+
+def _build_shim():
+    spec = importlib.util.spec_from_file_location(
+        "translation_layer_build", ROOT / "examples" / "translation_layer" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.build()
+
+
+@needs_a_compiler
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_cli_runs_a_shared_library_with_the_windows_signatures(backend):
+    shim = _build_shim()
+    result = run_tester("model", f"lib:{shim.library}", "--traces", "40",
+                        env={kernel.BACKEND_ENV: backend})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"lib:{shim.library}  agrees" in result.stdout
+
+
+BROKEN_LIBRARY = r'''
+#include <windows.h>
+#include <dlfcn.h>
+
+/* Forwards to libwinshim.so, but does GetWriteWatch(RESET) as a get and then a
+   reset of the whole range: the pages the capped array could not hold are lost. */
+static void *shim(const char *name)
+{
+    static void *library;
+    if (!library)
+        library = dlopen(SHIM_PATH, RTLD_NOW | RTLD_LOCAL);
+    return dlsym(library, name);
+}
+
+LPVOID WINAPI VirtualAlloc(LPVOID a, SIZE_T s, DWORD t, DWORD p)
+{
+    return ((LPVOID (*)(LPVOID, SIZE_T, DWORD, DWORD))shim("VirtualAlloc"))(a, s, t, p);
+}
+
+BOOL WINAPI VirtualFree(LPVOID a, SIZE_T s, DWORD t)
+{
+    return ((BOOL (*)(LPVOID, SIZE_T, DWORD))shim("VirtualFree"))(a, s, t);
+}
+
+BOOL WINAPI VirtualProtect(LPVOID a, SIZE_T s, DWORD p, PDWORD old)
+{
+    return ((BOOL (*)(LPVOID, SIZE_T, DWORD, PDWORD))shim("VirtualProtect"))(a, s, p, old);
+}
+
+UINT WINAPI ResetWriteWatch(LPVOID base, SIZE_T size)
+{
+    return ((UINT (*)(LPVOID, SIZE_T))shim("ResetWriteWatch"))(base, size);
+}
+
+UINT WINAPI GetWriteWatch(DWORD flags, PVOID base, SIZE_T size, PVOID *addresses,
+                          ULONG_PTR *count, ULONG *granularity)
+{
+    UINT (*get)(DWORD, PVOID, SIZE_T, PVOID *, ULONG_PTR *, ULONG *) = shim("GetWriteWatch");
+    UINT ret = get(flags & ~WRITE_WATCH_FLAG_RESET, base, size, addresses, count, granularity);
+    if (ret == 0 && (flags & WRITE_WATCH_FLAG_RESET))
+        ResetWriteWatch(base, size);
+    return ret;
+}
+
+DWORD WINAPI GetLastError(void)
+{
+    return ((DWORD (*)(void))shim("GetLastError"))();
+}
+
+void WINAPI PrepareKernelWrite(PVOID address, SIZE_T size)
+{
+    ((void (*)(PVOID, SIZE_T))shim("PrepareKernelWrite"))(address, size);
+}
+'''
+
+
+@needs_a_compiler
+@needs_a_backend
+def test_cli_finds_a_bug_in_a_native_library(tmp_path):
+    shim = _build_shim()
+    source = tmp_path / "broken.c"
+    source.write_text(BROKEN_LIBRARY)
+    library = tmp_path / "libbroken.so"
+    subprocess.run([os.environ.get("CC", "gcc"), "-shared", "-fPIC", "-O1",
+                    f"-I{ROOT / 'examples' / 'translation_layer' / 'include'}",
+                    f'-DSHIM_PATH="{shim.library}"', str(source), "-o", str(library), "-ldl"],
+                   check=True, capture_output=True)
+    result = run_tester("model", str(library), "--traces", "100",
+                        env={kernel.BACKEND_ENV: AVAILABLE[-1]})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{library}  DIVERGES" in result.stdout
+    assert "GetWriteWatch(WRITE_WATCH_FLAG_RESET" in result.stdout

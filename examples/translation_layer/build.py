@@ -1,0 +1,158 @@
+"""Compile the translation layer at run time: libwinshim.so (the Windows memory
+functions, on writewatch) and the ported Windows program against it.
+
+    python examples/translation_layer/build.py     # prints where the files are
+
+libwinshim.so is made with cffi's embedding mode: cffi writes C functions with
+the Windows signatures whose bodies call into Python (winshim_glue.py, frozen
+into the library), and gcc compiles that. The library does not link libpython
+itself, so it can be loaded into a running Python (the differential tester
+does, with ctypes) and into a C program linked with libpython.
+
+Builds are cached under build/<hash of the inputs>/, so only the first run
+pays for the compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+INCLUDE = HERE / "include"
+PROGRAM_SOURCE = HERE / "write_watch_port.c"
+GLUE_SOURCE = HERE / "winshim_glue.py"
+
+# The functions libwinshim.so exports, in cffi's dialect of C declarations
+# (the C compiler checks them against include/windows.h).
+_TYPES = """
+    typedef int BOOL;
+    typedef uint32_t DWORD;
+    typedef unsigned int UINT;
+    typedef uint32_t ULONG;
+    typedef uintptr_t ULONG_PTR;
+    typedef size_t SIZE_T;
+    typedef void *PVOID;
+    typedef void *LPVOID;
+    typedef DWORD *PDWORD;
+"""
+_PYTHON_IMPLEMENTED = """
+    LPVOID VirtualAlloc(LPVOID address, SIZE_T size, DWORD allocation_type, DWORD protect);
+    BOOL VirtualFree(LPVOID address, SIZE_T size, DWORD free_type);
+    BOOL VirtualProtect(LPVOID address, SIZE_T size, DWORD new_protect, PDWORD old_protect);
+    UINT GetWriteWatch(DWORD flags, PVOID base, SIZE_T size, PVOID *addresses,
+                       ULONG_PTR *count, ULONG *granularity);
+    UINT ResetWriteWatch(LPVOID base, SIZE_T size);
+    void PrepareKernelWrite(PVOID address, SIZE_T size);
+"""
+# The last error lives in C, per thread, as on Windows: C code reads it
+# without entering Python, and the glue sets it from the calling thread.
+_C_IMPLEMENTED = """
+    DWORD GetLastError(void);
+    void SetLastError(DWORD code);
+"""
+_C_SOURCE = """
+#include <windows.h>
+
+static __thread DWORD last_error;
+
+CFFI_DLLEXPORT DWORD WINAPI GetLastError(void) { return last_error; }
+CFFI_DLLEXPORT void WINAPI SetLastError(DWORD code) { last_error = code; }
+"""
+
+
+@dataclass(frozen=True)
+class Built:
+    library: Path  # libwinshim.so
+    program: Path | None  # the port as an executable (needs a shared libpython)
+    program_library: Path  # the port as a shared library exporting port_main()
+
+
+def _python_link_flags() -> list[str] | None:
+    """How to link a C program with libpython, or None if there is no shared one."""
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return None
+    libdir = sysconfig.get_config_var("LIBDIR")
+    version = sysconfig.get_config_var("LDVERSION") or sysconfig.get_python_version()
+    if not libdir or not list(Path(libdir).glob(f"libpython{version}.so*")):
+        return None
+    return [f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}"]
+
+
+def _inputs_digest() -> str:
+    digest = hashlib.sha256()
+    for path in (INCLUDE / "windows.h", PROGRAM_SOURCE, GLUE_SOURCE, Path(__file__)):
+        digest.update(path.read_bytes())
+    import cffi
+
+    digest.update(f"{sys.version} {cffi.__version__} {sys.executable}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _run(command: list[str], verbose: bool) -> None:
+    if verbose:
+        print(" ".join(command))
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+
+
+def _compile(work: Path, verbose: bool) -> None:
+    import cffi
+
+    ffibuilder = cffi.FFI()
+    ffibuilder.cdef(_TYPES + _C_IMPLEMENTED)
+    ffibuilder.embedding_api(_PYTHON_IMPLEMENTED)
+    ffibuilder.set_source("_winshim", _C_SOURCE)
+    ffibuilder.embedding_init_code(GLUE_SOURCE.read_text())
+    c_file = work / "_winshim.c"
+    ffibuilder.emit_c_code(str(c_file))
+
+    compiler = os.environ.get("CC", "gcc")
+    python_include = sysconfig.get_paths()["include"]
+    _run([compiler, "-O2", "-fPIC", "-shared", f"-I{INCLUDE}", f"-I{python_include}",
+          str(c_file), "-o", str(work / "libwinshim.so")], verbose)
+    # The port, unchanged: once as a program, once as a library whose main()
+    # is called port_main() so that a running Python can host it.
+    # $ORIGIN: found next to the program, wherever the build directory ends up.
+    shim = ["-L", str(work), "-lwinshim", "-Wl,-rpath,$ORIGIN"]
+    _run([compiler, "-O2", "-fPIC", "-shared", "-Dmain=port_main", f"-I{INCLUDE}",
+          str(PROGRAM_SOURCE), "-o", str(work / "libport.so"), *shim], verbose)
+    python_link = _python_link_flags()
+    if python_link is not None:
+        _run([compiler, "-O2", f"-I{INCLUDE}", str(PROGRAM_SOURCE), "-o",
+              str(work / "write_watch_port"), *shim, *python_link], verbose)
+
+
+def build(root: Path = HERE / "build", verbose: bool = False) -> Built:
+    """Compile if the inputs changed since the last build; return the files."""
+    target = root / _inputs_digest()
+    if not (target / "libport.so").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="partial-", dir=root))
+        try:
+            _compile(work, verbose)
+            try:
+                work.rename(target)
+            except OSError:  # another process finished the same build first
+                shutil.rmtree(work, ignore_errors=True)
+        finally:
+            if work.exists() and work != target:
+                shutil.rmtree(work, ignore_errors=True)
+    program = target / "write_watch_port"
+    return Built(target / "libwinshim.so", program if program.exists() else None,
+                 target / "libport.so")
+
+
+if __name__ == "__main__":
+    built = build(verbose=True)
+    print(f"library: {built.library}")
+    print(f"program: {built.program or '(no shared libpython: use the library form)'}")
+    print(f"program as a library: {built.program_library}")
