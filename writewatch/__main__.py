@@ -1,11 +1,14 @@
-"""Command line: ``python -m writewatch info | demo``."""
+"""Command line: ``python -m writewatch info | demo [NAME]``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -137,17 +140,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# demo NAME: the examples. Scripts live in the source checkout's examples/;
+# the differential tester ships in the package.
+EXAMPLES = {
+    "incremental_gc": ("examples/incremental_gc.py",
+                       "incremental mark-and-sweep collector re-scanning written pages"),
+    "game_state_sync": ("examples/game_state_sync.py",
+                        "ship only the pages each frame wrote to a replica, per backend"),
+    "translation_layer": ("examples/translation_layer/run.py",
+                          "a Windows C program, unchanged, on a libwinshim.so over writewatch"),
+    "conformance": ("-m writewatch.conformance",
+                    "differential tester: backends and the reference model, call for call"),
+}
+
+
+def run_example(name: str, example_args: Sequence[str]) -> int:
+    """Run one example in a fresh interpreter (so that it can set up the
+    environment before numpy loads); its exit status is the demo's."""
+    target, _ = EXAMPLES[name]
+    if target.startswith("-m "):
+        command = [sys.executable, *target.split(), *example_args]
+    else:
+        script = Path(__file__).resolve().parent.parent / target
+        if not script.exists():
+            print(f"{target} is not here: the examples ship with the source checkout of "
+                  "writewatch, not with an installed package.", file=sys.stderr)
+            return 2
+        command = [sys.executable, str(script), *example_args]
+    env = {**os.environ}
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return subprocess.call(command, env=env)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["demo"] and len(arguments) > 1 and arguments[1] in EXAMPLES:
+        # Everything after the name is the example's own (--small, --help, ...).
+        return run_example(arguments[1], arguments[2:])
     parser = argparse.ArgumentParser(prog="python -m writewatch",
                                      description="Windows write watch on Linux.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="which mechanism is used here, and why")
     info.add_argument("--json", action="store_true", help="print the probe as JSON")
     info.set_defaults(run=cmd_info)
-    demo = sub.add_parser("demo", help="watch a region, write patterns, check the reports")
+    demo = sub.add_parser(
+        "demo", help="watch a region, write patterns, check the reports; or run an example",
+        description="With no NAME: watch a region, write patterns, check every report. "
+                    "With a NAME: run that example (arguments after NAME go to it; "
+                    "--small for a quick run).",
+        epilog="examples: " + "; ".join(f"{name}: {what}" for name, (_, what) in
+                                         EXAMPLES.items()))
+    demo.add_argument("name", nargs="?", choices=list(EXAMPLES), metavar="NAME",
+                      help="example to run: " + ", ".join(EXAMPLES))
     demo.add_argument("--pages", type=int, default=32, help="region size in pages (>= 16)")
     demo.set_defaults(run=cmd_demo)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
+    if args.command == "demo" and args.name:
+        return run_example(args.name, [])
     if args.command == "demo" and args.pages < 16:
         parser.error("--pages must be at least 16")
     return int(args.run(args))

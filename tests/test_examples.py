@@ -1,0 +1,178 @@
+"""The examples run at small sizes, check their own results, and fail loudly
+when write watch misses a write; `python -m writewatch demo NAME` runs each."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import writewatch as ww
+from writewatch import kernel
+from writewatch.__main__ import EXAMPLES
+
+pytestmark = pytest.mark.any_backend  # the examples iterate the backends themselves
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES_DIR = ROOT / "examples"
+HERE = [name for name, reason in kernel.backend_status().items() if not reason]
+needs_a_backend = pytest.mark.skipif(not HERE, reason="no write-watch backend here")
+needs_a_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "gcc")) is None,
+                                      reason="no C compiler")
+
+
+def run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}",
+                                                  EXAMPLES_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def backend_rows(output: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in output.splitlines() if line.split()
+            and line.split()[0] in {"plain", *kernel.backend_names()}}
+
+
+# -- incremental_gc
+
+
+@needs_a_backend
+def test_incremental_gc_frees_no_live_object():
+    result = run("examples/incremental_gc.py", "--small")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: no live object was freed in 3 cycles" in result.stdout
+    assert "pages rescanned" in result.stdout and "/128" in result.stdout
+    assert "GetWriteWatch:" in result.stdout and "stop-the-world mark took" in result.stdout
+
+
+@needs_a_backend
+def test_incremental_gc_fails_when_write_watch_reports_nothing(monkeypatch, capsys):
+    example = load_example("incremental_gc")
+    real = ww.GetWriteWatch
+
+    def reports_nothing(flags, base, size, addresses, count=None):
+        ret, _, granularity = real(flags, base, size, addresses, count)
+        return ret, 0, granularity
+
+    monkeypatch.setattr(ww, "GetWriteWatch", reports_nothing)
+    assert example.main(["--small"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+@needs_a_backend
+@pytest.mark.parametrize("backend", HERE)
+def test_incremental_gc_on_each_backend(backend, capsys):
+    assert load_example("incremental_gc").main(["--small", "--backend", backend,
+                                                "--cycles", "2"]) == 0
+    assert f"backend {backend}" in capsys.readouterr().out
+
+
+# -- game_state_sync
+
+
+@needs_a_backend
+def test_game_state_sync_keeps_every_replica_equal_on_every_backend():
+    result = run("examples/game_state_sync.py", "--small")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = backend_rows(result.stdout)
+    assert set(rows) == {"plain", *HERE}
+    assert all("equal every frame" in row for row in rows.values())
+    assert "OK: every replica equalled its arena after each of 40 frames" in result.stdout
+
+
+@needs_a_backend
+def test_game_state_sync_notices_a_page_missing_from_the_shipment(monkeypatch, capsys):
+    example = load_example("game_state_sync")
+    real = ww.GetWriteWatch
+
+    def drops_the_last_page(flags, base, size, addresses, count=None):
+        ret, found, granularity = real(flags, base, size, addresses, count)
+        return ret, max(found - 1, 0), granularity
+
+    monkeypatch.setattr(ww, "GetWriteWatch", drops_the_last_page)
+    assert example.main(["--small", "--backend", HERE[0], "--frames", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERED" in backend_rows(out)[HERE[0]]
+    assert "FAILED" in out
+
+
+def test_game_state_sync_skips_an_unavailable_backend(monkeypatch, capsys):
+    example = load_example("game_state_sync")
+    reasons = {name: "pretend: not here" for name in kernel.backend_names()}
+    monkeypatch.setattr(kernel, "backend_status", lambda: dict(reasons))
+    assert example.main(["--small", "--frames", "3"]) == 0
+    out = capsys.readouterr().out
+    for name in kernel.backend_names():
+        assert f"{name}: skipped (pretend: not here)" in out
+
+
+# -- translation_layer
+
+
+@needs_a_compiler
+@needs_a_backend
+def test_translation_layer_runs_the_windows_program_on_each_backend():
+    result = run("examples/translation_layer/run.py", "--small")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for name in HERE:
+        assert f"== write_watch_port on the {name} backend" in out
+    assert out.count("API checks: 41 of 41 passed") == len(HERE)
+    assert out.count("snapshot equals the heap after every frame: yes") == len(HERE)
+    differential = out.split("== differential test", 1)[1]
+    assert differential.count("agrees") == len(HERE)
+    assert "translation layer: all checks passed" in out
+
+
+@needs_a_compiler
+@needs_a_backend
+def test_translation_layer_hosted_in_python_without_a_program():
+    """The route taken where there is no shared libpython to link a program with."""
+    result = run("examples/translation_layer/run.py", "--small", "--in-process",
+                 "--backend", HERE[-1], "--traces", "5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "as a library hosted by Python" in result.stdout
+    assert "API checks: 41 of 41 passed" in result.stdout
+
+
+# -- python -m writewatch demo NAME
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_demo_name_runs_the_example(name):
+    if name == "translation_layer" and shutil.which(os.environ.get("CC", "gcc")) is None:
+        pytest.skip("no C compiler")
+    if not HERE:
+        pytest.skip("no write-watch backend here")
+    result = run("-m", "writewatch", "demo", name, "--small")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+
+
+def test_demo_passes_the_examples_exit_status_on():
+    result = run("-m", "writewatch", "demo", "conformance", "no_such_module:Nothing")
+    assert result.returncode == 2
+    assert "cannot load an implementation" in result.stderr
+
+
+def test_demo_lists_the_examples_and_refuses_others():
+    help_text = run("-m", "writewatch", "demo", "--help").stdout
+    for name in EXAMPLES:
+        assert name in help_text
+    result = run("-m", "writewatch", "demo", "tetris")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
