@@ -323,12 +323,27 @@ static int overlaps_tracked(uint64_t p, uint64_t size)
  * at most capacity); with reset, arm exactly the reported pages and only then
  * clear their DIRTY bit, all under the range lock. out may be NULL.
  */
+static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end, int reset,
+                             uint64_t *out, uint64_t capacity, uint64_t origin);
+
 int64_t ww_track_written(int slot, uint64_t start, uint64_t end, int reset,
                          uint64_t *out, uint64_t capacity, uint64_t origin)
 {
+    /* Counted like a fault handler: the lock-free GetWriteWatch and
+     * process_memwatch may get here while the region is being released, and
+     * detach waits for them before freeing the range. */
+    __atomic_add_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
     struct track_range *r = range_at_slot(slot);
-    if (!r || start < r->start || end > r->end || start > end)
-        return -EINVAL;
+    int64_t result = -EINVAL;
+    if (r && start >= r->start && end <= r->end && start <= end)
+        result = track_written(r, start, end, reset, out, capacity, origin);
+    __atomic_sub_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
+    return result;
+}
+
+static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end, int reset,
+                             uint64_t *out, uint64_t capacity, uint64_t origin)
+{
     uint64_t first = (start - r->start) / TRACK_PAGE, last = (end - r->start) / TRACK_PAGE;
     uint64_t room = capacity < last - first ? capacity : last - first;
     if (room == 0)
@@ -394,6 +409,7 @@ int64_t ww_track_written_spans(int slot, const uint64_t *spans, uint64_t nspans,
                                uint64_t *out, uint64_t capacity)
 {
     uint64_t count = 0;
+    int64_t result = 0;
     for (uint64_t i = 0; i < nspans && count < capacity; i++) {
         uint64_t start = spans[2 * i] > first ? spans[2 * i] : first;
         uint64_t end = spans[2 * i + 1] < last ? spans[2 * i + 1] : last;
@@ -401,11 +417,13 @@ int64_t ww_track_written_spans(int slot, const uint64_t *spans, uint64_t nspans,
             continue;
         int64_t n = ww_track_written(slot, start, end, reset, out ? out + count : NULL,
                                      capacity - count, 0);
-        if (n < 0)
-            return n;
+        if (n < 0) {
+            result = n;
+            break;
+        }
         count += (uint64_t)n;
     }
-    return (int64_t)count;
+    return result < 0 ? result : (int64_t)count;
 }
 
 /*

@@ -143,6 +143,7 @@ def _after_fork_in_child() -> None:
     global _process_epoch
     _process_epoch += 1
     lib.ww_track_after_fork_child()
+    lib.ww_index_after_fork_child()
     for each in _backends.values():
         each.forget_process_state()
 
@@ -195,6 +196,10 @@ class Watcher:
     def detach(self) -> None:
         """The reservation is gone."""
 
+    def native_handle(self) -> tuple[int, int]:
+        """(kind, handle) under which _index.c scans this reservation."""
+        raise NotImplementedError
+
 
 class Spans:
     """Page-aligned, ascending, disjoint [start, end) address spans in a C array:
@@ -205,6 +210,44 @@ class Spans:
     def __init__(self, spans: list[tuple[int, int]]) -> None:
         self.count = len(spans)
         self.array = ffi.new("uint64_t[]", [bound for span in spans for bound in span] or [0])
+
+
+def index_add(base: int, size: int, watcher: Watcher) -> None:
+    """Enter a write-watch reservation in the native index (no spans yet)."""
+    kind, handle = watcher.native_handle()
+    _check(lib.ww_index_add(base, size, kind, handle), "write-watch index")
+
+
+def index_update(base: int, watcher: Watcher, spans: Spans) -> None:
+    """Tell the native index a reservation's committed spans (and, after fork,
+    its new handle)."""
+    _check(lib.ww_index_update(base, watcher.native_handle()[1], spans.array, spans.count),
+           "write-watch index")
+
+
+def index_remove(base: int) -> None:
+    _check(lib.ww_index_remove(base), "write-watch index")
+
+
+# Looked up once: this is the per-frame path of a game loop.
+_native_get_write_watch = lib.ww_get_write_watch
+_from_buffer = ffi.from_buffer
+_UINT64S = ffi.typeof("uint64_t[]")
+
+
+def get_write_watch(flags: int, base: int, size: int, out: np.ndarray,
+                    capacity: int) -> int | None:
+    """GetWriteWatch in one native call (_index.c): the count, or None when the
+    index cannot serve the call (an error to explain, or a forked child's
+    region to refresh) and the caller must take its own path. out must be a
+    writable contiguous uint64 array of at least capacity entries."""
+    found: int = _native_get_write_watch(flags, base, size, _from_buffer(_UINT64S, out),
+                                         capacity)
+    if found >= 0:
+        return found
+    if found <= -lib.WW_INDEX_ERRNO_BASE:
+        raise _oserror(-found - lib.WW_INDEX_ERRNO_BASE, "GetWriteWatch scan")
+    return None
 
 
 def _output_pointer(out: np.ndarray, capacity: int) -> Any:
@@ -373,6 +416,9 @@ class _PagemapWatcher(Watcher):
         _check(lib.ww_pagemap_reset_spans(self.backend.pagemap_fd, spans.array, spans.count,
                                           first, last), "PAGEMAP_SCAN")
 
+    def native_handle(self) -> tuple[int, int]:
+        return lib.WW_INDEX_PAGEMAP, self.backend.pagemap_fd
+
     # prepare_kernel_write: nothing to do, the kernel resolves async write-protect
     # faults of its own writes too.
 
@@ -407,6 +453,9 @@ class _TrackedWatcher(Watcher):
 
     def detach(self) -> None:
         _check(lib.ww_track_detach(self.slot), "detach")
+
+    def native_handle(self) -> tuple[int, int]:
+        return lib.WW_INDEX_TRACKED, self.slot
 
 
 class MprotectBackend(Backend):

@@ -226,6 +226,8 @@ class Region:
         self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
                           value)
         self._scan_spans = None
+        if self.watcher is not None:
+            kernel.index_update(self.base, self.watcher, self.scan_spans())
 
     def scan_spans(self) -> kernel.Spans:
         """The committed spans as the kernel layer scans them, rebuilt only when
@@ -244,6 +246,7 @@ class Region:
         for start, end, value in self.spans(self.base, self.end):
             if value != _RESERVED:
                 self.watcher.watch(start, end - start, _POSIX_PROT[value], clean=False)
+        kernel.index_update(self.base, self.watcher, self.scan_spans())
         self.epoch = kernel.process_epoch()
 
 
@@ -403,6 +406,12 @@ def _reserve(address: int, size: int, protect: int, write_watch: bool,
         except OSError as exc:
             kernel.unmap(base, length)
             raise _mapping_error(exc, "cannot watch the reservation") from exc
+        try:
+            kernel.index_add(base, length, watcher)
+        except OSError as exc:
+            watcher.detach()
+            kernel.unmap(base, length)
+            raise _mapping_error(exc, "cannot index the reservation") from exc
     region = Region(base, length, protect, watcher)
     _table.insert(region)
     return region
@@ -509,6 +518,7 @@ def release_region(region: Region) -> None:
     with region.lock:
         watcher = region.watcher
         if watcher is not None:
+            kernel.index_remove(region.base)
             if watcher.survives_fork or region.epoch == kernel.process_epoch():
                 # A view may outlive the release: leave its pages plainly
                 # accessible, not armed for a tracker that is about to go.
@@ -644,10 +654,15 @@ def get_written(flags: Any, base: Any, size: Any, addresses: Any, count: Any = N
     if not addresses.flags.writeable:
         raise WriteWatchError(ERROR_NOACCESS, "the addresses array is read-only")
     flags = _uint(flags, "flags")
-    if flags & ~WRITE_WATCH_FLAG_RESET:
-        raise WriteWatchError(ERROR_INVALID_PARAMETER, f"invalid flags {flags:#x}")
     base = _uint(base, "base")
     size = _uint(size, "size")
+    found = kernel.get_write_watch(flags, base, size, addresses, count)
+    if found is not None:
+        return found
+    # The native index declined: find out why (raising the precise error), or
+    # refresh a forked child's region and scan here.
+    if flags & ~WRITE_WATCH_FLAG_RESET:
+        raise WriteWatchError(ERROR_INVALID_PARAMETER, f"invalid flags {flags:#x}")
     if size == 0:
         raise WriteWatchError(ERROR_INVALID_PARAMETER, "size is 0")
     region, first, last = _watched_region(base, size)
