@@ -149,6 +149,29 @@ def test_translation_layer_hosted_in_python_without_a_program():
     assert "API checks: 41 of 41 passed" in result.stdout
 
 
+@needs_a_compiler
+def test_translation_layer_calls_fail_cleanly_when_python_cannot_start(tmp_path):
+    """With writewatch out of reach the shim must not report success (cffi's
+    default 0 would read as success from GetWriteWatch): ERROR_NOT_SUPPORTED."""
+    spec = importlib.util.spec_from_file_location(
+        "translation_layer_build", EXAMPLES_DIR / "translation_layer" / "build.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build
+    spec.loader.exec_module(build)
+    built = build.build()
+    if built.program is None:
+        pytest.skip("no shared libpython: the program is only built as a library")
+    # A writewatch that cannot be imported, found before any real one.
+    (tmp_path / "writewatch.py").write_text("raise ImportError('not today')\n")
+    result = subprocess.run([str(built.program), "--small"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert "writewatch could not be started" in result.stderr
+    assert "VirtualAlloc(MEM_WRITE_WATCH) failed, error 50" in result.stdout
+    assert "API checks: 0 of" in result.stdout
+
+
 # -- python -m writewatch demo NAME
 
 

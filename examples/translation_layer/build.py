@@ -15,7 +15,9 @@ pays for the compiler.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -30,8 +32,8 @@ INCLUDE = HERE / "include"
 PROGRAM_SOURCE = HERE / "write_watch_port.c"
 GLUE_SOURCE = HERE / "winshim_glue.py"
 
-# The functions libwinshim.so exports, in cffi's dialect of C declarations
-# (the C compiler checks them against include/windows.h).
+# cffi's dialect of C declarations (the C compiler checks them against
+# include/windows.h through the wrappers below).
 _TYPES = """
     typedef int BOOL;
     typedef uint32_t DWORD;
@@ -43,28 +45,97 @@ _TYPES = """
     typedef void *LPVOID;
     typedef DWORD *PDWORD;
 """
+# Implemented in Python (winshim_glue.py), called by the exported C wrappers.
 _PYTHON_IMPLEMENTED = """
-    LPVOID VirtualAlloc(LPVOID address, SIZE_T size, DWORD allocation_type, DWORD protect);
-    BOOL VirtualFree(LPVOID address, SIZE_T size, DWORD free_type);
-    BOOL VirtualProtect(LPVOID address, SIZE_T size, DWORD new_protect, PDWORD old_protect);
-    UINT GetWriteWatch(DWORD flags, PVOID base, SIZE_T size, PVOID *addresses,
-                       ULONG_PTR *count, ULONG *granularity);
-    UINT ResetWriteWatch(LPVOID base, SIZE_T size);
-    void PrepareKernelWrite(PVOID address, SIZE_T size);
+    LPVOID winshim_VirtualAlloc(LPVOID address, SIZE_T size, DWORD allocation_type,
+                                DWORD protect);
+    BOOL winshim_VirtualFree(LPVOID address, SIZE_T size, DWORD free_type);
+    BOOL winshim_VirtualProtect(LPVOID address, SIZE_T size, DWORD new_protect,
+                                PDWORD old_protect);
+    UINT winshim_GetWriteWatch(DWORD flags, PVOID base, SIZE_T size, PVOID *addresses,
+                               ULONG_PTR *count, ULONG *granularity);
+    UINT winshim_ResetWriteWatch(LPVOID base, SIZE_T size);
+    void winshim_PrepareKernelWrite(PVOID address, SIZE_T size);
 """
-# The last error lives in C, per thread, as on Windows: C code reads it
-# without entering Python, and the glue sets it from the calling thread.
+# Implemented in C: the last error lives in C, per thread, as on Windows (C code
+# reads it without entering Python; the glue sets it from the calling thread),
+# and the glue says when it is ready.
 _C_IMPLEMENTED = """
     DWORD GetLastError(void);
     void SetLastError(DWORD code);
+    void winshim_ready(void);
 """
-_C_SOURCE = """
+# The exported Windows functions. If Python cannot start (writewatch not on
+# PYTHONPATH, say), cffi makes every Python-implemented call return 0, which
+# for GetWriteWatch and ResetWriteWatch would read as success: the wrappers
+# turn that into a failure with ERROR_NOT_SUPPORTED instead.
+_C_SOURCE = r"""
+#include <stdio.h>
 #include <windows.h>
 
 static __thread DWORD last_error;
+static volatile int python_ready;
 
 CFFI_DLLEXPORT DWORD WINAPI GetLastError(void) { return last_error; }
 CFFI_DLLEXPORT void WINAPI SetLastError(DWORD code) { last_error = code; }
+static void winshim_ready(void) { python_ready = 1; }
+
+/* Defined further down by cffi: each calls its function in winshim_glue.py. */
+LPVOID winshim_VirtualAlloc(LPVOID, SIZE_T, DWORD, DWORD);
+BOOL winshim_VirtualFree(LPVOID, SIZE_T, DWORD);
+BOOL winshim_VirtualProtect(LPVOID, SIZE_T, DWORD, PDWORD);
+UINT winshim_GetWriteWatch(DWORD, PVOID, SIZE_T, PVOID *, ULONG_PTR *, ULONG *);
+UINT winshim_ResetWriteWatch(LPVOID, SIZE_T);
+void winshim_PrepareKernelWrite(PVOID, SIZE_T);
+
+static int not_ready(void)
+{
+    static int told;
+    if (!told++)
+        fprintf(stderr, "libwinshim: writewatch could not be started in Python; every call "
+                        "fails with ERROR_NOT_SUPPORTED\n");
+    SetLastError(ERROR_NOT_SUPPORTED);
+    return 1;
+}
+
+CFFI_DLLEXPORT LPVOID WINAPI VirtualAlloc(LPVOID address, SIZE_T size, DWORD type,
+                                          DWORD protect)
+{
+    LPVOID result = winshim_VirtualAlloc(address, size, type, protect);
+    return python_ready || !not_ready() ? result : NULL;
+}
+
+CFFI_DLLEXPORT BOOL WINAPI VirtualFree(LPVOID address, SIZE_T size, DWORD type)
+{
+    BOOL result = winshim_VirtualFree(address, size, type);
+    return python_ready || !not_ready() ? result : FALSE;
+}
+
+CFFI_DLLEXPORT BOOL WINAPI VirtualProtect(LPVOID address, SIZE_T size, DWORD protect,
+                                          PDWORD old)
+{
+    BOOL result = winshim_VirtualProtect(address, size, protect, old);
+    return python_ready || !not_ready() ? result : FALSE;
+}
+
+CFFI_DLLEXPORT UINT WINAPI GetWriteWatch(DWORD flags, PVOID base, SIZE_T size,
+                                         PVOID *addresses, ULONG_PTR *count,
+                                         ULONG *granularity)
+{
+    UINT result = winshim_GetWriteWatch(flags, base, size, addresses, count, granularity);
+    return python_ready || !not_ready() ? result : ~0u;
+}
+
+CFFI_DLLEXPORT UINT WINAPI ResetWriteWatch(LPVOID base, SIZE_T size)
+{
+    UINT result = winshim_ResetWriteWatch(base, size);
+    return python_ready || !not_ready() ? result : ~0u;
+}
+
+CFFI_DLLEXPORT void WINAPI PrepareKernelWrite(PVOID address, SIZE_T size)
+{
+    winshim_PrepareKernelWrite(address, size);
+}
 """
 
 
@@ -113,7 +184,8 @@ def _compile(work: Path, verbose: bool) -> None:
     ffibuilder.set_source("_winshim", _C_SOURCE)
     ffibuilder.embedding_init_code(GLUE_SOURCE.read_text())
     c_file = work / "_winshim.c"
-    ffibuilder.emit_c_code(str(c_file))
+    with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
+        ffibuilder.emit_c_code(str(c_file))  # it prints "generating ..."
 
     compiler = os.environ.get("CC", "gcc")
     python_include = sysconfig.get_paths()["include"]

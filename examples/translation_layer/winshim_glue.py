@@ -40,8 +40,9 @@ def _on_python_error(exception, value, trace):
     lib.SetLastError(ww.ERROR_INVALID_PARAMETER)
 
 
+# The functions are named after the Windows calls they answer (hence N802).
 @ffi.def_extern(onerror=_on_python_error)  # returns NULL after a Python error
-def VirtualAlloc(address, size, allocation_type, protect):  # noqa: N802 - Windows names
+def winshim_VirtualAlloc(address, size, allocation_type, protect):  # noqa: N802
     base = ww.VirtualAlloc(_address(address), size, allocation_type, protect)
     if not base:
         return _failed_with(ww.GetLastError(), ffi.NULL)
@@ -49,14 +50,14 @@ def VirtualAlloc(address, size, allocation_type, protect):  # noqa: N802 - Windo
 
 
 @ffi.def_extern(error=0, onerror=_on_python_error)
-def VirtualFree(address, size, free_type):  # noqa: N802
+def winshim_VirtualFree(address, size, free_type):  # noqa: N802
     if not ww.VirtualFree(_address(address), size, free_type):
         return _failed_with(ww.GetLastError(), 0)
     return 1
 
 
 @ffi.def_extern(error=0, onerror=_on_python_error)
-def VirtualProtect(address, size, new_protect, old_protect):  # noqa: N802
+def winshim_VirtualProtect(address, size, new_protect, old_protect):  # noqa: N802
     if old_protect == ffi.NULL:  # Windows insists on somewhere to put the old value
         return _failed_with(ww.ERROR_NOACCESS, 0)
     done, old = ww.VirtualProtect(_address(address), size, new_protect)
@@ -67,7 +68,7 @@ def VirtualProtect(address, size, new_protect, old_protect):  # noqa: N802
 
 
 @ffi.def_extern(error=ww.WRITE_WATCH_FAILED, onerror=_on_python_error)
-def GetWriteWatch(flags, base, size, addresses, count, granularity):  # noqa: N802
+def winshim_GetWriteWatch(flags, base, size, addresses, count, granularity):  # noqa: N802
     if count == ffi.NULL or granularity == ffi.NULL:
         return _failed_with(ww.ERROR_NOACCESS, ww.WRITE_WATCH_FAILED)
     capacity = count[0]
@@ -84,7 +85,7 @@ def GetWriteWatch(flags, base, size, addresses, count, granularity):  # noqa: N8
 
 
 @ffi.def_extern(error=ww.WRITE_WATCH_FAILED, onerror=_on_python_error)
-def ResetWriteWatch(base, size):  # noqa: N802
+def winshim_ResetWriteWatch(base, size):  # noqa: N802
     ret = ww.ResetWriteWatch(_address(base), size)
     if ret != 0:
         return _failed_with(ww.GetLastError(), ret)
@@ -92,7 +93,10 @@ def ResetWriteWatch(base, size):  # noqa: N802
 
 
 @ffi.def_extern(onerror=_on_python_error)
-def PrepareKernelWrite(address, size):  # noqa: N802
+def winshim_PrepareKernelWrite(address, size):  # noqa: N802
     """Not Windows: what the layer's own ReadFile does before read(2) writes
     into watched memory (see include/windows.h)."""
     ww.prepare_kernel_write(_address(address), size)
+
+
+lib.winshim_ready()  # from here on the C wrappers trust what these functions return
