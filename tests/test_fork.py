@@ -298,3 +298,23 @@ def test_fork_then_exec_leaves_parent_tracking_intact(region):
     assert region.pages() == []
     region.write(15)
     assert region.pages() == [15]
+
+
+def test_child_is_served_by_the_one_call_path_after_the_fork_hook(region):
+    """The at-fork hook refreshes every region, so the child's GetWriteWatch
+    runs in the native index again instead of declining to Python each time."""
+    from writewatch import kernel
+
+    def child() -> dict[str, Any]:
+        out = np.zeros(NPAGES, np.uintp)
+        served = kernel.get_write_watch(ww.WRITE_WATCH_FLAG_RESET, region.base, NPAGES * P,
+                                        out, NPAGES)
+        region.write(4)
+        found = kernel.get_write_watch(0, region.base, NPAGES * P, out, NPAGES)
+        return {"served": served is not None,
+                "pages": None if found is None else
+                [(int(a) - region.base) // P for a in out[:found]]}
+
+    seen = run_forked(child)
+    assert seen["served"]
+    assert seen["pages"] == [4]

@@ -240,12 +240,12 @@ class Region:
         """In a forked child, register the committed pages with the child's own
         kernel objects. The child's page tables carry no dirty state, so every page
         that may have been written reads written until it is reset. Lock held."""
-        if (self.watcher is None or self.watcher.survives_fork
-                or self.epoch == kernel.process_epoch()):
+        if self.watcher is None or self.epoch == kernel.process_epoch():
             return
-        for start, end, value in self.spans(self.base, self.end):
-            if value != _RESERVED:
-                self.watcher.watch(start, end - start, _POSIX_PROT[value], clean=False)
+        if not self.watcher.survives_fork:
+            for start, end, value in self.spans(self.base, self.end):
+                if value != _RESERVED:
+                    self.watcher.watch(start, end - start, _POSIX_PROT[value], clean=False)
         kernel.index_update(self.base, self.watcher, self.scan_spans())
         self.epoch = kernel.process_epoch()
 
