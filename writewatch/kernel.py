@@ -5,11 +5,18 @@ Nothing here knows about regions or Windows; regions.py calls down into this
 module and nothing calls up. Every native helper returns a value or -errno, and
 _check is the one place that turns -errno into the right OSError subclass.
 
-The default (and, for now, only) backend is ``pagemap``: one userfaultfd per
-process in async write-protect mode (Linux 6.7+), queried and re-armed with the
-PAGEMAP_SCAN ioctl on /proc/self/pagemap. A page reads "written" exactly when its
-page-table entry has lost the write-protect bit, so the kernel does all the
-bookkeeping and a first write costs one minor fault.
+Backends, best first:
+- ``pagemap``: one userfaultfd per process in async write-protect mode (Linux
+  6.7+), queried and re-armed with the PAGEMAP_SCAN ioctl on /proc/self/pagemap.
+  A page reads "written" exactly when its page-table entry has lost the
+  write-protect bit, so the kernel does the bookkeeping and a first write costs
+  one minor fault.
+- ``uffd``: synchronous userfaultfd write-protect; a native thread records each
+  first write (_tracking.c).
+- ``mprotect``: read-only pages and a native SIGSEGV handler (_tracking.c).
+Each reservation gets a Watcher from its backend; regions.py mirrors the
+write-watch reservations into the native index (_index.c) that serves
+GetWriteWatch in one call.
 """
 
 from __future__ import annotations
@@ -181,8 +188,8 @@ class Watcher:
         """Write the addresses of the written pages of spans inside [first, last)
         into out[:capacity] (a contiguous 64-bit numpy array), ascending; with
         reset, re-arm exactly the reported pages in the same step. Stops when
-        capacity entries are written. Returns the number written. Raises
-        BufferError if out is not a writable contiguous buffer."""
+        capacity entries are written. Returns the number written. The caller
+        checks that out is writable; BufferError if it is not contiguous."""
         raise NotImplementedError
 
     def reset(self, spans: Spans, first: int, last: int) -> None:
@@ -240,7 +247,9 @@ def get_write_watch(flags: int, base: int, size: int, out: np.ndarray,
     """GetWriteWatch in one native call (_index.c): the count, or None when the
     index cannot serve the call (an error to explain, or a forked child's
     region to refresh) and the caller must take its own path. out must be a
-    writable contiguous uint64 array of at least capacity entries."""
+    writable contiguous 64-bit array (the caller checks writability)."""
+    if not 0 <= capacity <= len(out) or out.itemsize != 8:
+        raise ValueError("capacity outside the 64-bit output array")
     found: int = _native_get_write_watch(flags, base, size, _from_buffer(_UINT64S, out),
                                          capacity)
     if found >= 0:
