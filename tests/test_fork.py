@@ -12,18 +12,14 @@ one is reported here and never runs the rest of the test session.
 
 from __future__ import annotations
 
-import json
 import os
-import select
-import signal
 import sys
-import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from forking import run_forked
 
 import writewatch as ww
 
@@ -65,54 +61,6 @@ def region() -> Iterator[Region]:
     yield each
     del each.memory
     assert ww.VirtualFree(each.base, 0, ww.MEM_RELEASE)
-
-
-CHILD_TIMEOUT = 60  # seconds; only a hung child ever gets near it
-
-
-def run_forked(body: Callable[[], Any],
-               while_child_runs: Callable[[], None] | None = None) -> Any:
-    """Run body() in an os.fork() child and return its JSON-able result; the
-    child's exception (with traceback) fails the test here. The child always
-    leaves through os._exit. while_child_runs, if given, runs in the parent
-    right after the fork."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        status = 70
-        try:
-            os.close(read_end)
-            try:
-                report = {"result": body()}
-                status = 0
-            except BaseException:
-                report = {"error": traceback.format_exc()}
-                status = 1
-            data = json.dumps(report).encode()
-            while data:
-                data = data[os.write(write_end, data):]
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    if while_child_runs is not None:
-        while_child_runs()
-    chunks = []
-    deadline = time.monotonic() + CHILD_TIMEOUT
-    while select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    else:  # timed out: never leave a stuck child behind
-        os.kill(pid, signal.SIGKILL)
-    os.close(read_end)
-    _, wait_status = os.waitpid(pid, 0)
-    assert chunks, f"child died without a report (wait status {wait_status:#x})"
-    report = json.loads(b"".join(chunks))
-    if "error" in report:
-        pytest.fail("in the forked child:\n" + report["error"])
-    assert os.waitstatus_to_exitcode(wait_status) == 0
-    return report["result"]
 
 
 # ---------------------------------------------------------------------------

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
-import select
-import signal
 import subprocess
 import sys
 import textwrap
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from forking import run_forked
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -98,50 +95,6 @@ def expect_errno(error: int, call: Callable[[], object]) -> OSError:
         call()
     assert raised.value.errno == error, raised.value
     return raised.value
-
-
-CHILD_TIMEOUT = 60  # seconds; only a hung child ever gets near it
-
-
-def run_forked(body: Callable[[], Any]) -> Any:
-    """Run body() in a forked child and return its (JSON-able) result. The child
-    always ends with os._exit, so a failure in it never goes on to run the rest
-    of the test session; its traceback is raised here instead."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        status = 70
-        try:
-            os.close(read_end)
-            try:
-                report = {"result": body()}
-                status = 0
-            except BaseException:
-                report = {"error": traceback.format_exc()}
-                status = 1
-            data = json.dumps(report).encode()
-            while data:
-                data = data[os.write(write_end, data):]
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    chunks = []
-    deadline = time.monotonic() + CHILD_TIMEOUT
-    while select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    else:  # timed out: never leave a stuck child behind
-        os.kill(pid, signal.SIGKILL)
-    os.close(read_end)
-    _, wait_status = os.waitpid(pid, 0)
-    assert chunks, f"child died without a report (wait status {wait_status:#x})"
-    report = json.loads(b"".join(chunks))
-    if "error" in report:
-        pytest.fail("in the forked child:\n" + report["error"])
-    assert os.waitstatus_to_exitcode(wait_status) == 0
-    return report["result"]
 
 
 # ---------------------------------------------------------------------------

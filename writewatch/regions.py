@@ -663,25 +663,23 @@ def get_written(flags: Any, base: Any, size: Any, addresses: Any, count: Any = N
     # refresh a forked child's region and scan here.
     if flags & ~WRITE_WATCH_FLAG_RESET:
         raise WriteWatchError(ERROR_INVALID_PARAMETER, f"invalid flags {flags:#x}")
-    if size == 0:
-        raise WriteWatchError(ERROR_INVALID_PARAMETER, "size is 0")
-    region, first, last = _watched_region(base, size)
-    with region.lock:
-        if region.released:
-            raise WriteWatchError(ERROR_INVALID_PARAMETER, "the region was released")
-        if region.epoch != kernel.process_epoch():
-            region.sync_after_fork()
-        watcher = region.watcher
-        assert watcher is not None
+    with _watching(base, size) as (watcher, spans, first, last):
         # The walk stops where the array fills: later pages are neither reported
         # nor reset (Windows' capped RESET).
-        return watcher.written(region.scan_spans(), first, last, bool(flags), addresses, count)
+        return watcher.written(spans, first, last, bool(flags), addresses, count)
 
 
 def reset_written(base: Any, size: Any) -> None:
     """ResetWriteWatch: mark every page of [base, base+size) unwritten."""
-    base = _uint(base, "base")
-    size = _uint(size, "size")
+    with _watching(_uint(base, "base"), _uint(size, "size")) as (watcher, spans, first, last):
+        watcher.reset(spans, first, last)
+
+
+@contextlib.contextmanager
+def _watching(base: int, size: int) -> Iterator[tuple[kernel.Watcher, kernel.Spans, int, int]]:
+    """The watcher, committed spans and page bounds of the write-watch region
+    holding [base, base+size), under the region's lock and current in this
+    process; ERROR_INVALID_PARAMETER for size 0 or a range outside one."""
     if size == 0:
         raise WriteWatchError(ERROR_INVALID_PARAMETER, "size is 0")
     region, first, last = _watched_region(base, size)
@@ -690,7 +688,7 @@ def reset_written(base: Any, size: Any) -> None:
             raise WriteWatchError(ERROR_INVALID_PARAMETER, "the region was released")
         region.sync_after_fork()
         assert region.watcher is not None
-        region.watcher.reset(region.scan_spans(), first, last)
+        yield region.watcher, region.scan_spans(), first, last
 
 
 def prepare_kernel_write(address: Any, size: Any) -> None:
