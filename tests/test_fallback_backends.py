@@ -189,3 +189,47 @@ def test_unknown_backend_name_is_refused(monkeypatch):
     monkeypatch.setenv("WRITEWATCH_BACKEND", "segfaulty")
     with pytest.raises(ValueError, match="names no backend"):
         kernel.backend()
+
+
+@needs_uffd
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
+def test_unprivileged_uffd_falls_back_to_user_mode_only_and_prepare_kernel_write():
+    """Without privilege (vm.unprivileged_userfaultfd = 0) the uffd backend opens
+    its userfaultfd with UFFD_USER_MODE_ONLY: tracking still works, the kernel's
+    own writes then need prepare_kernel_write, and the backend says so."""
+    from forking import run_forked
+
+    def unprivileged() -> dict[str, object]:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        backend = kernel.backend("uffd")
+        seen: dict[str, object] = {}
+        with ww.WatchedMemory(8 * P, backend="uffd") as mem:
+            seen["needs_preparation"] = backend.kernel_writes_fault()
+            mem.array[P] = 1
+            read_end, write_end = os.pipe()
+            try:
+                os.write(write_end, b"p" * 2 * P)
+                target = mem.view(4 * P, P)
+                try:
+                    os.readv(read_end, [target])
+                    seen["unprepared"] = "ok"
+                except OSError as exc:
+                    seen["unprepared"] = exc.errno
+                ww.prepare_kernel_write(target.ctypes.data, target.nbytes)
+                seen["prepared"] = os.readv(read_end, [target])
+            finally:
+                os.close(read_end)
+                os.close(write_end)
+            seen["pages"] = [int(a - mem.address) // P for a in mem.written()]
+        return seen
+
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+        if f.read().strip() != "0":
+            pytest.skip("unprivileged userfaultfd is allowed here: no fallback to exercise")
+    seen = run_forked(unprivileged)
+    assert seen["needs_preparation"] is True
+    assert seen["unprepared"] == 14  # EFAULT: the fault never reached the handler thread
+    assert seen["prepared"] == P
+    assert seen["pages"] == [1, 4]
