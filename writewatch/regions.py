@@ -439,21 +439,20 @@ def _commit(region: Region, first: int, last: int, protect: int) -> None:
                         watcher.protect(start, end - start, prot)
                     done.append((start, end, value))
         except OSError as exc:
-            _undo_commit(region, done)
+            if watcher is not None:
+                _undo_commit(watcher, done)
             raise _mapping_error(exc, "cannot commit") from exc
         region.assign(first, last, protect)
 
 
-def _undo_commit(region: Region, done: list[tuple[int, int, int]]) -> None:
+def _undo_commit(watcher: kernel.Watcher, done: list[tuple[int, int, int]]) -> None:
     """Put back what a failed commit changed, span by span. Lock held."""
-    assert region.watcher is not None or not done
     for start, end, value in done:
         if value == _RESERVED:
-            region.watcher.unwatch(start, end - start)  # type: ignore[union-attr]
+            watcher.unwatch(start, end - start)
             kernel.protect(start, end - start, kernel.PROT_NONE)
         else:
-            region.watcher.protect(start, end - start,  # type: ignore[union-attr]
-                                   _POSIX_PROT[value])
+            watcher.protect(start, end - start, _POSIX_PROT[value])
 
 
 def free(address: Any, size: Any, free_type: Any) -> None:
