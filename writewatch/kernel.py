@@ -696,10 +696,12 @@ def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
 
 def process_memwatch(pidfd: int, start: int, length: int, flags: int,
                      vec: np.ndarray | None = None, vec_len: int | None = None) -> int:
-    """The seed's ``process_memwatch`` on the pagemap mechanism.
+    """The seed's ``process_memwatch``, on whichever backend watches the range.
 
-    pidfd 0 is the calling process; otherwise a pidfd (os.pidfd_open) of a process
-    the caller may ptrace-read. MEMWATCH_SD_GET writes the byte offsets from start
+    pidfd 0 (or a pidfd of the caller) is the calling process, on any backend;
+    otherwise a pidfd (os.pidfd_open) of a process the caller may ptrace-read,
+    served through its /proc/PID/pagemap (pagemap backend only: the fallbacks
+    keep their state in the target's own memory). MEMWATCH_SD_GET writes the byte offsets from start
     of the written pages of [start, start+length) into vec (numpy int64),
     ascending, and stops when vec_len entries are filled; with MEMWATCH_SD_CLEAR
     too, exactly the reported pages are re-armed in the same step and nothing past
