@@ -87,3 +87,18 @@ def watched() -> Iterator[Callable[..., WatchedRegion]]:
     yield make
     for region in made:
         assert ww.VirtualFree(region.base, 0, ww.MEM_RELEASE), ww.GetLastError()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="run the reliability tests (model, hostile inputs, concurrency) "
+                          "for minutes instead of seconds; WRITEWATCH_SOAK=1 does the same")
+
+
+@pytest.fixture
+def soak(request: pytest.FixtureRequest) -> bool:
+    """True for the long reliability runs (--soak or WRITEWATCH_SOAK=1)."""
+    import os
+
+    return bool(request.config.getoption("--soak")
+                or os.environ.get("WRITEWATCH_SOAK", "").strip() not in ("", "0"))

@@ -1,0 +1,420 @@
+"""A pure-Python reference model of the Windows virtual-memory and write-watch
+semantics writewatch promises (REFERENCE.md section 1, README "The Windows API").
+
+No kernel behind it: regions are lists of page states, a dirty bit per page and
+a bytearray of content. Tests drive the model and writewatch side by side and
+compare every return value, count, address, last error and byte.
+
+Each method takes the arguments of the function it models (integers only: the
+TypeError cases are the hostile-input tests' business) and returns an
+``Expect``: the value the real call must return and, for a failure, the last
+error it must leave. Methods change the model only when the call succeeds.
+
+The one thing the model cannot know is where the kernel puts a reservation made
+with address 0: such calls take ``pick``, a callable that receives the length
+and returns the base the real call chose (the caller checks it is 64 KiB
+aligned and overlaps nothing the model knows).
+
+Order of the checks, where several errors apply, follows writewatch's
+documentation (which follows Wine): see each method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+PAGE = 4096
+GRANULARITY = 0x10000
+USER_SPACE_END = (1 << 47) - PAGE  # x86_64, four-level page tables
+LOWEST_USER_ADDRESS = 0x10000      # Windows and Wine refuse the low 64 KiB
+
+MEM_COMMIT = 0x1000
+MEM_RESERVE = 0x2000
+MEM_DECOMMIT = 0x4000
+MEM_RELEASE = 0x8000
+MEM_FREE = 0x10000
+MEM_PRIVATE = 0x20000
+MEM_WRITE_WATCH = 0x200000
+PAGE_NOACCESS = 0x01
+PAGE_READONLY = 0x02
+PAGE_READWRITE = 0x04
+PROTECTIONS = (PAGE_NOACCESS, PAGE_READONLY, PAGE_READWRITE)
+WRITE_WATCH_FLAG_RESET = 0x01
+WRITE_WATCH_FAILED = 0xFFFFFFFF
+ERROR_NOT_ENOUGH_MEMORY = 8
+ERROR_INVALID_PARAMETER = 87
+ERROR_INVALID_ADDRESS = 487
+ERROR_NOACCESS = 998
+
+RESERVED = 0  # page state of a reserved page; a committed page holds its protection
+
+
+def page_floor(address: int) -> int:
+    return address & ~(PAGE - 1)
+
+
+def page_ceil(address: int) -> int:
+    return (address + PAGE - 1) & ~(PAGE - 1)
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What the real call must return, and the last error when it fails."""
+
+    value: Any
+    error: int | None = None  # None: the call succeeds
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class ModelError(Exception):
+    """Raised inside the model to return a failure."""
+
+    def __init__(self, error: int) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+@dataclass
+class Region:
+    """One reservation. Sparse, so that a reservation of terabytes costs what
+    its committed pages cost: `state` maps each committed page to its
+    protection (a page absent from it is reserved), `dirty` holds the written
+    committed pages, `content` the pages holding anything but zeros."""
+
+    base: int
+    npages: int
+    write_watch: bool
+    allocation_protect: int
+    state: dict[int, int] = field(default_factory=dict)
+    dirty: set[int] = field(default_factory=set)
+    content: dict[int, bytearray] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.npages * PAGE
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+    def protection(self, page: int) -> int:
+        return self.state.get(page, RESERVED)
+
+    def page_bytes(self, page: int) -> bytes:
+        return bytes(self.content.get(page, bytes(PAGE)))
+
+    def pages(self, first: int, last: int) -> range:
+        """Page indices of the page-aligned address range [first, last)."""
+        return range((first - self.base) // PAGE, (last - self.base) // PAGE)
+
+    def committed_in(self, pages: range) -> list[int]:
+        """The committed pages among pages, ascending (cost: committed pages)."""
+        if len(pages) <= len(self.state):
+            return [i for i in pages if i in self.state]
+        return sorted(i for i in self.state if pages.start <= i < pages.stop)
+
+    def commit(self, first: int, last: int, protect: int) -> None:
+        for i in self.pages(first, last):
+            if i not in self.state:
+                # Fresh pages start clean and read as zero (REFERENCE items 2, 11).
+                self.dirty.discard(i)
+                self.content.pop(i, None)
+            self.state[i] = protect  # a committed page keeps its dirty state
+
+    def decommit(self, first: int, last: int) -> None:
+        for i in self.committed_in(self.pages(first, last)):
+            del self.state[i]
+            self.dirty.discard(i)  # Windows drops the dirty state (item 11)
+            self.content.pop(i, None)
+
+    def committed_pages(self) -> list[int]:
+        return sorted(self.state)
+
+    def run_end(self, page: int) -> int:
+        """One past the last page of the run of equal state starting at page."""
+        if page in self.state:
+            value, j = self.state[page], page
+            while self.state.get(j) == value:
+                j += 1
+            return j
+        return min((i for i in self.state if i > page), default=self.npages)
+
+
+class WinModel:
+    """The whole address space as writewatch's Windows API sees it."""
+
+    def __init__(self) -> None:
+        self.regions: dict[int, Region] = {}
+
+    # -- helpers
+
+    def find(self, address: int) -> Region | None:
+        for region in self.regions.values():
+            if region.base <= address < region.end:
+                return region
+        return None
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return any(r.base < end and start < r.end for r in self.regions.values())
+
+    @staticmethod
+    def _uint(value: int) -> int:
+        if not 0 <= value < 1 << 64:
+            raise ModelError(ERROR_INVALID_PARAMETER)
+        return value
+
+    @staticmethod
+    def _run(failed: Any, body: Callable[[], Any]) -> Expect:
+        try:
+            return Expect(body())
+        except ModelError as exc:
+            return Expect(failed, exc.error)
+
+    # -- VirtualAlloc
+
+    def virtual_alloc(self, address: int, size: int, allocation_type: int, protect: int,
+                      pick: Callable[[int], int]) -> Expect:
+        """Checks: any argument outside 0..2**64-1, a protection other than
+        NOACCESS/READONLY/READWRITE, unknown type bits, neither RESERVE nor
+        COMMIT, WRITE_WATCH without RESERVE, size 0 -> 87; a range past the user
+        address space -> 487 with an address, 8 without one; a reservation whose
+        64 KiB-rounded base falls in the low 64 KiB -> 87 (Wine: "disallow low
+        64k"); a reservation overlapping another -> 487; a commit not inside one
+        reservation -> 487. MEM_COMMIT with address 0 reserves too."""
+        def body() -> int:
+            for value in (address, size, allocation_type):
+                self._uint(value)
+            if protect not in PROTECTIONS:
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            if allocation_type & ~(MEM_COMMIT | MEM_RESERVE | MEM_WRITE_WATCH):
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            if not allocation_type & (MEM_COMMIT | MEM_RESERVE):
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            if allocation_type & MEM_WRITE_WATCH and not allocation_type & MEM_RESERVE:
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            if size == 0:
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            if address + size > USER_SPACE_END:
+                raise ModelError(ERROR_INVALID_ADDRESS if address else ERROR_NOT_ENOUGH_MEMORY)
+            if allocation_type & MEM_RESERVE or address == 0:
+                if address:
+                    base = address & ~(GRANULARITY - 1)
+                    length = page_ceil(address + size) - base
+                    if base < LOWEST_USER_ADDRESS:
+                        raise ModelError(ERROR_INVALID_PARAMETER)
+                    if self.overlaps(base, base + length):
+                        raise ModelError(ERROR_INVALID_ADDRESS)
+                else:
+                    length = page_ceil(size)
+                    base = pick(length)
+                region = Region(base, length // PAGE,
+                                bool(allocation_type & MEM_WRITE_WATCH), protect)
+                if allocation_type & MEM_COMMIT:
+                    first, last = ((page_floor(address), page_ceil(address + size)) if address
+                                   else (region.base, region.end))
+                    region.commit(first, last, protect)
+                self.regions[base] = region
+                return base
+            region = self.find(address)
+            first, last = page_floor(address), page_ceil(address + size)
+            if region is None or last > region.end:
+                raise ModelError(ERROR_INVALID_ADDRESS)
+            region.commit(first, last, protect)
+            return first
+
+        return self._run(0, body)
+
+    # -- VirtualFree
+
+    def virtual_free(self, address: int, size: int, free_type: int) -> Expect:
+        """Checks: arguments out of range, a type other than DECOMMIT/RELEASE ->
+        87; an address in no reservation -> 487; RELEASE with a size -> 87,
+        not in the first page -> 487; DECOMMIT with size 0 not in the first page
+        -> 487, a range leaving the reservation -> 487."""
+        def body() -> bool:
+            for value in (address, size, free_type):
+                self._uint(value)
+            if free_type not in (MEM_DECOMMIT, MEM_RELEASE):
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            region = self.find(address)
+            if region is None:
+                raise ModelError(ERROR_INVALID_ADDRESS)
+            at_base = page_floor(address) == region.base
+            if free_type == MEM_RELEASE:
+                if size != 0:
+                    raise ModelError(ERROR_INVALID_PARAMETER)
+                if not at_base:
+                    raise ModelError(ERROR_INVALID_ADDRESS)
+                del self.regions[region.base]
+                return True
+            if size == 0:
+                if not at_base:
+                    raise ModelError(ERROR_INVALID_ADDRESS)
+                first, last = region.base, region.end
+            else:
+                first, last = page_floor(address), page_ceil(address + size)
+                if last > region.end:
+                    raise ModelError(ERROR_INVALID_ADDRESS)
+            region.decommit(first, last)
+            return True
+
+        return self._run(False, body)
+
+    # -- VirtualProtect
+
+    def virtual_protect(self, address: int, size: int, new_protect: int) -> Expect:
+        """(True, old protection of the first page). Checks: arguments out of
+        range, an unknown protection, size 0 -> 87; a range not inside one
+        reservation or not all committed -> 487. Dirty state is untouched
+        (item 10)."""
+        def body() -> tuple[bool, int]:
+            self._uint(address)
+            self._uint(size)
+            if new_protect not in PROTECTIONS:
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            if size == 0:
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            first, last = page_floor(address), page_ceil(address + size)
+            region = self.find(first)
+            if region is None or last > region.end:
+                raise ModelError(ERROR_INVALID_ADDRESS)
+            pages = region.pages(first, last)
+            if len(region.committed_in(pages)) != len(pages):
+                raise ModelError(ERROR_INVALID_ADDRESS)
+            old = region.state[pages[0]]
+            for i in pages:
+                region.state[i] = new_protect
+            return True, old
+
+        return self._run((False, 0), body)
+
+    # -- VirtualQuery
+
+    def virtual_query(self, address: int) -> Expect:
+        """MEMORY_BASIC_INFORMATION fields as a tuple, or None (87) above user
+        space. For an address in no known region only (BaseAddress,
+        AllocationBase, State) = (page, 0, MEM_FREE) is modelled; RegionSize
+        there depends on memory the model does not know, and is None."""
+        def body() -> tuple[int, ...] | tuple[int, int, int, None, int, int, int]:
+            self._uint(address)
+            if address >= USER_SPACE_END:
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            page = page_floor(address)
+            region = self.find(page)
+            if region is None:
+                return (page, 0, 0, None, MEM_FREE, PAGE_NOACCESS, 0)
+            i = (page - region.base) // PAGE
+            value = region.protection(i)
+            j = region.run_end(i)
+            return (page, region.base, region.allocation_protect, (j - i) * PAGE,
+                    MEM_COMMIT if value != RESERVED else MEM_RESERVE, value, MEM_PRIVATE)
+
+        return self._run(None, body)
+
+    # -- views and writes
+
+    def view(self, address: int, size: int) -> Expect:
+        """as_array(address, size): the value is True for a read-only view,
+        False for a writable one; a range not inside one region, or touching a
+        reserved or PAGE_NOACCESS page, fails with 487 (a WriteWatchError).
+        size 0 is a ValueError, modelled as error -1."""
+        def body() -> bool:
+            self._uint(address)
+            self._uint(size)
+            if size == 0:
+                raise ModelError(-1)
+            region = self.find(address)
+            if region is None or address + size > region.end:
+                raise ModelError(ERROR_INVALID_ADDRESS)
+            pages = region.pages(page_floor(address), page_ceil(address + size))
+            committed = region.committed_in(pages)
+            states = {region.state[i] for i in committed}
+            if len(committed) != len(pages) or PAGE_NOACCESS in states:
+                raise ModelError(ERROR_INVALID_ADDRESS)
+            return PAGE_READONLY in states
+
+        return self._run(None, body)
+
+    def write(self, address: int, data: bytes) -> None:
+        """A user-mode write through a writable view (the caller checked view())."""
+        region = self.find(address)
+        assert region is not None and address + len(data) <= region.end
+        offset = address - region.base
+        while data:
+            i, at = divmod(offset, PAGE)
+            assert region.protection(i) == PAGE_READWRITE
+            page = region.content.setdefault(i, bytearray(PAGE))
+            chunk = data[:PAGE - at]
+            page[at:at + len(chunk)] = chunk
+            region.dirty.add(i)
+            data = data[len(chunk):]
+            offset += len(chunk)
+
+    # -- GetWriteWatch / ResetWriteWatch
+
+    def _watched_range(self, base: int, size: int) -> tuple[Region, int, int]:
+        if size == 0:
+            raise ModelError(ERROR_INVALID_PARAMETER)
+        first, last = page_floor(base), page_ceil(base + size)
+        region = self.find(first)
+        if region is None or not region.write_watch or last > region.end:
+            raise ModelError(ERROR_INVALID_PARAMETER)
+        return region, first, last
+
+    def get_write_watch(self, flags: int, base: int, size: int, capacity: int | None,
+                        count: int | None, writable: bool = True) -> Expect:
+        """GetWriteWatch with an addresses array of `capacity` entries (None: no
+        array) and `count` (None: the array's length). The value is
+        (ret, count, granularity, addresses reported). Checks in Wine's order
+        (item 15): count 0 -> 87; no array -> 998; count past the array or a
+        read-only array -> 998; flags other than 0/1 -> 87; size 0 -> 87; a
+        range that leaves the write-watch region once rounded out to pages, or a
+        base outside one -> 87. The walk reports the written committed pages in
+        ascending order and stops when count are found; with RESET exactly
+        those are reset (item 9)."""
+        given = (capacity or 0) if count is None else count
+
+        def body() -> tuple[int, int, int, list[int]]:
+            cap = 0 if capacity is None else capacity
+            wanted = cap if count is None else self._uint(count)
+            if wanted == 0:
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            if capacity is None or wanted > cap or not writable:
+                raise ModelError(ERROR_NOACCESS)
+            self._uint(flags)
+            if flags & ~WRITE_WATCH_FLAG_RESET:
+                raise ModelError(ERROR_INVALID_PARAMETER)
+            self._uint(base)
+            self._uint(size)
+            region, first, last = self._watched_range(base, size)
+            pages = region.pages(first, last)
+            walked = sorted(i for i in region.dirty if pages.start <= i < pages.stop)[:wanted]
+            if flags & WRITE_WATCH_FLAG_RESET:
+                region.dirty.difference_update(walked)
+            return 0, len(walked), PAGE, [region.base + i * PAGE for i in walked]
+
+        return self._run((WRITE_WATCH_FAILED, given, 0, []), body)
+
+    def reset_write_watch(self, base: int, size: int) -> Expect:
+        """ResetWriteWatch: 0, or 0xFFFFFFFF with 87 for size 0 or a range
+        outside one write-watch region."""
+        def body() -> int:
+            self._uint(base)
+            self._uint(size)
+            region, first, last = self._watched_range(base, size)
+            pages = region.pages(first, last)
+            region.dirty.difference_update([i for i in region.dirty if i in pages])
+            return 0
+
+        return self._run(WRITE_WATCH_FAILED, body)
+
+    # -- whole-model views
+
+    @staticmethod
+    def dirty_pages(region: Region) -> list[int]:
+        return sorted(region.dirty)
