@@ -1,4 +1,4 @@
-"""Command line: ``python -m writewatch info | demo [NAME]``."""
+"""Command line: ``python -m writewatch info | demo [NAME] | bench``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import writewatch as ww
+from writewatch import bench as benchmarks
 from writewatch import kernel
 from writewatch.kernel import Capabilities
 
@@ -172,6 +173,11 @@ def run_example(name: str, example_args: Sequence[str]) -> int:
     return subprocess.call(command, env=env)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks against the raw kernel and the slow methods (writewatch/bench.py)."""
+    return benchmarks.main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["demo"] and len(arguments) > 1 and arguments[1] in EXAMPLES:
@@ -194,6 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="example to run: " + ", ".join(EXAMPLES))
     demo.add_argument("--pages", type=int, default=32, help="region size in pages (>= 16)")
     demo.set_defaults(run=cmd_demo)
+    bench = sub.add_parser(
+        "bench", help="benchmarks against a raw C reference and the slow methods",
+        description="Time writewatch's backends against a raw C reference making the same "
+                    "kernel calls: one table per scenario, medians and ratios to raw C. "
+                    "Runs with OPENBLAS_NUM_THREADS=1 (restarting itself to set it).")
+    benchmarks.add_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
     args = parser.parse_args(arguments)
     if args.command == "demo" and args.name:
         return run_example(args.name, [])

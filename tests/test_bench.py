@@ -1,0 +1,172 @@
+"""The benchmarks (python -m writewatch bench) at reduced sizes: the reports
+must be sane (every scenario and backend present, positive numbers, ratios to
+the raw reference, and as many pages found as were written). Timings are
+never asserted: they belong to the bench's own targets, not to tests."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from writewatch import bench, kernel
+
+pytestmark = pytest.mark.any_backend  # the bench runs every backend itself
+
+
+@pytest.fixture(scope="module")
+def report() -> bench.Report:
+    return bench.run(bench.Config.quick())
+
+
+def test_every_scenario_backend_and_case_is_reported(report):
+    assert [s.number for s in report.scenarios] == [1, 2, 3, 4, 5]
+    backends = [name for name, why in kernel.backend_status().items() if not why]
+    assert report.meta["backends"] == backends
+    raw_here = not kernel.backend_status()["pagemap"]
+    for scenario in report.scenarios:
+        assert (bench.RAW in scenario.impls) == raw_here
+        assert set(backends) <= set(scenario.impls)
+        assert scenario.title and scenario.description and scenario.cases
+        for case in scenario.cases:
+            present = [impl for impl in scenario.impls if scenario.result(case, impl)]
+            if case.startswith("heap peak"):  # measured on writewatch's side only
+                assert set(present) == set(backends), case
+            else:
+                assert present == scenario.impls, case
+
+
+def test_numbers_are_positive_medians_with_ratios_to_raw(report):
+    for scenario in report.scenarios:
+        for result in scenario.results:
+            assert result.samples, (scenario.number, result.case, result.impl)
+            assert all(math.isfinite(s) and s >= 0 for s in result.samples)
+            assert min(result.samples) <= result.value <= max(result.samples)
+            if result.unit in ("B", "KiB"):  # memory may legitimately not grow
+                continue
+            assert result.value > 0, (scenario.number, result.case, result.impl)
+            raw = scenario.result(result.case, bench.RAW)
+            if raw is not None:
+                assert result.ratio == pytest.approx(result.value / raw.value)
+    scenario = report.scenario(1)
+    assert scenario is not None
+    assert len(scenario.result("random", "pagemap").samples) == bench.Config.quick(
+    ).write_repetitions
+
+
+def test_pages_found_equal_pages_written(report):
+    checked = 0
+    for scenario in report.scenarios:
+        for result in scenario.results:
+            if result.expected is not None:
+                assert result.found == result.expected, (scenario.number, result.case,
+                                                         result.impl)
+                checked += 1
+    assert checked > 50
+    cfg = bench.Config.quick()
+    pages = cfg.size // kernel.PAGE_SIZE
+    write_cost = report.scenario(1)
+    assert write_cost.result("sequential", "pagemap").expected == (
+        pages * cfg.write_repetitions)
+    scan = report.scenario(2)
+    assert scan.result("100% RESET", "pagemap").expected == pages * cfg.repetitions
+    assert scan.result("0% 0", "pagemap").expected == 0
+    reserve = report.scenario(5)
+    assert reserve.result(reserve.cases[3], "pagemap").expected == (
+        cfg.commit // kernel.PAGE_SIZE * cfg.repetitions)
+    # Wine's shape: the writers wrote, and GetWriteWatch saw some of it.
+    wine = report.scenario(4)
+    for result in wine.results:
+        assert result.found and result.found > 0, (result.case, result.impl)
+
+
+def test_get_write_watch_makes_no_per_page_python_objects(report):
+    peaks = {t.name: t for t in report.targets if t.name.startswith("no per-page")}
+    assert peaks
+    for target in peaks.values():
+        assert target.met, target
+
+
+def test_tables_json_and_targets(report):
+    text = report.tables()
+    for scenario in report.scenarios:
+        assert f"{scenario.number}. {scenario.title}" in text
+    assert "OPENBLAS_NUM_THREADS" in text
+    assert "Targets:" in text
+    assert "WRONG" not in text
+    loaded = json.loads(report.to_json())
+    assert [s["number"] for s in loaded["scenarios"]] == [1, 2, 3, 4, 5]
+    assert loaded["meta"]["timer_floor_ns"]["python"] > 0
+    assert {t["met"] for t in loaded["targets"]} <= {True, False, None}
+    names = " | ".join(t.name for t in report.targets)
+    for what in ("1% written", "100% written", "small call", "first write",
+                 "mprotect/pagemap", "reservation/committed", "page tables"):
+        assert what in names
+
+
+def test_progress_line_goes_to_its_stream():
+    stream = io.StringIO()
+    progress = bench.Progress(stream)
+    progress("1/5 write cost", "pagemap")
+    progress("2/5 GetWriteWatch cost", "uffd")
+    progress.done()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and "write cost: pagemap" in lines[0]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_command_line_rebuilds_the_options():
+    args = parse("--quick", "--scenarios", "1,3", "--repetitions", "2", "--json", "x.json",
+                 "--wine-shapes", "2x64")
+    assert parse(*bench.command_line(args)) == args
+    cfg = bench.config_from_args(args)
+    assert (cfg.scenarios, cfg.repetitions, cfg.wine_shapes) == ((1, 3), 2, ((2, 64),))
+    with pytest.raises(bench.BenchError):
+        bench.config_from_args(parse("--scenarios", "7"))
+    with pytest.raises(bench.BenchError):
+        bench.config_from_args(parse("--wine-shapes", "six"))
+
+
+def test_cli_sets_openblas_threads_and_writes_json(tmp_path):
+    """Started without OPENBLAS_NUM_THREADS, the bench restarts itself with it."""
+    env = {k: v for k, v in os.environ.items() if k != bench.BLAS_ENV}
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "writewatch", "bench", "--quick", "--scenarios", "3",
+         "--small-calls", "50", "--repetitions", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "3. Small call" in result.stdout
+    assert "[bench" in result.stderr  # the progress line
+    loaded = json.loads(out.read_text())
+    assert loaded["meta"][bench.BLAS_ENV] == "1"
+    assert [s["number"] for s in loaded["scenarios"]] == [3]
+
+
+def test_plot_without_matplotlib_fails_clearly(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv(bench.BLAS_ENV, "1")
+    monkeypatch.setattr(bench, "plot_available", lambda: "--plot needs matplotlib")
+    code = bench.main(parse("--quick", "--plot", str(tmp_path / "b.png")))
+    assert code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_plot_draws_a_png(report, tmp_path):
+    if bench.plot_available():
+        pytest.skip("matplotlib is not installed (the optional 'plot' extra)")
+    path = tmp_path / "bench.png"
+    bench.plot(report, path)
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
