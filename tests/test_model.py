@@ -37,7 +37,7 @@ MAX_REGIONS = 4
 CANARY = 0xC0FFEE0DDBA11
 GUARD = 4  # canary entries on each side of every addresses array
 
-CI_PROFILE = settings(max_examples=50, stateful_step_count=30, deadline=None,
+CI_PROFILE = settings(max_examples=50, stateful_step_count=30, deadline=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
 SOAK_PROFILE = settings(max_examples=3000, stateful_step_count=80, deadline=None,
                         suppress_health_check=list(HealthCheck))

@@ -145,11 +145,24 @@ class Region:
         return min((i for i in self.state if i > page), default=self.npages)
 
 
-class WinModel:
-    """The whole address space as writewatch's Windows API sees it."""
+class CommitTooLargeError(Exception):
+    """A commit larger than the model's commit_limit: the model costs memory per
+    committed page, and the caller chose not to model commits that large."""
 
-    def __init__(self) -> None:
+
+class WinModel:
+    """The whole address space as writewatch's Windows API sees it.
+
+    commit_limit (bytes, None for no limit): a commit larger than it raises
+    CommitTooLargeError before anything changes, so that a fuzzer can skip it."""
+
+    def __init__(self, commit_limit: int | None = None) -> None:
         self.regions: dict[int, Region] = {}
+        self.commit_limit = commit_limit
+
+    def _check_commit_size(self, first: int, last: int) -> None:
+        if self.commit_limit is not None and last - first > self.commit_limit:
+            raise CommitTooLargeError(last - first)
 
     # -- helpers
 
@@ -211,6 +224,9 @@ class WinModel:
                         raise ModelError(ERROR_INVALID_ADDRESS)
                 else:
                     length = page_ceil(size)
+                if allocation_type & MEM_COMMIT:
+                    self._check_commit_size(page_floor(address), page_ceil(address + size))
+                if not address:
                     base = pick(length)
                 region = Region(base, length // PAGE,
                                 bool(allocation_type & MEM_WRITE_WATCH), protect)
@@ -224,6 +240,7 @@ class WinModel:
             first, last = page_floor(address), page_ceil(address + size)
             if region is None or last > region.end:
                 raise ModelError(ERROR_INVALID_ADDRESS)
+            self._check_commit_size(first, last)
             region.commit(first, last, protect)
             return first
 
