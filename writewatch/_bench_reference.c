@@ -373,24 +373,28 @@ void wwb_writers_stop(struct wwb_writers *w, uint64_t *writes, uint64_t *write_n
 
 /*
  * The watcher side of Wine's shape, raw: for duration_ns, GetWriteWatch with
- * RESET over [start, end) then a sleep of period_ns. *calls, *call_ns (summed
- * time of the calls alone) and *pages (summed counts) report what happened.
+ * RESET over [start, end) then a sleep of period_ns. Returns the number of
+ * calls (each one's ns in samples[i] while i < max_samples) or -errno;
+ * *pages is the sum of their counts.
  */
 int64_t wwb_watch_loop(const struct wwb_region *r, uint64_t start, uint64_t end,
                        uint64_t duration_ns, uint64_t period_ns, uint64_t *out,
-                       uint64_t capacity, uint64_t *calls, uint64_t *call_ns, uint64_t *pages)
+                       uint64_t capacity, uint64_t *samples, uint64_t max_samples,
+                       uint64_t *pages)
 {
-    uint64_t stop = now_ns() + duration_ns;
-    *calls = *call_ns = *pages = 0;
+    uint64_t stop = now_ns() + duration_ns, calls = 0;
+    *pages = 0;
     while (now_ns() < stop) {
         uint64_t t0 = now_ns();
         int64_t n = wwb_scan(r, start, end, 1, out, capacity);
-        *call_ns += now_ns() - t0;
+        uint64_t elapsed = now_ns() - t0;
         if (n < 0)
             return n;
-        *calls += 1;
+        if (calls < max_samples)
+            samples[calls] = elapsed;
+        calls++;
         *pages += (uint64_t)n;
         sleep_ns(period_ns);
     }
-    return 0;
+    return (int64_t)calls;
 }

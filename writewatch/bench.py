@@ -106,7 +106,7 @@ struct wwb_writers *wwb_writers_start(uint64_t base, uint64_t npages, int nthrea
 void wwb_writers_stop(struct wwb_writers *w, uint64_t *writes, uint64_t *write_ns);
 int64_t wwb_watch_loop(const struct wwb_region *r, uint64_t start, uint64_t end,
                        uint64_t duration_ns, uint64_t period_ns, uint64_t *out,
-                       uint64_t capacity, uint64_t *calls, uint64_t *call_ns,
+                       uint64_t capacity, uint64_t *samples, uint64_t max_samples,
                        uint64_t *pages);
 """
 
@@ -173,7 +173,7 @@ class Config:
     wine_seconds: float = 1.0  # scenario 4: length of one repetition
     wine_period_ms: float = 3.0  # between GetWriteWatch calls, as in Wine's benchmark
     wine_delay_us: float = 0.0  # each writer's sleep between two writes (0: none, as Wine's)
-    wine_repetitions: int = 3
+    wine_repetitions: int = 5
     reserve: int = 256 * GiB
     commit: int = 64 * MiB
     seed: int = 1
@@ -750,11 +750,12 @@ def scenario_small_call(cfg: Config, impls: list[str], progress: Progress,
 
 
 def _watch_loop_api(target: BenchTarget, seconds: float, period: float,
-                    out: np.ndarray) -> tuple[int, int, int]:
-    """GetWriteWatch(RESET) through the API every period seconds: (calls, ns, pages)."""
+                    out: np.ndarray) -> tuple[list[int], int]:
+    """GetWriteWatch(RESET) through the API every period seconds: each call's
+    ns, and the pages reported in all."""
     get_write_watch, clock = ww.GetWriteWatch, time.perf_counter_ns
     base, size = target.start, target.size
-    calls = total = pages = 0
+    samples, pages = [], 0
     stop = clock() + int(seconds * 1e9)
     while clock() < stop:
         t0 = clock()
@@ -762,59 +763,65 @@ def _watch_loop_api(target: BenchTarget, seconds: float, period: float,
         t1 = clock()
         if ret != 0:
             raise BenchError(f"{target.impl}: GetWriteWatch failed with {ww.GetLastError()}")
-        calls, total, pages = calls + 1, total + t1 - t0, pages + found
+        samples.append(t1 - t0)
+        pages += found
         time.sleep(period)
-    return calls, total, pages
+    return samples, pages
 
 
 def _watch_loop_raw(target: RawTarget, seconds: float, period: float,
-                    out: np.ndarray) -> tuple[int, int, int]:
+                    out: np.ndarray) -> tuple[list[int], int]:
     ffi, lib = target.ref.ffi, target.ref.lib
-    counters = ffi.new("uint64_t[3]")
-    result = lib.wwb_watch_loop(target.region, target.start, target.start + target.size,
-                                int(seconds * 1e9), int(period * 1e9),
-                                ffi.from_buffer("uint64_t[]", out), len(out),
-                                counters, counters + 1, counters + 2)
-    if result < 0:
-        raise BenchError(f"PAGEMAP_SCAN failed: {os.strerror(-result)}")
-    return int(counters[0]), int(counters[1]), int(counters[2])
+    room = int(seconds / period) + 16  # more than the calls that fit in seconds
+    samples = np.zeros(room, np.uint64)
+    pages = ffi.new("uint64_t *")
+    calls = lib.wwb_watch_loop(target.region, target.start, target.start + target.size,
+                               int(seconds * 1e9), int(period * 1e9),
+                               ffi.from_buffer("uint64_t[]", out), len(out),
+                               ffi.from_buffer("uint64_t[]", samples), room, pages)
+    if calls < 0:
+        raise BenchError(f"PAGEMAP_SCAN failed: {os.strerror(-calls)}")
+    return [int(s) for s in samples[:min(calls, room)]], int(pages[0])
+
+
+def _wine_cases(threads: int, pages: int) -> tuple[str, str, str]:
+    shape = f"{threads}x{pages}"
+    return (f"{shape} write, average (ns)", f"{shape} GetWriteWatch, average (us)",
+            f"{shape} GetWriteWatch, median (us)")
 
 
 def scenario_wine_shape(cfg: Config, impls: list[str], progress: Progress,
                         floors: dict[str, float]) -> Scenario:
-    cases = []
-    for threads, pages in cfg.wine_shapes:
-        cases += [f"{threads}x{pages} write (ns)", f"{threads}x{pages} GetWriteWatch (us)"]
+    cases = [case for shape in cfg.wine_shapes for case in _wine_cases(*shape)]
+    writers_do = (f"sleeping {cfg.wine_delay_us:g} us between writes" if cfg.wine_delay_us
+                  else "as fast as they can")
     scenario = Scenario(
         4, "Wine's microbenchmark shape",
-        "N native threads write one byte to random pages of an M-page region "
-        + (f"(sleeping {cfg.wine_delay_us:g} us between writes)" if cfg.wine_delay_us
-           else "as fast as they can")
-        + f" while the main thread calls GetWriteWatch(RESET) every {cfg.wine_period_ms:g} ms "
-        f"for {cfg.wine_seconds:g} s; "
-        "average write time (each write timed alone in C) and average GetWriteWatch time "
-        f"(through the Python API; in C for raw); median of {cfg.wine_repetitions}",
+        f"N native threads write one byte to random pages of an M-page region, {writers_do}, "
+        f"while the main thread calls GetWriteWatch(RESET) every {cfg.wine_period_ms:g} ms "
+        f"for {cfg.wine_seconds:g} s: the average write (each timed alone, in C) and the "
+        "average and median GetWriteWatch (through the Python API; in C for raw); median "
+        f"of {cfg.wine_repetitions} runs",
         "", impls, cases)
     ref = reference()
     samples: dict[tuple[str, str], list[float]] = {(c, i): [] for c in cases for i in impls}
     found: dict[tuple[str, str], int] = dict.fromkeys(samples, 0)
-    head = "4/5 Wine's shape"
     counters = ref.ffi.new("uint64_t[2]")
     err = ref.ffi.new("int *")
+    period = cfg.wine_period_ms / 1e3
     for threads, npages in cfg.wine_shapes:
-        write_case = f"{threads}x{npages} write (ns)"
-        call_case = f"{threads}x{npages} GetWriteWatch (us)"
+        write_case, average_case, median_case = _wine_cases(threads, npages)
         if (threads, npages) in WINE_FIGURES:
-            scenario.references[call_case] = WINE_FIGURES[threads, npages]
-        size = npages * P
+            scenario.references[average_case] = WINE_FIGURES[threads, npages]
         out = np.empty(npages, np.uintp)
-        with _targets(impls, size, 0, size) as made:
+        with _targets(impls, npages * P, 0, npages * P) as made:
             for target in made:
                 target.prepare()
             for rep in range(cfg.wine_repetitions):
-                for target in made:
-                    progress(head, f"{threads} threads x {npages} pages, {target.impl}, "
-                                   f"repetition {rep + 1}/{cfg.wine_repetitions}")
+                # Alternate the order: runs drift, and this shape's swing most.
+                for target in made if rep % 2 == 0 else made[::-1]:
+                    progress("4/5 Wine's shape", f"{threads} threads x {npages} pages, "
+                             f"{target.impl}, repetition {rep + 1}/{cfg.wine_repetitions}")
                     target.reset()
                     writers = ref.lib.wwb_writers_start(target.start, npages, threads,
                                                         cfg.seed + rep,
@@ -822,38 +829,38 @@ def scenario_wine_shape(cfg: Config, impls: list[str], progress: Progress,
                     if writers == ref.ffi.NULL:
                         raise BenchError(f"cannot start writer threads: {os.strerror(err[0])}")
                     try:
-                        period = cfg.wine_period_ms / 1e3
                         if isinstance(target, RawTarget):
-                            calls, total, pages = _watch_loop_raw(target, cfg.wine_seconds,
-                                                                  period, out)
-                            floor = floors["c"]
+                            calls, pages = _watch_loop_raw(target, cfg.wine_seconds, period, out)
                         else:
-                            calls, total, pages = _watch_loop_api(target, cfg.wine_seconds,
-                                                                  period, out)
-                            floor = floors["python"]
+                            calls, pages = _watch_loop_api(target, cfg.wine_seconds, period, out)
                     finally:
                         ref.lib.wwb_writers_stop(writers, counters, counters + 1)
                     writes, write_ns = int(counters[0]), int(counters[1])
                     if not writes or not calls:
                         raise BenchError(f"{target.impl}: no writes or no calls were made")
+                    floor = floors["c" if isinstance(target, RawTarget) else "python"]
                     samples[write_case, target.impl].append(
                         max(0.0, write_ns / writes - floors["c"]))
-                    samples[call_case, target.impl].append(
-                        max(0.0, total / calls - floor) / 1e3)
-                    found[call_case, target.impl] += pages
+                    samples[average_case, target.impl].append(
+                        max(0.0, statistics.fmean(calls) - floor) / 1e3)
+                    samples[median_case, target.impl].append(
+                        max(0.0, statistics.median(calls) - floor) / 1e3)
                     found[write_case, target.impl] += writes
+                    found[average_case, target.impl] += pages
+                    found[median_case, target.impl] += len(calls)
     for (case, impl), values in samples.items():
         scenario.add(Result(case, impl, "ns" if "write" in case else "us", values,
                             found=found[case, impl]))
     scenario.notes.append(
-        "found: writes made (write rows) and pages GetWriteWatch reported (GetWriteWatch "
-        "rows), summed over the repetitions; the C timer floor is subtracted from each "
-        "write, each side's from each call.")
+        "found: writes made (write rows), pages reported (average rows) and calls made "
+        "(median rows), summed over the runs. The C timer floor is subtracted from each "
+        "write, each side's own from each call.")
     if (os.cpu_count() or 1) <= max(threads for threads, _ in cfg.wine_shapes):
         scenario.notes.append(
-            f"{os.cpu_count()} CPUs for more writer threads plus the main thread: a write "
-            "or a call preempted inside its timed window counts in full, and the fallbacks' "
-            "handlers wait for a CPU; the published figures come from bigger machines.")
+            f"Only {os.cpu_count()} CPUs for the writer threads and the main thread: a call "
+            "or a write preempted inside its timed window counts in full (the averages "
+            "swing from run to run; the medians do not), and the fallbacks' handlers wait "
+            "for a CPU. The published figures come from bigger machines.")
     return scenario
 
 
