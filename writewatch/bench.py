@@ -1140,8 +1140,10 @@ def format_report(report: Report) -> str:
 
 def plot_available() -> str:
     """"" when --plot can work, else what to install."""
-    if importlib.util.find_spec("matplotlib") is None:
-        return ("--plot needs matplotlib, which is not installed: "
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return (f"--plot needs matplotlib, which cannot be imported ({exc}): "
                 "pip install 'writewatch[plot]' (or pip install matplotlib)")
     return ""
 
