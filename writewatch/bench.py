@@ -312,10 +312,6 @@ class Progress:
 # Implementations under test: the raw reference and writewatch's backends
 
 
-def _pointer(ffi: Any, array: np.ndarray | None, ctype: str) -> Any:
-    return ffi.NULL if array is None else ffi.from_buffer(ctype, array)
-
-
 class BenchTarget:
     """One implementation's write-watch region for one scenario: committed
     pages [start, start + size) of a reservation [base, base + reserved)."""
@@ -330,11 +326,13 @@ class BenchTarget:
     def npages(self) -> int:
         return self.size // P
 
-    def touch(self, pages: np.ndarray | None = None, count: int | None = None) -> int:
-        """Write one byte to each page (C code); the elapsed ns."""
-        n = len(pages) if pages is not None else (self.npages if count is None else count)
-        return int(self.ref.lib.wwb_touch(self.start, _pointer(self.ref.ffi, pages, "uint32_t[]"),
-                                          n))
+    def touch(self, pages: np.ndarray | None = None) -> int:
+        """Write one byte (C code) to each page, or to the pages numbered in
+        pages (uint32), in that order; the elapsed ns."""
+        if pages is None:
+            return int(self.ref.lib.wwb_touch(self.start, self.ref.ffi.NULL, self.npages))
+        return int(self.ref.lib.wwb_touch(self.start, self.ref.ffi.from_buffer("uint32_t[]", pages),
+                                          len(pages)))
 
     def prepare(self) -> None:
         """Make every page present and clean (what a first write after a reset means)."""
@@ -396,16 +394,13 @@ class ApiTarget(BenchTarget):
     def __init__(self, backend: str, reserved: int, offset: int, size: int) -> None:
         super().__init__()
         self.impl = backend
-        if offset == 0 and size == reserved:
-            kind = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
-            self.base = regions.allocate(0, reserved, kind, ww.PAGE_READWRITE, backend)
-        else:
-            kind = ww.MEM_RESERVE | ww.MEM_WRITE_WATCH
-            self.base = regions.allocate(0, reserved, kind, ww.PAGE_READWRITE, backend)
-            if ww.VirtualAlloc(self.base + offset, size, ww.MEM_COMMIT,
-                               ww.PAGE_READWRITE) != self.base + offset:
-                ww.VirtualFree(self.base, 0, ww.MEM_RELEASE)
-                raise BenchError(f"{backend}: commit failed: {ww.GetLastError()}")
+        whole = offset == 0 and size == reserved
+        kind = ww.MEM_RESERVE | ww.MEM_WRITE_WATCH | (ww.MEM_COMMIT if whole else 0)
+        self.base = regions.allocate(0, reserved, kind, ww.PAGE_READWRITE, backend)
+        if not whole and ww.VirtualAlloc(self.base + offset, size, ww.MEM_COMMIT,
+                                         ww.PAGE_READWRITE) != self.base + offset:
+            ww.VirtualFree(self.base, 0, ww.MEM_RELEASE)
+            raise BenchError(f"{backend}: commit failed: {ww.GetLastError()}")
         self.reserved, self.start, self.size = reserved, self.base + offset, size
 
     def prepare(self) -> None:
