@@ -164,6 +164,7 @@ int ww_uffd_handler_start(int uffd);
 int ww_touch_for_write(uint64_t start, uint64_t length);
 
 /* The native index of write-watch regions (_index.c): GetWriteWatch in one call. */
+#define WW_INDEX_PLAIN 0
 #define WW_INDEX_PAGEMAP 1
 #define WW_INDEX_TRACKED 2
 #define WW_INDEX_SLOW 1000
@@ -174,4 +175,5 @@ int ww_index_remove(uint64_t base);
 int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count);
 int64_t ww_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                            uint64_t *out, uint64_t capacity);
+int ww_output_check(const void *out, uint64_t size);
 void ww_index_after_fork_child(void);

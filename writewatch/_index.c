@@ -14,11 +14,16 @@
  * list, emptied at the next quiet moment. Writers are serialised by
  * index_mutex (region create, release, commit and decommit are rare).
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* process_vm_readv */
+#endif
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#include <sys/uio.h>
 
 #include "_abi.h"
 
@@ -31,7 +36,7 @@ struct index_spans {
 
 struct index_entry {
     uint64_t base, end;
-    int kind;   /* WW_INDEX_PAGEMAP or WW_INDEX_TRACKED */
+    int kind;   /* WW_INDEX_PLAIN, WW_INDEX_PAGEMAP or WW_INDEX_TRACKED */
     int handle; /* the pagemap descriptor, or the tracking slot */
     uint64_t epoch;
     struct index_spans *spans;
@@ -174,21 +179,93 @@ int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t 
     return 0;
 }
 
+/* The first entry that ends after address, or table->count. */
+static uint64_t first_ending_after(const struct index_table *table, uint64_t address)
+{
+    uint64_t lo = 0, hi = table->count;
+    while (lo < hi) {
+        uint64_t mid = (lo + hi) / 2;
+        if (table->entries[mid]->end <= address)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Can the kernel read and write [start, start+size)? It answers with EFAULT
+ * where a store of ours would crash: copy the bytes out and back in place. */
+static int kernel_can_write(uint64_t start, uint64_t size)
+{
+    char chunk[4096];
+    pid_t self = getpid();
+    for (uint64_t done = 0; done < size;) {
+        size_t n = size - done < sizeof chunk ? size - done : sizeof chunk;
+        struct iovec local = { chunk, n };
+        struct iovec remote = { (void *)(uintptr_t)(start + done), n };
+        ssize_t got = process_vm_readv(self, &local, 1, &remote, 1, 0);
+        if (got < 0 && (errno == ENOSYS || errno == EPERM))
+            return 1; /* no way to ask here: trust the caller, as before */
+        if (got != (ssize_t)n || process_vm_writev(self, &local, 1, &remote, 1, 0) != got)
+            return 0;
+        done += n;
+    }
+    return 1;
+}
+
 /*
- * GetWriteWatch after the caller checked the output array: flags, size, the
- * region lookup and the range, in Wine's order, then the scan. Returns the
- * count, -ERROR_INVALID_PARAMETER, -WW_INDEX_SLOW (a forked child must refresh
- * the region first), or -(WW_INDEX_ERRNO_BASE + errno) for a kernel failure.
+ * An output buffer inside memory writewatch manages may have been made
+ * read-only, inaccessible or decommitted after numpy's view of it was taken:
+ * numpy still calls it writable, and a store would kill the process. Windows
+ * answers ERROR_NOACCESS there. Armed pages of the tracking backends are made
+ * writable first (they are about to be written anyway). Memory writewatch
+ * does not manage is numpy's to vouch for. Reader count held.
+ */
+static int output_ok(const struct index_table *table, uint64_t out, uint64_t size)
+{
+    if (!table || size == 0)
+        return 1;
+    uint64_t end = out + size;
+    int managed = 0;
+    for (uint64_t i = first_ending_after(table, out);
+         i < table->count && table->entries[i]->base < end; i++) {
+        const struct index_entry *entry = table->entries[i];
+        managed = 1;
+        if (entry->kind == WW_INDEX_TRACKED) {
+            uint64_t first = (out > entry->base ? out : entry->base) & ~(uint64_t)(INDEX_PAGE - 1);
+            uint64_t last = ((end < entry->end ? end : entry->end) + INDEX_PAGE - 1)
+                            & ~(uint64_t)(INDEX_PAGE - 1);
+            ww_track_prepare_write(entry->handle, first, last - first);
+        }
+    }
+    return !managed || kernel_can_write(out, size);
+}
+
+int ww_output_check(const void *out, uint64_t size)
+{
+    __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
+    int ok = output_ok(__atomic_load_n(&index_table, __ATOMIC_SEQ_CST),
+                       (uint64_t)(uintptr_t)out, size);
+    __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
+    return ok ? 0 : -EFAULT;
+}
+
+/*
+ * GetWriteWatch after the caller checked the output array's type: flags,
+ * size, the region lookup and the range, in Wine's order, then whether out
+ * can be written, then the scan. Returns the count, -ERROR_INVALID_PARAMETER,
+ * -ERROR_NOACCESS, -WW_INDEX_SLOW (a forked child must refresh the region
+ * first), or -(WW_INDEX_ERRNO_BASE + errno) for a kernel failure.
  */
 int64_t ww_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                            uint64_t *out, uint64_t capacity)
 {
     if (flags & ~(uint64_t)1 || size == 0)
         return -87;
-    uint64_t first = base & ~(uint64_t)(INDEX_PAGE - 1);
-    uint64_t last = base + size + (INDEX_PAGE - 1);
-    if (last < base) /* wrapped: no region reaches that far */
-        return -87;
+    uint64_t first = base & ~(uint64_t)(INDEX_PAGE - 1), last;
+    if (__builtin_add_overflow(base, size, &last) ||
+        __builtin_add_overflow(last, INDEX_PAGE - 1, &last))
+        return -87; /* wraps the address space: no region reaches that far */
     last &= ~(uint64_t)(INDEX_PAGE - 1);
 
     __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
@@ -207,9 +284,11 @@ int64_t ww_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
         if (lo > 0 && first < table->entries[lo - 1]->end)
             entry = table->entries[lo - 1];
     }
-    if (entry && last <= entry->end) {
+    if (entry && entry->kind != WW_INDEX_PLAIN && last <= entry->end) {
         if (__atomic_load_n(&entry->epoch, __ATOMIC_SEQ_CST) != index_epoch) {
             result = -WW_INDEX_SLOW;
+        } else if (!output_ok(table, (uint64_t)(uintptr_t)out, capacity * sizeof *out)) {
+            result = -998;
         } else {
             struct index_spans *spans = __atomic_load_n(&entry->spans, __ATOMIC_SEQ_CST);
             int handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);

@@ -51,7 +51,6 @@ static int track_slots_used;     /* slots [0, used) may hold a range */
 static int track_handlers_active;
 static int track_sync_uffd = -1; /* this process's uffd of the uffd backend */
 static struct sigaction track_prev_segv;
-static int track_segv_installed;
 
 static void range_lock(struct track_range *r)
 {
@@ -461,11 +460,15 @@ int ww_track_prepare_write(int slot, uint64_t start, uint64_t length)
 
 static void chain_segv(int sig, siginfo_t *info, void *context)
 {
-    if (track_prev_segv.sa_flags & SA_SIGINFO) {
+    if (info->si_code > 0 && (track_prev_segv.sa_flags & SA_SIGINFO)) {
         track_prev_segv.sa_sigaction(sig, info, context);
         return;
     }
-    if (track_prev_segv.sa_handler != SIG_DFL && track_prev_segv.sa_handler != SIG_IGN) {
+    /* A sent (or re-raised) SIGSEGV means "die": a handler like faulthandler
+     * reports a fault, restores the handler it replaced (possibly this one) and
+     * raises the signal again; passing that on again would loop. */
+    if (info->si_code > 0 && track_prev_segv.sa_handler != SIG_DFL &&
+        track_prev_segv.sa_handler != SIG_IGN) {
         track_prev_segv.sa_handler(sig);
         return;
     }
@@ -509,19 +512,18 @@ static void segv_handler(int sig, siginfo_t *info, void *context)
         chain_segv(sig, info, context);
 }
 
+/* Put the handler first, in front of whatever handler is there now (one
+ * installed after ours, like a late faulthandler.enable(), included). */
 int ww_segv_install(void)
 {
-    if (track_segv_installed)
+    if (ww_segv_installed() == 1)
         return 0;
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = segv_handler;
     action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
     sigemptyset(&action.sa_mask);
-    if (sigaction(SIGSEGV, &action, &track_prev_segv))
-        return -errno;
-    track_segv_installed = 1;
-    return 0;
+    return sigaction(SIGSEGV, &action, &track_prev_segv) ? -errno : 0;
 }
 
 int ww_segv_installed(void)

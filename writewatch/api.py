@@ -12,6 +12,7 @@ The Pythonic face (WatchedMemory) raises WriteWatchError, an OSError whose
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -22,6 +23,7 @@ import numpy.typing as npt
 
 from writewatch import regions
 from writewatch.constants import (
+    ERROR_INVALID_ADDRESS,
     MEM_COMMIT,
     MEM_RELEASE,
     MEM_RESERVE,
@@ -144,16 +146,25 @@ class WatchedMemory:
             self._array = regions.as_array(self.address, self.size)
         return self._array
 
+    def _span(self, offset: int, size: int | None) -> tuple[int, int]:
+        """Absolute (address, size) of [offset, offset+size) of the block,
+        refusing anything that leaves it (another allocation may lie there)."""
+        self._check_open()
+        offset = operator.index(offset)
+        size = self.size - offset if size is None else operator.index(size)
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise WriteWatchError(ERROR_INVALID_ADDRESS, f"[{offset:#x}, +{size:#x}) is not "
+                                  f"inside the {self.size:#x}-byte block")
+        return self.address + offset, size
+
     def view(self, offset: int = 0, size: int | None = None,
              dtype: npt.DTypeLike = np.uint8) -> np.ndarray:
         """A numpy view of [offset, offset+size) of the block."""
-        self._check_open()
-        return regions.as_array(self.address + offset,
-                                self.size - offset if size is None else size, dtype)
+        return regions.as_array(*self._span(offset, size), dtype)
 
     def commit(self, offset: int, size: int, protect: int = PAGE_READWRITE) -> None:
-        self._check_open()
-        regions.allocate(self.address + offset, size, MEM_COMMIT, protect)
+        """Commit [offset, offset+size) of the block (a commit=False block)."""
+        regions.allocate(*self._span(offset, size), MEM_COMMIT, protect)
 
     def written(self, reset: bool = False,
                 out: npt.NDArray[np.uintp] | None = None) -> npt.NDArray[np.uintp]:

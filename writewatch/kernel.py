@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import mmap
+import operator
 import os
 import re
 import signal
@@ -219,9 +220,10 @@ class Spans:
         self.array = ffi.new("uint64_t[]", [bound for span in spans for bound in span] or [0])
 
 
-def index_add(base: int, size: int, watcher: Watcher) -> None:
-    """Enter a write-watch reservation in the native index (no spans yet)."""
-    kind, handle = watcher.native_handle()
+def index_add(base: int, size: int, watcher: Watcher | None) -> None:
+    """Enter a reservation in the native index (no spans yet). Plain ones are
+    there too, so that an output array inside one is checked before a store."""
+    kind, handle = (lib.WW_INDEX_PLAIN, -1) if watcher is None else watcher.native_handle()
     _check(lib.ww_index_add(base, size, kind, handle), "write-watch index")
 
 
@@ -257,6 +259,13 @@ def get_write_watch(flags: int, base: int, size: int, out: np.ndarray,
     if found <= -lib.WW_INDEX_ERRNO_BASE:
         raise _oserror(-found - lib.WW_INDEX_ERRNO_BASE, "GetWriteWatch scan")
     return None
+
+
+def output_writable(out: np.ndarray, count: int) -> bool:
+    """Can count 64-bit entries be stored at the start of out? False when out
+    lies in memory writewatch manages that was made read-only, inaccessible or
+    decommitted after the array was made (numpy still calls it writable)."""
+    return lib.ww_output_check(_from_buffer(_UINT64S, out), count * 8) == 0
 
 
 def _output_pointer(out: np.ndarray, capacity: int) -> Any:
@@ -691,6 +700,8 @@ def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
         vec_len = len(vec)
     if not 0 < vec_len <= len(vec):
         raise _oserror(errno.EINVAL, f"vec_len {vec_len} must be 1..len(vec) ({len(vec)})")
+    if not output_writable(vec, vec_len):
+        raise _oserror(errno.EINVAL, "vec lies in memory that cannot be written")
     return ffi.from_buffer("uint64_t[]", vec), vec_len
 
 
@@ -715,10 +726,15 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
     write-protect has no per-mapping dirty flag to ignore.
 
     Errors (OSError): EINVAL (bad flags, unaligned start, negative length, GET
-    without room, range not watched), ESRCH (the process is gone or may not be
-    inspected), EIO (the kernel failed the scan).
+    without room or with a vec in memory that cannot be written, range not
+    watched), ESRCH (the process is gone or may not be inspected), EIO (the
+    kernel failed the scan). A non-integer argument raises TypeError.
     """
-    if (not isinstance(flags, int) or flags & ~_MEMWATCH_ALL
+    # numpy integers are integers too, but their fixed-width arithmetic would wrap.
+    pidfd, start, length, flags = (operator.index(each) for each in (pidfd, start, length, flags))
+    if vec_len is not None:
+        vec_len = operator.index(vec_len)
+    if (flags & ~_MEMWATCH_ALL
             or not flags & (MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR)):
         raise _oserror(errno.EINVAL, f"invalid process_memwatch flags {flags!r}")
     if start < 0 or start & _PAGE_MASK:

@@ -360,6 +360,11 @@ def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
         raise WriteWatchError(ERROR_INVALID_ADDRESS if address else ERROR_NOT_ENOUGH_MEMORY,
                               "the range does not fit in the user address space")
 
+    if allocation_type & MEM_RESERVE and 0 < address < ALLOCATION_GRANULARITY:
+        # Rounded down, the address would be 0, which means "anywhere": Windows
+        # refuses the first 64 KiB instead.
+        raise WriteWatchError(ERROR_INVALID_PARAMETER,
+                              f"cannot reserve at {address:#x}: the first 64 KiB are off limits")
     if allocation_type & MEM_RESERVE or address == 0:
         # MEM_COMMIT with no address reserves too, as on Windows.
         region = _reserve(address, size, protect, bool(allocation_type & MEM_WRITE_WATCH),
@@ -406,12 +411,13 @@ def _reserve(address: int, size: int, protect: int, write_watch: bool,
         except OSError as exc:
             kernel.unmap(base, length)
             raise _mapping_error(exc, "cannot watch the reservation") from exc
-        try:
-            kernel.index_add(base, length, watcher)
-        except OSError as exc:
+    try:
+        kernel.index_add(base, length, watcher)
+    except OSError as exc:
+        if watcher is not None:
             watcher.detach()
-            kernel.unmap(base, length)
-            raise _mapping_error(exc, "cannot index the reservation") from exc
+        kernel.unmap(base, length)
+        raise _mapping_error(exc, "cannot index the reservation") from exc
     region = Region(base, length, protect, watcher)
     _table.insert(region)
     return region
@@ -515,9 +521,9 @@ def release_region(region: Region) -> None:
     except (KeyError, ValueError):
         raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released") from None
     with region.lock:
+        kernel.index_remove(region.base)
         watcher = region.watcher
         if watcher is not None:
-            kernel.index_remove(region.base)
             if watcher.survives_fork or region.epoch == kernel.process_epoch():
                 # A view may outlive the release: leave its pages plainly
                 # accessible, not armed for a tracker that is about to go.
@@ -663,6 +669,9 @@ def get_written(flags: Any, base: Any, size: Any, addresses: Any, count: Any = N
     if flags & ~WRITE_WATCH_FLAG_RESET:
         raise WriteWatchError(ERROR_INVALID_PARAMETER, f"invalid flags {flags:#x}")
     with _watching(base, size) as (watcher, spans, first, last):
+        if not kernel.output_writable(addresses, count):
+            raise WriteWatchError(ERROR_NOACCESS, "the addresses array lies in memory that "
+                                  "cannot be written")
         # The walk stops where the array fills: later pages are neither reported
         # nor reset (Windows' capped RESET).
         return watcher.written(spans, first, last, bool(flags), addresses, count)
@@ -744,7 +753,7 @@ def as_array(address: Any, size: Any, dtype: npt.DTypeLike = np.uint8) -> np.nda
     address = _uint(address, "address")
     size = _uint(size, "size")
     dtype = np.dtype(dtype)
-    if size == 0 or size % dtype.itemsize:
+    if size == 0 or dtype.itemsize == 0 or size % dtype.itemsize:
         raise ValueError(f"size {size} is not a positive multiple of {dtype} "
                          f"({dtype.itemsize} bytes)")
     region = _table.find(address)
