@@ -82,7 +82,7 @@ def as_int(value: Any) -> int:
 class Guarded:
     """Memory whose last data byte is followed by a PROT_NONE page. Arrays are
     placed to end exactly at the guard page; every other byte holds a canary.
-    changed() lists the byte ranges a call modified."""
+    changed_outside() lists what a call modified outside the bytes it may write."""
 
     def __init__(self, nbytes: int) -> None:
         self.data_size = max(1, -(-nbytes // P)) * P
@@ -103,8 +103,8 @@ class Guarded:
         self.before = self.raw.copy()
 
     def changed_outside(self, start: int, end: int) -> list[int]:
-        """Offsets (from the guarded memory's start) that changed outside
-        [start, end) addresses."""
+        """Addresses (at most 8) whose byte changed since snapshot(), outside
+        the address range [start, end)."""
         assert self.before is not None
         diff = np.flatnonzero(self.raw != self.before) + self.address
         return [int(a) for a in diff if not start <= a < end][:8]
@@ -124,7 +124,6 @@ ARRAY_KINDS = ["uintp"] * 6 + [
 def make_array(kind: str, length: int, scene: Scene) -> tuple[Any, Guarded | None]:
     """An addresses argument of the given kind, in guarded memory where it is
     an array."""
-    itemsize = 8
     if kind == "none":
         return None, None
     if kind == "list":
@@ -643,7 +642,7 @@ def fuzz_process_memwatch(data: st.DataObject) -> None:
         try:
             result = ww.process_memwatch(pidfd, start, length, flags, vec, vec_len)
         except TypeError:
-            assert not all(is_int(v) for v in (start, length)) or not (
+            assert not all(is_int(v) for v in (pidfd, start, length, flags)) or not (
                 vec_len is None or is_int(vec_len)), "TypeError for integer arguments"
             result = None
         except OSError as exc:
