@@ -92,13 +92,13 @@ def GetWriteWatch(flags: int, base: int, size: int,  # noqa: N802
     last reset, ascending; count is its capacity (None: its length). ret is 0 on
     success and 0xFFFFFFFF on failure; count is then the number of addresses and
     granularity the page size. On failure count is returned unchanged."""
-    capacity = len(addresses) if count is None and addresses is not None else count
     try:
-        found = regions.get_written(flags, base, size, addresses, count)
+        return 0, regions.get_written(flags, base, size, addresses, count), PAGE_SIZE
     except WriteWatchError as exc:
         SetLastError(exc.winerror)
-        return WRITE_WATCH_FAILED, capacity or 0, 0
-    return 0, found, PAGE_SIZE
+        if count is None:
+            count = 0 if addresses is None else len(addresses)
+        return WRITE_WATCH_FAILED, count, 0
 
 
 def ResetWriteWatch(base: int, size: int) -> int:  # noqa: N802

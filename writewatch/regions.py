@@ -643,9 +643,29 @@ def get_written(flags: Any, base: Any, size: Any, addresses: Any, count: Any = N
     ERROR_NOACCESS; flags, size 0, a range leaving the region ->
     ERROR_INVALID_PARAMETER. This is the per-frame call of a game loop, so the
     common case runs few Python operations and one native call."""
+    if (type(addresses) is np.ndarray and addresses.dtype is _UINTP
+            and addresses.flags.c_contiguous and addresses.flags.writeable
+            and addresses.ndim == 1 and (count is None or type(count) is int)):
+        # The common call: a usable array. cffi converts the integers (and
+        # refuses what is not one in 0..2**64-1); the index checks the rest.
+        capacity = len(addresses) if count is None else count
+        if 0 < capacity <= len(addresses):
+            try:
+                found = kernel.get_write_watch(flags, base, size, addresses, capacity)
+            except (TypeError, OverflowError):
+                found = None
+            if found is not None:
+                return found
+    return _get_written_checked(flags, base, size, addresses, count)
+
+
+def _get_written_checked(flags: Any, base: Any, size: Any, addresses: Any, count: Any) -> int:
+    """get_written for every other call: each check in Wine's order with its
+    own error, and the scan of a forked child's region."""
     if addresses is not None and not (type(addresses) is np.ndarray
-                                      and addresses.dtype is _UINTP and addresses.ndim == 1
-                                      and addresses.flags.c_contiguous):
+                                      and addresses.dtype is _UINTP
+                                      and addresses.flags.c_contiguous
+                                      and addresses.ndim == 1):
         _check_output_array(addresses)
     capacity = 0 if addresses is None else len(addresses)
     count = capacity if count is None else _uint(count, "count")
