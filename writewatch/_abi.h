@@ -157,6 +157,8 @@ int ww_track_prepare_write(int slot, uint64_t start, uint64_t length);
 int ww_track_find(uint64_t address);
 int ww_track_all_watched(int slot, uint64_t start, uint64_t end);
 int ww_track_state(int slot, uint64_t address);
+void ww_track_lock_all(void);
+void ww_track_unlock_all(void);
 void ww_track_after_fork_child(void);
 int ww_segv_install(void);
 int ww_segv_installed(void);

@@ -597,6 +597,31 @@ int ww_uffd_handler_start(int uffd)
     return -result;
 }
 
+/*
+ * Around fork: a handler or a reset in another thread may be half-way between
+ * changing a page's protection and recording it. Holding every range lock
+ * while the process forks gives the child state that matches its page
+ * protections. os.fork's before-hook takes them; the parent releases them
+ * after, and the child starts with all locks free.
+ */
+void ww_track_lock_all(void)
+{
+    pthread_mutex_lock(&track_slots_mutex);
+    int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < used; i++)
+        if (track_ranges[i])
+            range_lock(track_ranges[i]);
+}
+
+void ww_track_unlock_all(void)
+{
+    int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < used; i++)
+        if (track_ranges[i])
+            range_unlock(track_ranges[i]);
+    pthread_mutex_unlock(&track_slots_mutex);
+}
+
 /* In a forked child: no handler thread exists, no lock is held by anyone. */
 void ww_track_after_fork_child(void)
 {

@@ -652,7 +652,8 @@ def backend(name: str = "auto") -> Backend:
     return _backends[name]
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=lib.ww_track_lock_all, after_in_parent=lib.ww_track_unlock_all,
+                    after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------
