@@ -27,11 +27,14 @@ equals the memory byte for byte exactly when no write was lost.
 
 CI runs each test for about a second per backend; --soak (or WRITEWATCH_SOAK=1)
 for a minute. Loops are bounded in count as well as in time, and nothing
-asserts on time.
+asserts on time. Each scenario runs in a child interpreter: a deadlock (a
+thread holding the GIL spinning on a lock whose holder waits for the GIL) then
+fails its test, with every thread's traceback, instead of hanging the session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -39,9 +42,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
-import pytest
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -70,12 +73,15 @@ def watched_region(npages: int) -> int:
     return base
 
 
-@pytest.fixture
-def regions() -> Iterator[tuple[int, int]]:
+@contextlib.contextmanager
+def two_regions() -> Iterator[tuple[int, int]]:
+    """The polled region and the ResetWriteWatch region, released afterwards."""
     polled, resetting = watched_region(NPAGES), watched_region(RESET_PAGES)
-    yield polled, resetting
-    assert ww.VirtualFree(polled, 0, ww.MEM_RELEASE)
-    assert ww.VirtualFree(resetting, 0, ww.MEM_RELEASE)
+    try:
+        yield polled, resetting
+    finally:
+        assert ww.VirtualFree(polled, 0, ww.MEM_RELEASE)
+        assert ww.VirtualFree(resetting, 0, ww.MEM_RELEASE)
 
 
 class Shadow:
@@ -311,8 +317,12 @@ def check_nothing_lost(shadow: Shadow, writes: int, workers: Workers) -> None:
     assert (shadow.view.reshape(-1, P).any(axis=1)).sum() > NPAGES // 2
 
 
-def test_no_write_lost_while_everything_runs_at_once(regions, soak):
-    polled, resetting = regions
+def scenario_everything(soak: bool) -> None:
+    with two_regions() as (polled, resetting):
+        everything(polled, resetting, soak)
+
+
+def everything(polled: int, resetting: int, soak: bool) -> None:
     shadow = Shadow(polled, NPAGES)
     workers = Workers()
     writers = [NativeWriters(polled, NPAGES, nthreads=2, seed=61, pause_ns=PAUSE_NS),
@@ -363,8 +373,12 @@ def child_uses_writewatch(base: int, npages: int, rng: np.random.Generator) -> i
             return 3
         view[later * P + 5] = 2
         ret, found, _ = ww.GetWriteWatch(0, base, npages * P, out)
-        if ret != 0 or out[:found].tolist() != [base + later * P]:
-            return 4
+        if ret != 0:
+            return 6
+        if base + later * P not in out[:found].tolist():
+            return 4  # the child's write after its reset was not reported
+        if found != 1:
+            return 7  # pages reported that nobody wrote after the reset
         return 0
     except BaseException:
         return 5
@@ -395,12 +409,12 @@ def forker(base: int, npages: int, forks: list[int]) -> Callable[[np.random.Gene
     return body
 
 
-def test_fork_and_exec_under_load_keep_parent_tracking_exact(regions, soak):
-    """Item 4: while writers write and pollers poll, a thread keeps forking
-    (subprocess.run, fork + exec, fork children that use writewatch on the
-    polled region's copy). The children exit cleanly and see their own writes;
-    the parent loses no write."""
-    polled, resetting = regions
+def scenario_fork(soak: bool) -> None:
+    with two_regions() as (polled, resetting):
+        fork_under_load(polled, resetting, soak)
+
+
+def fork_under_load(polled: int, resetting: int, soak: bool) -> None:
     shadow = Shadow(polled, NPAGES)
     workers = Workers()
     forks = [0]
@@ -418,11 +432,12 @@ def test_fork_and_exec_under_load_keep_parent_tracking_exact(regions, soak):
     assert forks[0] >= 1
 
 
-def test_child_forked_while_writers_run_exits_cleanly_and_parent_keeps_its_pages(regions):
-    """A child forked while native writers store into watched memory has no
-    writer threads; it can still use writewatch on its copy, and the parent's
-    dirty pages are untouched by whatever the child resets."""
-    polled, _ = regions
+def scenario_forked_children(soak: bool) -> None:
+    with two_regions() as (polled, _):
+        forked_children(polled)
+
+
+def forked_children(polled: int) -> None:
     with NativeWriters(polled, 8, nthreads=2, seed=81, pause_ns=PAUSE_NS) as writers:
         codes = []
         for seed in range(4):
@@ -440,3 +455,54 @@ def test_child_forked_while_writers_run_exits_cleanly_and_parent_keeps_its_pages
     view = ww.as_array(polled, NPAGES * P).reshape(-1, P)
     assert ret == 0 and pages == np.flatnonzero(view.any(axis=1)).tolist()
     assert pages and max(pages) < 8
+
+
+# ---------------------------------------------------------------------------
+# the tests: each scenario in a child interpreter, so that a deadlock fails
+# the test (with every thread's traceback) instead of hanging the session
+
+SCENARIOS = {
+    "everything": scenario_everything,
+    "fork": scenario_fork,
+    "forked-children": scenario_forked_children,
+}
+
+
+def run_isolated(name: str, soak: bool) -> None:
+    limit = (SOAK_SECONDS + 240) if soak else 40  # a CI scenario takes a few seconds
+    code = f"""
+import faulthandler, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+faulthandler.dump_traceback_later({limit - 10}, exit=True)  # a deadlock: show every thread
+import test_concurrency
+test_concurrency.SCENARIOS[{name!r}]({soak!r})
+print("scenario done", flush=True)
+"""
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=limit)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the {name} scenario hung:\n{exc.stderr!r}") from None
+    assert result.returncode == 0 and "scenario done" in result.stdout, (
+        f"exit status {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-12000:]}")
+
+
+def test_no_write_lost_while_everything_runs_at_once(soak):
+    """Writers, RESET pollers, VirtualProtect, ResetWriteWatch and allocators
+    at once: the shadow copy equals the memory (module docstring)."""
+    run_isolated("everything", soak)
+
+
+def test_fork_and_exec_under_load_keep_parent_tracking_exact(soak):
+    """Item 4: while writers write and pollers poll, a thread keeps forking
+    (subprocess.run, fork + exec, fork children that use writewatch on the
+    polled region's copy). The children exit cleanly (status 4: a child's write
+    after its reset went unreported) and the parent loses no write."""
+    run_isolated("fork", soak)
+
+
+def test_child_forked_while_writers_run_exits_cleanly_and_parent_keeps_its_pages():
+    """A child forked while native writers store into watched memory has no
+    writer threads; it can still use writewatch on its copy, and the parent's
+    dirty pages are untouched by whatever the child resets."""
+    run_isolated("forked-children", False)
