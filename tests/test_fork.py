@@ -13,6 +13,7 @@ one is reported here and never runs the rest of the test session.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -266,3 +267,52 @@ def test_child_is_served_by_the_one_call_path_after_the_fork_hook(region):
     seen = run_forked(child)
     assert seen["served"]
     assert seen["pages"] == [4]
+
+
+# ---------------------------------------------------------------------------
+# fork while other threads fault
+
+FORK_WHILE_PYTHON_WRITES = """
+import faulthandler, os, threading, time
+import writewatch as ww
+faulthandler.dump_traceback_later({hang}, exit=True)
+P = ww.PAGE_SIZE
+base = ww.VirtualAlloc(0, 64 * P, ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH,
+                       ww.PAGE_READWRITE)
+view = ww.as_array(base, 64 * P)
+stop = threading.Event()
+
+def write_holding_the_gil():
+    while not stop.is_set():
+        assert ww.ResetWriteWatch(base, 64 * P) == 0
+        for page in range(64):
+            view[page * P] = 1  # the first write after the reset faults
+
+writer = threading.Thread(target=write_holding_the_gil)
+writer.start()
+forks, deadline = 0, time.monotonic() + {seconds}
+while forks < 300 and time.monotonic() < deadline:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    forks += 1
+stop.set()
+writer.join()
+print("forked", forks, "times")
+"""
+
+
+def test_fork_while_a_python_thread_faults_on_watched_memory_does_not_deadlock():
+    """A Python thread writes into watched memory holding the GIL; on the
+    fallback backends each first write after a reset faults into a handler
+    that takes the page range's lock. fork() holds those locks, so the forking
+    thread must not wait for the GIL while it holds them (a deadlock found by
+    test_concurrency's fork scenario). Runs in a child interpreter: a deadlock
+    fails with every thread's traceback instead of hanging the session."""
+    hang = 40
+    result = subprocess.run([sys.executable, "-c",
+                             FORK_WHILE_PYTHON_WRITES.format(hang=hang, seconds=2)],
+                            capture_output=True, text=True, timeout=hang + 10)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "forked" in result.stdout and "forked 0 times" not in result.stdout

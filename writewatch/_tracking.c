@@ -601,10 +601,14 @@ int ww_uffd_handler_start(int uffd)
  * Around fork: a handler or a reset in another thread may be half-way between
  * changing a page's protection and recording it. Holding every range lock
  * while the process forks gives the child state that matches its page
- * protections. os.fork's before-hook takes them; the parent releases them
- * after, and the child starts with all locks free.
+ * protections. The locks are taken by pthread_atfork handlers, inside fork()
+ * itself, not by an os.register_at_fork hook: a Python hook would return to
+ * the interpreter holding them and wait for the GIL, while the thread holding
+ * the GIL may be stopped in a write fault whose handler waits for one of them.
+ * Inside fork() the forking thread already holds the GIL, and every range
+ * lock holder is native code that finishes without it.
  */
-void ww_track_lock_all(void)
+static void track_lock_all(void)
 {
     pthread_mutex_lock(&track_slots_mutex);
     int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
@@ -613,7 +617,7 @@ void ww_track_lock_all(void)
             range_lock(track_ranges[i]);
 }
 
-void ww_track_unlock_all(void)
+static void track_unlock_all(void)
 {
     int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
     for (int i = 0; i < used; i++)
@@ -622,16 +626,30 @@ void ww_track_unlock_all(void)
     pthread_mutex_unlock(&track_slots_mutex);
 }
 
-/* In a forked child: no handler thread exists, no lock is held by anyone. */
-void ww_track_after_fork_child(void)
+/* In a forked child: the locks this thread took are released, and no handler
+ * thread exists (threads do not survive fork). */
+static void track_after_fork_child(void)
 {
-    int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < used; i++)
-        if (track_ranges[i])
-            track_ranges[i]->lock = 0;
+    track_unlock_all();
     track_handlers_active = 0;
     track_sync_uffd = -1;
-    pthread_mutex_init(&track_slots_mutex, NULL);
+}
+
+static pthread_once_t track_fork_handlers_once = PTHREAD_ONCE_INIT;
+static int track_fork_handlers_error;
+
+static void track_install_fork_handlers_once(void)
+{
+    track_fork_handlers_error = pthread_atfork(track_lock_all, track_unlock_all,
+                                               track_after_fork_child);
+}
+
+/* Register the fork handlers (once per process; forked children inherit
+ * them). Returns 0 or -errno. */
+int ww_track_install_fork_handlers(void)
+{
+    pthread_once(&track_fork_handlers_once, track_install_fork_handlers_once);
+    return -track_fork_handlers_error;
 }
 
 /* Fault pages in for writing without changing them (an atomic OR of 0 is a

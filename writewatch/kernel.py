@@ -150,7 +150,6 @@ def process_epoch() -> int:
 def _after_fork_in_child() -> None:
     global _process_epoch
     _process_epoch += 1
-    lib.ww_track_after_fork_child()
     lib.ww_index_after_fork_child()
     for each in _backends.values():
         each.forget_process_state()
@@ -652,8 +651,9 @@ def backend(name: str = "auto") -> Backend:
     return _backends[name]
 
 
-os.register_at_fork(before=lib.ww_track_lock_all, after_in_parent=lib.ww_track_unlock_all,
-                    after_in_child=_after_fork_in_child)
+# Range locks are held across fork() by native handlers; _tracking.c says why.
+_check(lib.ww_track_install_fork_handlers(), "pthread_atfork")
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------------------
