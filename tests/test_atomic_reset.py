@@ -23,6 +23,7 @@ import writewatch as ww
 P = ww.PAGE_SIZE
 NPAGES = 256
 RUN_SECONDS = 0.5  # bounds the polling loop only; nothing asserts on time
+MAX_POLLS = 200_000
 # Each writer pauses this long after a store. Without a pause every page is
 # re-written continuously and a dropped write is simply written again, which
 # hides it; with ~1 us the last write of each page lands at a random moment.
@@ -117,9 +118,14 @@ def run_writers_and_poll(base: int, capacity: int, seed: int,
     writers = [NativeWriters(base + first * P, last - first, nthreads=2, seed=seed + i,
                              pause_ns=PAUSE_NS) for i, (first, last) in enumerate(spans)]
     try:
+        capped = capacity < NPAGES
         deadline = time.monotonic() + RUN_SECONDS
-        while time.monotonic() < deadline:
-            copier.poll()
+        # A capped run goes on past the deadline until a poll has hit the cap
+        # (under a loaded CPU the writers may lag the poller); bounded in count.
+        while ((time.monotonic() < deadline or (capped and copier.full_polls == 0))
+               and copier.polls < MAX_POLLS):
+            if copier.poll() < capacity and capped:
+                time.sleep(0.001)  # let the writers dirty more pages than the cap
         concurrent_pages = copier.pages_copied
     finally:
         writes = sum(each.stop() for each in writers)

@@ -34,6 +34,19 @@ def test_info_names_the_mechanism_and_each_feature():
         assert f"{mark} {name:<9} {reason or ''}" in result.stdout
 
 
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`python -m writewatch info | head -1`: no traceback when the reader leaves."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "writewatch", "info"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
 def test_info_says_why_an_explicit_backend_is_refused():
     result = run_cli_env({"WRITEWATCH_BACKEND": "bogus"}, "info")
     assert "No usable backend" in result.stdout
