@@ -10,7 +10,7 @@ process_memwatch), and must write nothing outside the buffers it was given:
 output arrays end exactly where a PROT_NONE guard page begins, the bytes around
 them hold canaries, and after every call the write-watch state and every
 readable byte of the regions involved are compared with the reference model
-(winmodel.py).
+(writewatch/winmodel.py).
 
 Each fuzzer runs in a child interpreter (one per function and backend), so that
 a write into a guard page or any other crash fails that test alone instead of
@@ -41,9 +41,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from winmodel import USER_SPACE_END, CommitTooLargeError, Expect, WinModel, page_ceil
 
 import writewatch as ww
+from writewatch.winmodel import USER_SPACE_END, CommitTooLargeError, Expect, WinModel, page_ceil
 
 P = ww.PAGE_SIZE
 G = ww.ALLOCATION_GRANULARITY

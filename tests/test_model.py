@@ -1,5 +1,5 @@
 """Model-based test (issue 6, item 1): hypothesis drives writewatch and the
-pure-Python reference model in winmodel.py side by side through random
+pure-Python reference model in writewatch/winmodel.py side by side through random
 sequences of VirtualAlloc (reserve, commit, write-watch or not, bad flags),
 writes through numpy views (single bytes, ranges straddling pages),
 VirtualProtect, VirtualFree (decommit, release), VirtualQuery, GetWriteWatch
@@ -27,9 +27,9 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from winmodel import Expect, Region, WinModel
 
 import writewatch as ww
+from writewatch.winmodel import Expect, Region, WinModel
 
 P = ww.PAGE_SIZE
 G = ww.ALLOCATION_GRANULARITY

@@ -236,12 +236,12 @@ class WinModel:
                     region.commit(first, last, protect)
                 self.regions[base] = region
                 return base
-            region = self.find(address)
+            found = self.find(address)
             first, last = page_floor(address), page_ceil(address + size)
-            if region is None or last > region.end:
+            if found is None or last > found.end:
                 raise ModelError(ERROR_INVALID_ADDRESS)
             self._check_commit_size(first, last)
-            region.commit(first, last, protect)
+            found.commit(first, last, protect)
             return first
 
         return self._run(0, body)
