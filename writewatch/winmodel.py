@@ -1,9 +1,15 @@
 """A pure-Python reference model of the Windows virtual-memory and write-watch
 semantics writewatch promises (REFERENCE.md section 1, README "The Windows API").
 
-No kernel behind it: regions are lists of page states, a dirty bit per page and
-a bytearray of content. Tests drive the model and writewatch side by side and
-compare every return value, count, address, last error and byte.
+No kernel behind it: regions hold their committed pages' protections, the set
+of written pages and the bytes of the pages written to (sparse, so a huge
+reservation costs what its committed pages cost). It is the one statement of
+those semantics in the project: the tests (tests/test_model.py,
+tests/test_hostile_inputs.py) drive it and writewatch side by side and compare
+every return value, count, address, last error and byte, and the differential
+tester's ``model`` (writewatch.conformance.ReferenceModel) is a WindowsApi-shaped
+adapter over it, so that what the tests check and what the tester compares
+other implementations with cannot drift apart.
 
 Each method takes the arguments of the function it models (integers only: the
 TypeError cases are the hostile-input tests' business) and returns an
@@ -13,7 +19,16 @@ error it must leave. Methods change the model only when the call succeeds.
 The one thing the model cannot know is where the kernel puts a reservation made
 with address 0: such calls take ``pick``, a callable that receives the length
 and returns the base the real call chose (the caller checks it is 64 KiB
-aligned and overlaps nothing the model knows).
+aligned and overlaps nothing the model knows). ``pick`` may instead raise
+``ModelError`` (8 when it has no room, say) to make the call fail.
+
+Two steps are methods a variant may override to build a deliberately wrong
+model (the conformance tool's planted bugs): ``_report_and_reset``, the walk of
+GetWriteWatch, and ``_decommit``. So that such a variant shows its bug the way
+a real implementation would, the rest of the model does not repeat their work:
+committing a page leaves its dirty bit and bytes alone (decommit, the only way a
+page stops being committed, is what drops them), and the walk reports only
+committed pages.
 
 Order of the checks, where several errors apply, follows writewatch's
 documentation (which follows Wine): see each method.
@@ -21,11 +36,12 @@ documentation (which follows Wine): see each method.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-PAGE = 4096
+PAGE = mmap.PAGESIZE  # the machine's, as writewatch's granularity is
 GRANULARITY = 0x10000
 USER_SPACE_END = (1 << 47) - PAGE  # x86_64, four-level page tables
 LOWEST_USER_ADDRESS = 0x10000      # Windows and Wine refuse the low 64 KiB
@@ -119,18 +135,29 @@ class Region:
         return sorted(i for i in self.state if pages.start <= i < pages.stop)
 
     def commit(self, first: int, last: int, protect: int) -> None:
+        # A committed page keeps its dirty state. Fresh pages start clean and
+        # read as zero (REFERENCE items 2, 11) because decommit dropped both.
         for i in self.pages(first, last):
-            if i not in self.state:
-                # Fresh pages start clean and read as zero (REFERENCE items 2, 11).
-                self.dirty.discard(i)
-                self.content.pop(i, None)
-            self.state[i] = protect  # a committed page keeps its dirty state
+            self.state[i] = protect
 
     def decommit(self, first: int, last: int) -> None:
-        for i in self.committed_in(self.pages(first, last)):
+        """Item 11: the pages of [first, last) become reserved and lose their
+        dirty state and contents (cost: committed, dirty and written pages)."""
+        pages = self.pages(first, last)
+        for i in self.committed_in(pages):
             del self.state[i]
-            self.dirty.discard(i)  # Windows drops the dirty state (item 11)
-            self.content.pop(i, None)
+        self.dirty.difference_update([i for i in self.dirty if i in pages])
+        for i in [i for i in self.content if i in pages]:
+            del self.content[i]
+
+    def report_and_reset(self, pages: range, capacity: int, reset: bool) -> list[int]:
+        """Items 5 and 9: the written committed pages among pages, ascending;
+        the walk stops when capacity are found, and a reset covers exactly the
+        pages reported."""
+        reported = sorted(i for i in self.dirty if i in pages and i in self.state)[:capacity]
+        if reset:
+            self.dirty.difference_update(reported)
+        return reported
 
     def committed_pages(self) -> list[int]:
         return sorted(self.state)
@@ -154,11 +181,17 @@ class WinModel:
     """The whole address space as writewatch's Windows API sees it.
 
     commit_limit (bytes, None for no limit): a commit larger than it raises
-    CommitTooLargeError before anything changes, so that a fuzzer can skip it."""
+    CommitTooLargeError before anything changes, so that a fuzzer can skip it.
 
-    def __init__(self, commit_limit: int | None = None) -> None:
+    chosen_reservations: False makes a reservation at a chosen address fail with
+    487, for a user that makes its addresses up (ReferenceModel) and would
+    otherwise have to steer them around such reservations."""
+
+    def __init__(self, commit_limit: int | None = None,
+                 chosen_reservations: bool = True) -> None:
         self.regions: dict[int, Region] = {}
         self.commit_limit = commit_limit
+        self.chosen_reservations = chosen_reservations
 
     def _check_commit_size(self, first: int, last: int) -> None:
         if self.commit_limit is not None and last - first > self.commit_limit:
@@ -198,7 +231,9 @@ class WinModel:
         address space -> 487 with an address, 8 without one; a reservation whose
         64 KiB-rounded base falls in the low 64 KiB -> 87 (Wine: "disallow low
         64k"); a reservation overlapping another -> 487; a commit not inside one
-        reservation -> 487. MEM_COMMIT with address 0 reserves too."""
+        reservation -> 487 (any reservation at an address, when the model was
+        made without chosen_reservations). MEM_COMMIT with address 0 reserves
+        too."""
         def body() -> int:
             for value in (address, size, allocation_type):
                 self._uint(value)
@@ -216,6 +251,8 @@ class WinModel:
                 raise ModelError(ERROR_INVALID_ADDRESS if address else ERROR_NOT_ENOUGH_MEMORY)
             if allocation_type & MEM_RESERVE or address == 0:
                 if address:
+                    if not self.chosen_reservations:
+                        raise ModelError(ERROR_INVALID_ADDRESS)
                     base = address & ~(GRANULARITY - 1)
                     length = page_ceil(address + size) - base
                     if base < LOWEST_USER_ADDRESS:
@@ -277,7 +314,7 @@ class WinModel:
                 first, last = page_floor(address), page_ceil(address + size)
                 if last > region.end:
                     raise ModelError(ERROR_INVALID_ADDRESS)
-            region.decommit(first, last)
+            self._decommit(region, first, last)
             return True
 
         return self._run(False, body)
@@ -358,7 +395,8 @@ class WinModel:
         return self._run(None, body)
 
     def write(self, address: int, data: bytes) -> None:
-        """A user-mode write through a writable view (the caller checked view())."""
+        """A user-mode write through a writable view (the caller checked view()).
+        Only a write-watch region records the pages written."""
         region = self.find(address)
         assert region is not None and address + len(data) <= region.end
         offset = address - region.base
@@ -368,9 +406,20 @@ class WinModel:
             page = region.content.setdefault(i, bytearray(PAGE))
             chunk = data[:PAGE - at]
             page[at:at + len(chunk)] = chunk
-            region.dirty.add(i)
+            if region.write_watch:
+                region.dirty.add(i)
             data = data[len(chunk):]
             offset += len(chunk)
+
+    def read(self, address: int, length: int) -> bytes:
+        """A read through a readable view (the caller checked view())."""
+        region = self.find(address)
+        assert region is not None and address + length <= region.end
+        first = page_floor(address)
+        pages = region.pages(first, page_ceil(address + length))
+        assert all(region.protection(i) in (PAGE_READONLY, PAGE_READWRITE) for i in pages)
+        whole = b"".join(region.page_bytes(i) for i in pages)
+        return whole[address - first:address - first + length]
 
     # -- GetWriteWatch / ResetWriteWatch
 
@@ -409,10 +458,8 @@ class WinModel:
             self._uint(base)
             self._uint(size)
             region, first, last = self._watched_range(base, size)
-            pages = region.pages(first, last)
-            walked = sorted(i for i in region.dirty if pages.start <= i < pages.stop)[:wanted]
-            if flags & WRITE_WATCH_FLAG_RESET:
-                region.dirty.difference_update(walked)
+            walked = self._report_and_reset(region, region.pages(first, last), wanted,
+                                            bool(flags & WRITE_WATCH_FLAG_RESET))
             return 0, len(walked), PAGE, [region.base + i * PAGE for i in walked]
 
         return self._run((WRITE_WATCH_FAILED, given, 0, []), body)
@@ -429,6 +476,18 @@ class WinModel:
             return 0
 
         return self._run(WRITE_WATCH_FAILED, body)
+
+    # -- the steps a deliberately wrong variant overrides
+
+    def _report_and_reset(self, region: Region, pages: range, capacity: int,
+                          reset: bool) -> list[int]:
+        """GetWriteWatch's walk over pages (indices into region): the pages it
+        reports, at most capacity, reset too when reset is true."""
+        return region.report_and_reset(pages, capacity, reset)
+
+    def _decommit(self, region: Region, first: int, last: int) -> None:
+        """VirtualFree(MEM_DECOMMIT) of the page-aligned range [first, last)."""
+        region.decommit(first, last)
 
     # -- whole-model views
 
