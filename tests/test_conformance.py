@@ -153,6 +153,38 @@ class TestModel:
         assert self.pages(base) == []
         assert self.model.ResetWriteWatch(base, 16 * P) == 0
 
+    def test_reservation_at_a_chosen_address_is_not_modelled(self):
+        """The model makes its addresses up: reserving at one fails with 487
+        (after the argument checks), as it always has; the traces never do it."""
+        assert self.model.VirtualAlloc(0x10000000, P, ww.MEM_RESERVE, ww.PAGE_READWRITE) == 0
+        assert self.model.GetLastError() == ww.ERROR_INVALID_ADDRESS
+        assert self.model.VirtualAlloc(0x10000000, P, ww.MEM_RESERVE, 0x40) == 0
+        assert self.model.GetLastError() == ww.ERROR_INVALID_PARAMETER
+
+    def test_arguments_writewatch_refuses_are_refused_as_writewatch_does(self):
+        """The checks of writewatch.winmodel, which the test suite holds
+        writewatch to: values out of range, arrays it cannot fill, no room."""
+        base = self.model.VirtualAlloc(0, 4 * P, WATCHED, ww.PAGE_READWRITE)
+        self.model.write(base, b"x")
+        self.model.write(base + P, b"x")
+        assert self.model.VirtualAlloc(-P, P, ww.MEM_COMMIT, ww.PAGE_READWRITE) == 0
+        assert self.model.GetLastError() == ww.ERROR_INVALID_PARAMETER
+        get = self.model.GetWriteWatch
+        assert get(0, base, 4 * P, self.out, -1)[0] == ww.WRITE_WATCH_FAILED
+        assert self.model.GetLastError() == ww.ERROR_INVALID_PARAMETER
+        assert get(0, base, 4 * P, self.out[:1], 3) == (ww.WRITE_WATCH_FAILED, 3, 0)
+        assert self.model.GetLastError() == ww.ERROR_NOACCESS
+        read_only = np.zeros(4, np.uintp)
+        read_only.flags.writeable = False
+        assert get(0, base, 4 * P, read_only)[0] == ww.WRITE_WATCH_FAILED
+        assert self.model.GetLastError() == ww.ERROR_NOACCESS
+        assert self.model.VirtualAlloc(0, 1 << 42, ww.MEM_RESERVE, ww.PAGE_READWRITE) == 0
+        assert self.model.GetLastError() == ww.ERROR_NOT_ENOUGH_MEMORY
+        huge = self.model.VirtualAlloc(0, 1 << 40, ww.MEM_RESERVE | ww.MEM_WRITE_WATCH,
+                                       ww.PAGE_NOACCESS)  # sparse: costs nothing
+        assert huge % ww.ALLOCATION_GRANULARITY == 0
+        assert self.pages(huge, size=1 << 40) == []
+
 
 # -- writewatch against the model and against itself
 

@@ -9,9 +9,10 @@ with the trace shrunk to the few calls that still show it.
 
 An implementation is named by:
 
-- ``model``: the pure-Python reference implementation of Windows' semantics in
-  this module (REFERENCE.md section 1). It needs no kernel support, so a
-  divergence is found even on a machine with a single backend.
+- ``model``: the pure-Python reference implementation of Windows' semantics
+  (REFERENCE.md section 1): ReferenceModel, an adapter over writewatch.winmodel,
+  the model the test suite holds writewatch to. It needs no kernel support, so
+  a divergence is found even on a machine with a single backend.
 - a writewatch backend name (``kernel.backend_names()``: pagemap, uffd,
   mprotect, ...). One this machine cannot run is skipped, saying why.
 - ``module:attribute`` or ``path/to/file.py:attribute``: a Python object with
@@ -61,7 +62,7 @@ import random
 import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,9 +71,7 @@ import numpy.typing as npt
 
 from writewatch import api, kernel, regions
 from writewatch.constants import (
-    ERROR_INVALID_ADDRESS,
-    ERROR_INVALID_PARAMETER,
-    ERROR_NOACCESS,
+    ERROR_NOT_ENOUGH_MEMORY,
     MEM_COMMIT,
     MEM_DECOMMIT,
     MEM_RELEASE,
@@ -85,9 +84,17 @@ from writewatch.constants import (
     WRITE_WATCH_FLAG_RESET,
 )
 from writewatch.regions import ALLOCATION_GRANULARITY, PAGE_SIZE, WriteWatchError
+from writewatch.winmodel import (
+    USER_SPACE_END,
+    Expect,
+    ModelError,
+    Region,
+    WinModel,
+    page_ceil,
+    page_floor,
+)
 
 P = PAGE_SIZE
-_PROTECTIONS = (PAGE_NOACCESS, PAGE_READONLY, PAGE_READWRITE)
 _PROTECTION_NAMES = {PAGE_NOACCESS: "PAGE_NOACCESS", PAGE_READONLY: "PAGE_READONLY",
                      PAGE_READWRITE: "PAGE_READWRITE"}
 # Guard entries after the addresses array's capacity: none may be overwritten.
@@ -129,74 +136,67 @@ class WindowsApi(Protocol):
 
 
 # ---------------------------------------------------------------------------
-# The reference model: Windows' semantics, in plain Python, no real memory
+# The reference model: Windows' semantics (writewatch.winmodel), no real memory
 
 
-@dataclass
-class _ModelRegion:
-    base: int
-    npages: int
-    write_watch: bool
-    # Per page: 0 while only reserved, else its protection.
-    state: list[int]
-    dirty: set[int] = field(default_factory=set)
-    contents: dict[int, bytearray] = field(default_factory=dict)
+class _HookedModel(WinModel):
+    """The model, with its two overridable steps handed to a ReferenceModel so
+    that a subclass of ReferenceModel overriding them changes what it does."""
 
-    @property
-    def end(self) -> int:
-        return self.base + self.npages * P
+    def __init__(self, owner: ReferenceModel) -> None:
+        # Refuse reservations at a chosen address (487): the tester's traces
+        # never make one, and the made-up addresses would have to avoid them.
+        super().__init__(chosen_reservations=False)
+        self._owner = owner
 
+    def _report_and_reset(self, region: Region, pages: range, capacity: int,
+                          reset: bool) -> list[int]:
+        return self._owner._report_and_reset(region, pages, capacity, reset)
 
-def _floor(address: int) -> int:
-    return address - address % P
-
-
-def _ceil(address: int) -> int:
-    return -(-address // P) * P
-
-
-class _ModelFailureError(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
+    def _decommit(self, region: Region, first: int, last: int) -> None:
+        self._owner._decommit(region, first, last)
 
 
 class ReferenceModel:
-    """REFERENCE.md section 1 as a simulation: regions, page states, dirty pages
-    and contents are Python data, addresses are made up (64 KiB aligned), and
-    write/read/kernel_write act on the simulated contents.
+    """REFERENCE.md section 1 as a simulation: a WindowsApi-shaped adapter over
+    writewatch.winmodel.WinModel, the model the test suite checks writewatch
+    against, so that the tester's reference and the tests' cannot drift apart.
+    The adapter keeps the last error, makes addresses up (64 KiB aligned), and
+    its write/read/kernel_write act on the model's contents, raising OSError
+    where a real access would fault.
 
     Where Windows leaves a detail open (the order of VirtualFree's checks, for
-    one), the model does what writewatch documents. Subclass and override
-    _report_and_reset or _decommit to build a deliberately wrong variant."""
+    one), the model does what writewatch documents. A reservation at a chosen
+    address is not modelled: it fails with 487. Subclass and override
+    _report_and_reset or _decommit to build a deliberately wrong variant: the
+    model calls them for GetWriteWatch's walk and VirtualFree(MEM_DECOMMIT)."""
 
     _FIRST_BASE = 0x7E0000000000
 
     def __init__(self) -> None:
-        self.regions: dict[int, _ModelRegion] = {}
+        self.model: WinModel = _HookedModel(self)
         self._next_base = self._FIRST_BASE
         self._last_error = 0
 
-    # -- helpers
+    @property
+    def regions(self) -> dict[int, Region]:
+        """The model's regions by base address."""
+        return self.model.regions
 
-    def _find(self, address: int) -> _ModelRegion | None:
-        for region in self.regions.values():
-            if region.base <= address < region.end:
-                return region
-        return None
+    def _pick(self, length: int) -> int:
+        """The base of a reservation made with address 0."""
+        base = self._next_base
+        if base + length > USER_SPACE_END:
+            raise ModelError(ERROR_NOT_ENOUGH_MEMORY)
+        # Leave a gap so that no range of one region runs into the next.
+        end = base + page_ceil(length + P) + ALLOCATION_GRANULARITY
+        self._next_base = -(-end // ALLOCATION_GRANULARITY) * ALLOCATION_GRANULARITY
+        return base
 
-    def _pages(self, region: _ModelRegion, first: int, last: int) -> range:
-        return range((first - region.base) // P, (last - region.base) // P)
-
-    def _fail(self, code: int) -> None:
-        raise _ModelFailureError(code)
-
-    def _call(self, failed: Any, call: Callable[[], Any]) -> Any:
-        try:
-            return call()
-        except _ModelFailureError as failure:
-            self._last_error = failure.code
-            return failed
+    def _result(self, expect: Expect) -> Any:
+        if expect.error is not None:
+            self._last_error = expect.error
+        return expect.value
 
     def GetLastError(self) -> int:  # noqa: N802
         return self._last_error
@@ -205,191 +205,70 @@ class ReferenceModel:
 
     def VirtualAlloc(self, address: int, size: int, allocation_type: int,  # noqa: N802
                      protect: int) -> int:
-        result: int = self._call(0, lambda: self._allocate(address, size, allocation_type,
-                                                           protect))
+        result: int = self._result(self.model.virtual_alloc(address, size, allocation_type,
+                                                            protect, self._pick))
         return result
-
-    def _allocate(self, address: int, size: int, allocation_type: int, protect: int) -> int:
-        if protect not in _PROTECTIONS:
-            self._fail(ERROR_INVALID_PARAMETER)
-        if allocation_type & ~(MEM_COMMIT | MEM_RESERVE | MEM_WRITE_WATCH):
-            self._fail(ERROR_INVALID_PARAMETER)
-        if not allocation_type & (MEM_COMMIT | MEM_RESERVE):
-            self._fail(ERROR_INVALID_PARAMETER)
-        if allocation_type & MEM_WRITE_WATCH and not allocation_type & MEM_RESERVE:
-            self._fail(ERROR_INVALID_PARAMETER)
-        if size == 0:
-            self._fail(ERROR_INVALID_PARAMETER)
-        if address == 0:
-            npages = _ceil(size) // P
-            base = self._next_base
-            # Leave a gap so that no range of one region runs into the next.
-            self._next_base += _ceil(npages * P + P) + ALLOCATION_GRANULARITY
-            self._next_base = -(-self._next_base // ALLOCATION_GRANULARITY) * \
-                ALLOCATION_GRANULARITY
-            region = _ModelRegion(base, npages, bool(allocation_type & MEM_WRITE_WATCH),
-                                  [0] * npages)
-            self.regions[base] = region
-            if allocation_type & MEM_COMMIT:
-                self._commit(region, base, region.end, protect)
-            return base
-        if allocation_type & MEM_RESERVE:  # reserving at a chosen address: not modelled
-            self._fail(ERROR_INVALID_ADDRESS)
-        first, last = _floor(address), _ceil(address + size)
-        found = self._find(first)
-        if found is None or last > found.end:
-            self._fail(ERROR_INVALID_ADDRESS)
-        assert found is not None
-        self._commit(found, first, last, protect)
-        return first
-
-    def _commit(self, region: _ModelRegion, first: int, last: int, protect: int) -> None:
-        # Already committed pages change protection and keep their dirty state;
-        # fresh pages start clean and zeroed.
-        for page in self._pages(region, first, last):
-            region.state[page] = protect
 
     def VirtualFree(self, address: int, size: int, free_type: int) -> bool:  # noqa: N802
-        def call() -> bool:
-            self._free(address, size, free_type)
-            return True
-        result: bool = self._call(False, call)
+        result: bool = self._result(self.model.virtual_free(address, size, free_type))
         return result
-
-    def _free(self, address: int, size: int, free_type: int) -> None:
-        if free_type not in (MEM_DECOMMIT, MEM_RELEASE):
-            self._fail(ERROR_INVALID_PARAMETER)
-        region = self._find(address)
-        if region is None:
-            self._fail(ERROR_INVALID_ADDRESS)
-        assert region is not None
-        at_base = _floor(address) == region.base
-        if free_type == MEM_RELEASE:
-            if size != 0:
-                self._fail(ERROR_INVALID_PARAMETER)
-            if not at_base:
-                self._fail(ERROR_INVALID_ADDRESS)
-            del self.regions[region.base]
-            return
-        if size == 0:
-            if not at_base:
-                self._fail(ERROR_INVALID_ADDRESS)
-            first, last = region.base, region.end
-        else:
-            first, last = _floor(address), _ceil(address + size)
-            if last > region.end:
-                self._fail(ERROR_INVALID_ADDRESS)
-        self._decommit(region, first, last)
-
-    def _decommit(self, region: _ModelRegion, first: int, last: int) -> None:
-        """Item 11: decommitted pages lose their dirty state and contents."""
-        for page in self._pages(region, first, last):
-            region.state[page] = 0
-            region.dirty.discard(page)
-            region.contents.pop(page, None)
 
     def VirtualProtect(self, address: int, size: int,  # noqa: N802
                        new_protect: int) -> tuple[bool, int]:
-        result: tuple[bool, int] = self._call((False, 0), lambda: (
-            True, self._protect(address, size, new_protect)))
+        result: tuple[bool, int] = self._result(self.model.virtual_protect(address, size,
+                                                                           new_protect))
         return result
 
-    def _protect(self, address: int, size: int, new_protect: int) -> int:
-        if new_protect not in _PROTECTIONS or size == 0:
-            self._fail(ERROR_INVALID_PARAMETER)
-        first, last = _floor(address), _ceil(address + size)
-        region = self._find(first)
-        if region is None or last > region.end:
-            self._fail(ERROR_INVALID_ADDRESS)
-        assert region is not None
-        pages = self._pages(region, first, last)
-        if any(region.state[page] == 0 for page in pages):
-            self._fail(ERROR_INVALID_ADDRESS)
-        old = region.state[pages[0]]
-        for page in pages:  # item 10: dirty state untouched
-            region.state[page] = new_protect
-        return old
-
     # -- GetWriteWatch / ResetWriteWatch
-
-    def _watched(self, base: int, size: int) -> tuple[_ModelRegion, range]:
-        first, last = _floor(base), _ceil(base + size)
-        region = self._find(first)
-        if region is None or not region.write_watch or last > region.end:
-            self._fail(ERROR_INVALID_PARAMETER)
-        assert region is not None
-        return region, self._pages(region, first, last)
 
     def GetWriteWatch(self, flags: int, base: int, size: int,  # noqa: N802
                       addresses: npt.NDArray[np.uintp] | None,
                       count: int | None = None) -> tuple[int, int, int]:
-        capacity = (len(addresses) if addresses is not None else 0) if count is None else count
-        try:
-            # Wine's order of checks (item 15).
-            if capacity == 0:
-                self._fail(ERROR_INVALID_PARAMETER)
-            if addresses is None:
-                self._fail(ERROR_NOACCESS)
-            assert addresses is not None
-            if flags & ~WRITE_WATCH_FLAG_RESET or size == 0:
-                self._fail(ERROR_INVALID_PARAMETER)
-            region, pages = self._watched(base, size)
-        except _ModelFailureError as failure:
-            self._last_error = failure.code
-            return WRITE_WATCH_FAILED, capacity, 0
-        reported = self._report_and_reset(region, pages, capacity,
-                                          bool(flags & WRITE_WATCH_FLAG_RESET))
-        for i, page in enumerate(reported):
-            addresses[i] = region.base + page * P
-        return 0, len(reported), P
-
-    def _report_and_reset(self, region: _ModelRegion, pages: range, capacity: int,
-                          reset: bool) -> list[int]:
-        """Items 5 and 9: ascending, the walk stops when the array is full, and a
-        reset covers exactly the pages reported."""
-        reported = [page for page in pages
-                    if page in region.dirty and region.state[page] != 0][:capacity]
-        if reset:
-            region.dirty.difference_update(reported)
-        return reported
+        capacity = None if addresses is None else len(addresses)
+        writable = addresses is None or bool(addresses.flags.writeable)
+        ret, found, granularity, reported = self._result(self.model.get_write_watch(
+            flags, base, size, capacity, count, writable))
+        if addresses is not None:
+            for i, address in enumerate(reported):
+                addresses[i] = address
+        return ret, found, granularity
 
     def ResetWriteWatch(self, base: int, size: int) -> int:  # noqa: N802
-        def call() -> int:
-            if size == 0:
-                self._fail(ERROR_INVALID_PARAMETER)
-            region, pages = self._watched(base, size)
-            region.dirty.difference_update(pages)
-            return 0
-        result: int = self._call(WRITE_WATCH_FAILED, call)
+        result: int = self._result(self.model.reset_write_watch(base, size))
         return result
+
+    # -- the steps a deliberately wrong variant overrides
+
+    def _report_and_reset(self, region: Region, pages: range, capacity: int,
+                          reset: bool) -> list[int]:
+        """Items 5 and 9: the written committed pages among pages (indices into
+        region), ascending; the walk stops when the array is full (capacity
+        pages), and a reset covers exactly the pages reported."""
+        return region.report_and_reset(pages, capacity, reset)
+
+    def _decommit(self, region: Region, first: int, last: int) -> None:
+        """Item 11: the pages of [first, last) (addresses) become reserved and
+        lose their dirty state and contents."""
+        region.decommit(first, last)
 
     # -- memory
 
-    def _touch(self, address: int, length: int, writable: bool) -> tuple[_ModelRegion, range]:
-        region = self._find(address)
+    def _touch(self, address: int, length: int, writable: bool) -> None:
+        region = self.model.find(address)
         if region is None or address + length > region.end:
             raise OSError(f"access violation at {address:#x}")
-        pages = self._pages(region, _floor(address), _ceil(address + length))
         allowed = (PAGE_READWRITE,) if writable else (PAGE_READONLY, PAGE_READWRITE)
-        if any(region.state[page] not in allowed for page in pages):
+        pages = region.pages(page_floor(address), page_ceil(address + length))
+        if any(region.protection(page) not in allowed for page in pages):
             raise OSError(f"access violation at {address:#x}")
-        return region, pages
 
     def write(self, address: int, data: bytes) -> None:
-        region, pages = self._touch(address, len(data), writable=True)
-        offset = address - region.base
-        for page in pages:
-            content = region.contents.setdefault(page, bytearray(P))
-            start, end = max(offset, page * P), min(offset + len(data), (page + 1) * P)
-            content[start - page * P:end - page * P] = data[start - offset:end - offset]
-            if region.write_watch:
-                region.dirty.add(page)
+        self._touch(address, len(data), writable=True)
+        self.model.write(address, data)
 
     def read(self, address: int, length: int) -> bytes:
-        region, pages = self._touch(address, length, writable=False)
-        whole = b"".join(bytes(region.contents.get(page, bytes(P))) for page in pages)
-        skip = address - _floor(address)
-        return whole[skip:skip + length]
+        self._touch(address, length, writable=False)
+        return self.model.read(address, length)
 
     def kernel_write(self, address: int, data: bytes) -> int:
         self.write(address, data)  # item 14: the kernel's writes count too
@@ -397,7 +276,6 @@ class ReferenceModel:
 
     def close(self) -> None:
         pass
-
 
 # ---------------------------------------------------------------------------
 # Real memory: writewatch's backends, a user's Python object, a shared library
@@ -812,7 +690,7 @@ class Session:
         assert isinstance(self.api, ReferenceModel)
         return self.api
 
-    def region(self, slot: int) -> _ModelRegion | None:
+    def region(self, slot: int) -> Region | None:
         """The model's region in a slot (only for a session running the model)."""
         base = self.bases.get(slot)
         return None if base is None else self.model().regions.get(base)
@@ -829,10 +707,10 @@ class Session:
         if isinstance(op, (Write, Read)):
             if op.length <= 0 or op.offset < 0 or op.offset + op.length > region.npages * P:
                 return False
-            pages = range(op.offset // P, _ceil(op.offset + op.length) // P)
+            pages = range(op.offset // P, page_ceil(op.offset + op.length) // P)
             allowed = (PAGE_READWRITE,) if isinstance(op, Write) else (PAGE_READONLY,
                                                                       PAGE_READWRITE)
-            return all(region.state[page] in allowed for page in pages)
+            return all(region.protection(page) in allowed for page in pages)
         return True
 
     def failure(self) -> str:
@@ -947,15 +825,18 @@ class TraceGenerator:
             ops.append(op)
         return ops
 
-    def _runs(self, region: _ModelRegion, allowed: tuple[int, ...]) -> list[tuple[int, int]]:
+    def _runs(self, region: Region, allowed: tuple[int, ...]) -> list[tuple[int, int]]:
         """[first, last) page runs whose state is in allowed."""
         runs: list[tuple[int, int]] = []
-        for page, state in enumerate(region.state):
-            if state in allowed:
+        page = 0
+        while page < region.npages:  # one step per run of equal state
+            end = region.run_end(page)
+            if region.protection(page) in allowed:
                 if runs and runs[-1][1] == page:
-                    runs[-1] = (runs[-1][0], page + 1)
+                    runs[-1] = (runs[-1][0], end)
                 else:
-                    runs.append((page, page + 1))
+                    runs.append((page, end))
+            page = end
         return runs
 
     def _next(self, oracle: Session) -> Op | None:
@@ -1018,7 +899,7 @@ class TraceGenerator:
         return self.rng.choice((PAGE_READWRITE, PAGE_READWRITE, PAGE_READWRITE, PAGE_READONLY,
                                 PAGE_NOACCESS))
 
-    def _range(self, region: _ModelRegion) -> tuple[int, int]:
+    def _range(self, region: Region) -> tuple[int, int]:
         """(offset, size) in bytes: mostly whole pages inside the region, some
         unaligned, some empty or running past the end."""
         rng = self.rng
@@ -1036,7 +917,7 @@ class TraceGenerator:
             offset, size = offset + shift, max(size - shift, 1)
         return offset, size
 
-    def _write(self, slot: int, region: _ModelRegion) -> Op | None:
+    def _write(self, slot: int, region: Region) -> Op | None:
         rng = self.rng
         runs = self._runs(region, (PAGE_READWRITE,))
         if not runs:
@@ -1054,7 +935,7 @@ class TraceGenerator:
             length = rng.randint(1, min(end - offset, 3 * P))
         return Write(slot, offset, length, rng.randrange(1, 256), by_kernel=rng.random() < 0.1)
 
-    def _get(self, slot: int, region: _ModelRegion) -> GetWatch:
+    def _get(self, slot: int, region: Region) -> GetWatch:
         rng = self.rng
         if rng.random() < 0.5:
             offset, size = 0, region.npages * P
@@ -1072,7 +953,7 @@ class TraceGenerator:
         flags = rng.choice((0, WRITE_WATCH_FLAG_RESET) * 12 + (2, 3))
         return GetWatch(slot, flags, offset, size, count, with_array=rng.random() > 0.03)
 
-    def _free(self, slot: int, region: _ModelRegion, offset: int, size: int) -> Free:
+    def _free(self, slot: int, region: Region, offset: int, size: int) -> Free:
         roll = self.rng.random()
         if roll < 0.2:
             return Free(slot, 0, 0, MEM_RELEASE)
@@ -1173,14 +1054,14 @@ def _simpler(op: Op) -> Iterator[Op]:
             yield replace(op, offset=op.offset + op.length - 1, length=1)
             yield replace(op, length=op.length // 2)
     if isinstance(op, (Commit, Free, Protect, ResetWatch, GetWatch)) and op.size % P:
-        yield replace(op, size=_ceil(op.size))
+        yield replace(op, size=page_ceil(op.size))
         if op.size > P:
-            yield replace(op, size=_floor(op.size))
+            yield replace(op, size=page_floor(op.size))
     if isinstance(op, GetWatch) and op.slot is not None:
         if op.flags not in (0, WRITE_WATCH_FLAG_RESET):
             yield replace(op, flags=0)
         if op.offset and op.offset % P:
-            yield replace(op, offset=_floor(op.offset), size=op.size + op.offset % P)
+            yield replace(op, offset=page_floor(op.offset), size=op.size + op.offset % P)
     if isinstance(op, Alloc) and op.pages > 1:
         for pages in (1, 2, 4, 8, 16):
             if pages < op.pages:
