@@ -41,28 +41,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+# The SDK's numbers; everything the model says with them is its own, written
+# without looking at regions.py, so that the two can be compared.
+from writewatch.constants import (
+    ERROR_INVALID_ADDRESS,
+    ERROR_INVALID_PARAMETER,
+    ERROR_NOACCESS,
+    ERROR_NOT_ENOUGH_MEMORY,
+    MEM_COMMIT,
+    MEM_DECOMMIT,
+    MEM_FREE,
+    MEM_PRIVATE,
+    MEM_RELEASE,
+    MEM_RESERVE,
+    MEM_WRITE_WATCH,
+    PAGE_NOACCESS,
+    PAGE_READONLY,
+    PAGE_READWRITE,
+    WRITE_WATCH_FAILED,
+    WRITE_WATCH_FLAG_RESET,
+)
+
 PAGE = mmap.PAGESIZE  # the machine's, as writewatch's granularity is
 GRANULARITY = 0x10000
 USER_SPACE_END = (1 << 47) - PAGE  # x86_64, four-level page tables
 LOWEST_USER_ADDRESS = 0x10000      # Windows and Wine refuse the low 64 KiB
 
-MEM_COMMIT = 0x1000
-MEM_RESERVE = 0x2000
-MEM_DECOMMIT = 0x4000
-MEM_RELEASE = 0x8000
-MEM_FREE = 0x10000
-MEM_PRIVATE = 0x20000
-MEM_WRITE_WATCH = 0x200000
-PAGE_NOACCESS = 0x01
-PAGE_READONLY = 0x02
-PAGE_READWRITE = 0x04
 PROTECTIONS = (PAGE_NOACCESS, PAGE_READONLY, PAGE_READWRITE)
-WRITE_WATCH_FLAG_RESET = 0x01
-WRITE_WATCH_FAILED = 0xFFFFFFFF
-ERROR_NOT_ENOUGH_MEMORY = 8
-ERROR_INVALID_PARAMETER = 87
-ERROR_INVALID_ADDRESS = 487
-ERROR_NOACCESS = 998
 
 RESERVED = 0  # page state of a reserved page; a committed page holds its protection
 
