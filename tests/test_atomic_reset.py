@@ -119,10 +119,17 @@ def run_writers_and_poll(base: int, capacity: int, seed: int,
                              pause_ns=PAUSE_NS) for i, (first, last) in enumerate(spans)]
     try:
         capped = capacity < NPAGES
+
+        def exercised() -> bool:
+            """The run tested something: a capped poll filled its capacity,
+            and the writers reached most pages."""
+            return ((not capped or copier.full_polls > 0)
+                    and copier.pages_with_data() > NPAGES // 2)
+
         deadline = time.monotonic() + RUN_SECONDS
-        # A capped run goes on past the deadline until a poll has hit the cap
-        # (under a loaded CPU the writers may lag the poller); bounded in count.
-        while ((time.monotonic() < deadline or (capped and copier.full_polls == 0))
+        # Past the deadline until the run was exercised (under a loaded CPU the
+        # writers may lag the poller); bounded in count, not in time.
+        while ((time.monotonic() < deadline or not exercised())
                and copier.polls < MAX_POLLS):
             if copier.poll() < capacity and capped:
                 time.sleep(0.001)  # let the writers dirty more pages than the cap
