@@ -23,7 +23,7 @@ import writewatch as ww
 P = ww.PAGE_SIZE
 NPAGES = 256
 RUN_SECONDS = 0.5  # bounds the polling loop only; nothing asserts on time
-MAX_POLLS = 200_000
+SETTLE_LIMIT = 10.0  # the most a run goes on past RUN_SECONDS to be exercised
 # Each writer pauses this long after a store. Without a pause every page is
 # re-written continuously and a dropped write is simply written again, which
 # hides it; with ~1 us the last write of each page lands at a random moment.
@@ -128,9 +128,11 @@ def run_writers_and_poll(base: int, capacity: int, seed: int,
 
         deadline = time.monotonic() + RUN_SECONDS
         # Past the deadline until the run was exercised (under a loaded CPU the
-        # writers may lag the poller); bounded in count, not in time.
-        while ((time.monotonic() < deadline or not exercised())
-               and copier.polls < MAX_POLLS):
+        # writers may lag the poller), for at most SETTLE_LIMIT more seconds.
+        while True:
+            now = time.monotonic()
+            if now >= deadline and (exercised() or now >= deadline + SETTLE_LIMIT):
+                break
             if copier.poll() < capacity and capped:
                 time.sleep(0.001)  # let the writers dirty more pages than the cap
         concurrent_pages = copier.pages_copied

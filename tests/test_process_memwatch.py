@@ -247,14 +247,14 @@ def test_get_clear_is_atomic_under_concurrent_native_writers(make_region):
             shadow[offset:offset + P] = memory[offset:offset + P]
         return found
 
-    full_polls = polls = 0
+    full_polls = 0
     with NativeWriters(region.base, npages, nthreads=2, seed=23, pause_ns=1000) as writers:
         deadline = time.monotonic() + 0.3
         # Past the deadline until a poll has filled vec (a loaded CPU can make
-        # the writers lag the poller); bounded in count, not in time.
-        while (time.monotonic() < deadline or full_polls == 0) and polls < 200_000:
+        # the writers lag the poller), for at most 10 s more.
+        while (time.monotonic() < deadline
+               or (full_polls == 0 and time.monotonic() < deadline + 10)):
             found = poll()
-            polls += 1
             full_polls += found == len(vec)
             if found < len(vec):
                 time.sleep(0.001)  # let the writers dirty more pages than vec holds
