@@ -1,6 +1,12 @@
-"""Running test code in an os.fork() child, safely: the child always leaves
-through os._exit, so a failure in it never goes on to run the rest of the test
-session; its result or traceback comes back over a pipe."""
+"""Running test code in a child, safely.
+
+run_forked: in an os.fork() child that always leaves through os._exit, so a
+failure in it never goes on to run the rest of the test session; its result or
+traceback comes back over a pipe.
+
+run_python: in a fresh interpreter, for code that may crash, hang or deadlock
+the process running it.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,35 @@ import json
 import os
 import select
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 CHILD_TIMEOUT = 60  # seconds; only a hung child ever gets near it
+TESTS = Path(__file__).resolve().parent
+
+
+def run_python(code: str, timeout: float = CHILD_TIMEOUT, env: dict[str, str] | None = None,
+               report_hang: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run code (dedented) in a fresh interpreter, with tests/ importable and the
+    checkout as its directory; env adds to this process's environment. With
+    report_hang, faulthandler prints every thread's traceback and exits 10 s
+    before the timeout, so a deadlock fails with its tracebacks instead of
+    only timing out."""
+    prelude = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
+    if report_hang:
+        prelude += f"import faulthandler; faulthandler.dump_traceback_later({timeout - 10}, " \
+                   "exit=True)\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=TESTS.parent, env={**os.environ, **(env or {})})
 
 
 def run_forked(body: Callable[[], Any],

@@ -44,9 +44,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
+from forking import run_python
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -494,18 +494,13 @@ SCENARIOS = {
 
 
 def run_isolated(name: str, soak: bool) -> None:
-    limit = (SOAK_SECONDS + 240) if soak else 40  # a CI scenario takes a few seconds
-    code = f"""
-import faulthandler, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-faulthandler.dump_traceback_later({limit - 10}, exit=True)  # a deadlock: show every thread
-import test_concurrency
-test_concurrency.SCENARIOS[{name!r}]({soak!r})
-print("scenario done", flush=True)
-"""
+    timeout = (SOAK_SECONDS + 250) if soak else 50  # a CI scenario takes a few seconds
     try:
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                timeout=limit)
+        result = run_python(f"""
+            import test_concurrency
+            test_concurrency.SCENARIOS[{name!r}]({soak!r})
+            print("scenario done", flush=True)
+            """, timeout=timeout, report_hang=True)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"the {name} scenario hung:\n{exc.stderr!r}") from None
     assert result.returncode == 0 and "scenario done" in result.stdout, (

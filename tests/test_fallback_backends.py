@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
+from forking import run_python
 
 import writewatch as ww
 from writewatch import kernel, regions
@@ -55,15 +54,13 @@ def test_random_writes_over_1gib_survive_max_map_count():
         assert list(mem.written() - mem.address) == [3 * P]
 
 
-def run_python(code: str, backend: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "WRITEWATCH_BACKEND": backend})
+def run_on_backend(code: str, backend: str) -> subprocess.CompletedProcess[str]:
+    return run_python(code, env={"WRITEWATCH_BACKEND": backend})
 
 
 @needs_mprotect
 def test_genuine_segfault_elsewhere_still_kills_and_faulthandler_reports_it():
-    result = run_python("""
+    result = run_on_backend("""
         import ctypes, faulthandler
         faulthandler.enable()
         import writewatch as ww
@@ -80,7 +77,7 @@ def test_genuine_segfault_elsewhere_still_kills_and_faulthandler_reports_it():
 
 @needs_mprotect
 def test_write_to_a_read_only_page_is_still_an_access_violation():
-    result = run_python("""
+    result = run_on_backend("""
         import ctypes
         import writewatch as ww
         mem = ww.WatchedMemory(16 * ww.PAGE_SIZE)
@@ -95,7 +92,7 @@ def test_write_to_a_read_only_page_is_still_an_access_violation():
 
 @needs_mprotect
 def test_without_faulthandler_the_default_action_kills():
-    result = run_python("""
+    result = run_on_backend("""
         import ctypes, faulthandler
         faulthandler.disable()
         import writewatch as ww

@@ -13,14 +13,13 @@ one is reported here and never runs the rest of the test session.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from forking import run_forked
+from forking import run_forked, run_python
 
 import writewatch as ww
 
@@ -273,9 +272,8 @@ def test_child_is_served_by_the_one_call_path_after_the_fork_hook(region):
 # fork while other threads fault
 
 FORK_WHILE_PYTHON_WRITES = """
-import faulthandler, os, threading, time
+import os, threading, time
 import writewatch as ww
-faulthandler.dump_traceback_later({hang}, exit=True)
 P = ww.PAGE_SIZE
 base = ww.VirtualAlloc(0, 64 * P, ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH,
                        ww.PAGE_READWRITE)
@@ -310,9 +308,7 @@ def test_fork_while_a_python_thread_faults_on_watched_memory_does_not_deadlock()
     thread must not wait for the GIL while it holds them (a deadlock found by
     test_concurrency's fork scenario). Runs in a child interpreter: a deadlock
     fails with every thread's traceback instead of hanging the session."""
-    hang = 40
-    result = subprocess.run([sys.executable, "-c",
-                             FORK_WHILE_PYTHON_WRITES.format(hang=hang, seconds=2)],
-                            capture_output=True, text=True, timeout=hang + 10)
+    result = run_python(FORK_WHILE_PYTHON_WRITES.format(seconds=2), timeout=50,
+                        report_hang=True)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "forked" in result.stdout and "forked 0 times" not in result.stdout

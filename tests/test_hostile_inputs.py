@@ -30,15 +30,12 @@ import errno
 import mmap
 import operator
 import os
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from forking import run_python
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -47,7 +44,6 @@ from writewatch.winmodel import USER_SPACE_END, CommitTooLargeError, Expect, Win
 
 P = ww.PAGE_SIZE
 G = ww.ALLOCATION_GRANULARITY
-TESTS = Path(__file__).resolve().parent
 RESERVE, COMMIT, WW_FLAG = ww.MEM_RESERVE, ww.MEM_COMMIT, ww.MEM_WRITE_WATCH
 RW, RO, NA = ww.PAGE_READWRITE, ww.PAGE_READONLY, ww.PAGE_NOACCESS
 FAILED = ww.WRITE_WATCH_FAILED
@@ -792,18 +788,10 @@ def run_fuzzer(name: str) -> None:
     test()
 
 
-def run_child(code: str, timeout: float, env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess[str]:
-    prelude = f"import sys; sys.path.insert(0, {str(TESTS)!r})\n"
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=timeout,
-                          cwd=TESTS.parent, env={**os.environ, **(env or {})})
-
-
 @pytest.mark.parametrize("name", list(FUZZERS))
 def test_fuzz_public_function(name, soak):
     """Hypothesis fuzz of one public function, in a child interpreter."""
-    result = run_child(f"import test_hostile_inputs as t\nt.run_fuzzer({name!r})\n",
+    result = run_python(f"import test_hostile_inputs as t\nt.run_fuzzer({name!r})\n",
                        timeout=3600 if soak else 300,
                        env={"WRITEWATCH_SOAK": "1" if soak else "0"})
     assert result.returncode == 0, (
@@ -931,7 +919,7 @@ def test_addresses_array_in_inaccessible_memory_fails_998_without_crashing(how):
     writable, but GetWriteWatch must fail with ERROR_NOACCESS (as Windows does
     for a buffer it cannot write) instead of crashing the interpreter, and
     must leave the write-watch state alone."""
-    result = run_child(f"""
+    result = run_python(f"""
         import numpy as np
         import writewatch as ww
         P = ww.PAGE_SIZE
@@ -960,7 +948,7 @@ def test_addresses_array_in_inaccessible_memory_fails_998_without_crashing(how):
 
 def test_process_memwatch_vec_in_inaccessible_memory_does_not_crash():
     """The same for process_memwatch's vec: EINVAL (or EFAULT-as-EIO), not a crash."""
-    result = run_child("""
+    result = run_python("""
         import errno
         import numpy as np
         import writewatch as ww
@@ -1014,7 +1002,7 @@ def test_genuine_segfault_in_and_around_watched_memory_kills_with_a_traceback(fa
     """A real access violation, inside a write-watch reservation or elsewhere,
     kills the process with SIGSEGV after faulthandler printed where it
     happened, with the backend's fault handling installed and in use."""
-    result = run_child(f"""
+    result = run_python(f"""
         import ctypes, faulthandler
         faulthandler.enable()
         import writewatch as ww
@@ -1048,7 +1036,7 @@ def test_faulthandler_enabled_after_writewatch_keeps_tracking_and_still_reports(
     still gets faulthandler's traceback."""
     if kernel_status("mprotect"):
         pytest.skip(f"mprotect backend unavailable: {kernel_status('mprotect')}")
-    result = run_child("""
+    result = run_python("""
         import ctypes, faulthandler
         faulthandler.disable()
         import writewatch as ww

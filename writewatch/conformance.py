@@ -277,6 +277,7 @@ class ReferenceModel:
     def close(self) -> None:
         pass
 
+
 # ---------------------------------------------------------------------------
 # Real memory: writewatch's backends, a user's Python object, a shared library
 
