@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import writewatch as ww
-from writewatch import kernel
+from writewatch import backends
 
 P = ww.PAGE_SIZE
 ENTITY = np.dtype([("x", "f4"), ("y", "f4"), ("vx", "f4"), ("vy", "f4"), ("health", "f4"),
@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{(world.tiles // world.sector_tiles) ** 2} sectors, {world.players} players; "
           f"arena {size / 2**20:.2f} MiB ({size // P} pages); {world.frames} frames")
 
-    status = kernel.backend_status()
-    names = [args.backend] if args.backend else kernel.backend_names()
+    status = backends.backend_status()
+    names = [args.backend] if args.backend else backends.backend_names()
     run_plain(World(**{**world.__dict__, "frames": min(world.frames, 10)}), args.seed)  # warm up
     runs = [run_plain(world, args.seed)]
     for name in names:

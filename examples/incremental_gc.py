@@ -346,7 +346,7 @@ def run(sizes: Sizes, backend: str, seed: int) -> int:
         print(f"Heap: {sizes.objects} objects of {OBJECT_BYTES} bytes in a "
               f"{heap.memory.size / 2**20:.2f} MiB write-watch "
               f"region ({heap.pages} pages), {len(heap.roots)} roots, backend "
-              f"{backend if backend != 'auto' else ww.kernel.backend().name}")
+              f"{backend if backend != 'auto' else ww.backends.backend().name}")
         print(f"{'cycle':>5} {'live':>8} {'freed':>7} {'float':>6} {'rounds':>6} "
               f"{'pages rescanned':>16} {'GetWriteWatch':>13} {'final pause':>11} "
               f"{'max incr.':>9} {'STW mark':>9} {'unsafe':>7}")

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 import writewatch as ww
-from writewatch import kernel
+from writewatch import backends
 
 P = ww.PAGE_SIZE
 
 
 def backends_under_test() -> list[str]:
-    requested = kernel.requested_backend()
+    requested = backends.requested_backend()
     if requested != "auto":
         return [requested]
-    return [name for name, reason in kernel.backend_status().items() if not reason]
+    return [name for name, reason in backends.backend_status().items() if not reason]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,7 +43,7 @@ def write_watch_backend(request: pytest.FixtureRequest,
     """The backend this test runs on (None for any_backend tests)."""
     name: str | None = getattr(request, "param", None)
     if name is not None:
-        monkeypatch.setenv(kernel.BACKEND_ENV, name)
+        monkeypatch.setenv(backends.BACKEND_ENV, name)
     return name
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from writewatch import bench, kernel
+from writewatch import backends, kernel
+from writewatch.bench import runner as bench
 
 pytestmark = pytest.mark.any_backend  # the bench runs every backend itself
 
@@ -28,17 +29,17 @@ def report() -> bench.Report:
 
 def test_every_scenario_backend_and_case_is_reported(report):
     assert [s.number for s in report.scenarios] == [1, 2, 3, 4, 5]
-    backends = [name for name, why in kernel.backend_status().items() if not why]
-    assert report.meta["backends"] == backends
-    raw_here = not kernel.backend_status()["pagemap"]
+    here = [name for name, why in backends.backend_status().items() if not why]
+    assert report.meta["backends"] == here
+    raw_here = not backends.backend_status()["pagemap"]
     for scenario in report.scenarios:
         assert (bench.RAW in scenario.impls) == raw_here
-        assert set(backends) <= set(scenario.impls)
+        assert set(here) <= set(scenario.impls)
         assert scenario.title and scenario.description and scenario.cases
         for case in scenario.cases:
             present = [impl for impl in scenario.impls if scenario.result(case, impl)]
             if case.startswith("heap peak"):  # measured on writewatch's side only
-                assert set(present) == set(backends), case
+                assert set(present) == set(here), case
             else:
                 assert present == scenario.impls, case
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import writewatch as ww
-from writewatch import kernel
+from writewatch import backends
 from writewatch.__main__ import main
 
 
@@ -28,8 +28,8 @@ def test_info_names_the_mechanism_and_each_feature():
     assert caps.kernel_release in result.stdout
     for feature in ("userfaultfd", "WP_ASYNC", "PAGEMAP_SCAN", "soft-dirty"):
         assert feature in result.stdout
-    assert f"Using the {kernel.backend().name} backend" in result.stdout
-    for name, reason in kernel.backend_status().items():
+    assert f"Using the {backends.backend().name} backend" in result.stdout
+    for name, reason in backends.backend_status().items():
         mark = "[no ]" if reason else "[yes]"
         assert f"{mark} {name:<9} {reason or ''}" in result.stdout
 

@@ -1,4 +1,4 @@
-"""The differential tester (writewatch.conformance): its reference model keeps
+"""The differential tester (writewatch.testing.conformance): its reference model keeps
 REFERENCE.md section 1, writewatch's backends agree with it and with each
 other, and planted bugs are found and reported with a shrunk trace."""
 
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import writewatch as ww
-from writewatch import conformance, kernel
-from writewatch.conformance import (
+from writewatch import backends
+from writewatch.testing import conformance
+from writewatch.testing.conformance import (
     Alloc,
     Free,
     GetWatch,
@@ -33,10 +34,10 @@ pytestmark = pytest.mark.any_backend  # names its backends itself
 
 def backends_here() -> list[str]:
     """The backends to test: WRITEWATCH_BACKEND's if set (as conftest does), else all here."""
-    requested = kernel.requested_backend()
+    requested = backends.requested_backend()
     if requested != "auto":
         return [requested]
-    return [name for name, reason in kernel.backend_status().items() if not reason]
+    return [name for name, reason in backends.backend_status().items() if not reason]
 
 
 AVAILABLE = backends_here()
@@ -47,7 +48,7 @@ needs_a_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "gcc")) 
 
 def run_tester(*args: str, cwd: Path | None = None,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "writewatch.conformance", *args],
+    return subprocess.run([sys.executable, "-m", "writewatch.testing.conformance", *args],
                           capture_output=True, text=True, timeout=120, cwd=cwd,
                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})})
 
@@ -162,7 +163,7 @@ class TestModel:
         assert self.model.GetLastError() == ww.ERROR_INVALID_PARAMETER
 
     def test_arguments_writewatch_refuses_are_refused_as_writewatch_does(self):
-        """The checks of writewatch.winmodel, which the test suite holds
+        """The checks of writewatch.testing.winmodel, which the test suite holds
         writewatch to: values out of range, arrays it cannot fill, no room."""
         base = self.model.VirtualAlloc(0, 4 * P, WATCHED, ww.PAGE_READWRITE)
         self.model.write(base, b"x")
@@ -208,9 +209,9 @@ def test_backends_agree_with_each_other():
 
 
 def test_unavailable_backend_is_skipped_with_its_reason(monkeypatch, capsys):
-    reasons = {name: "" for name in kernel.backend_names()}
+    reasons = {name: "" for name in backends.backend_names()}
     reasons["uffd"] = "pretend: no userfaultfd here"
-    monkeypatch.setattr(kernel, "backend_status", lambda: dict(reasons))
+    monkeypatch.setattr(backends, "backend_status", lambda: dict(reasons))
     assert conformance.main(["--traces", "3", "model", "uffd", "mprotect"]) == 0
     out = capsys.readouterr().out
     assert "uffd      skipped: pretend: no userfaultfd here" in out
@@ -218,7 +219,7 @@ def test_unavailable_backend_is_skipped_with_its_reason(monkeypatch, capsys):
 
 
 def test_default_implementations_follow_the_backend_list():
-    assert conformance.default_implementations() == ["model", *kernel.backend_names()]
+    assert conformance.default_implementations() == ["model", *backends.backend_names()]
 
 
 def test_traces_are_reproducible_from_their_seed():
@@ -288,7 +289,7 @@ def test_bug_in_an_implementation_on_real_memory_is_found():
 # -- the command line: Python objects and shared libraries by name
 
 BROKEN_MODULE = '''
-from writewatch.conformance import ReferenceModel
+from writewatch.testing.conformance import ReferenceModel
 
 class ForgetsTheCap(ReferenceModel):
     def _report_and_reset(self, region, pages, capacity, reset):
@@ -309,7 +310,7 @@ def test_cli_finds_a_python_object_named_module_colon_attribute(tmp_path):
 
 
 def test_cli_takes_a_file_path_and_compares_one_implementation_with_the_model(tmp_path):
-    (tmp_path / "layer.py").write_text("from writewatch.conformance import ReferenceModel\n"
+    (tmp_path / "layer.py").write_text("from writewatch.testing.conformance import ReferenceModel\n"
                                        "Mine = ReferenceModel\n")
     result = run_tester(f"{tmp_path / 'layer.py'}:Mine", "--traces", "20")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -339,7 +340,7 @@ def _build_shim():
 def test_cli_runs_a_shared_library_with_the_windows_signatures(backend):
     shim = _build_shim()
     result = run_tester("model", f"lib:{shim.library}", "--traces", "40",
-                        env={kernel.BACKEND_ENV: backend})
+                        env={backends.BACKEND_ENV: backend})
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"lib:{shim.library}  agrees" in result.stdout
 
@@ -412,7 +413,7 @@ def test_cli_finds_a_bug_in_a_native_library(tmp_path):
                     f'-DSHIM_PATH="{shim.library}"', str(source), "-o", str(library), "-ldl"],
                    check=True, capture_output=True)
     result = run_tester("model", str(library), "--traces", "100",
-                        env={kernel.BACKEND_ENV: AVAILABLE[-1]})
+                        env={backends.BACKEND_ENV: AVAILABLE[-1]})
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{library}  DIVERGES" in result.stdout
     assert "GetWriteWatch(WRITE_WATCH_FLAG_RESET" in result.stdout

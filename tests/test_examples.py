@@ -14,14 +14,14 @@ from types import ModuleType
 import pytest
 
 import writewatch as ww
-from writewatch import kernel
+from writewatch import backends
 from writewatch.__main__ import EXAMPLES
 
 pytestmark = pytest.mark.any_backend  # the examples iterate the backends themselves
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = ROOT / "examples"
-HERE = [name for name, reason in kernel.backend_status().items() if not reason]
+HERE = [name for name, reason in backends.backend_status().items() if not reason]
 needs_a_backend = pytest.mark.skipif(not HERE, reason="no write-watch backend here")
 needs_a_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "gcc")) is None,
                                       reason="no C compiler")
@@ -44,7 +44,7 @@ def load_example(name: str) -> ModuleType:
 
 def backend_rows(output: str) -> dict[str, str]:
     return {line.split()[0]: line for line in output.splitlines() if line.split()
-            and line.split()[0] in {"plain", *kernel.backend_names()}}
+            and line.split()[0] in {"plain", *backends.backend_names()}}
 
 
 # -- incremental_gc
@@ -112,11 +112,11 @@ def test_game_state_sync_notices_a_page_missing_from_the_shipment(monkeypatch, c
 
 def test_game_state_sync_skips_an_unavailable_backend(monkeypatch, capsys):
     example = load_example("game_state_sync")
-    reasons = {name: "pretend: not here" for name in kernel.backend_names()}
-    monkeypatch.setattr(kernel, "backend_status", lambda: dict(reasons))
+    reasons = {name: "pretend: not here" for name in backends.backend_names()}
+    monkeypatch.setattr(backends, "backend_status", lambda: dict(reasons))
     assert example.main(["--small", "--frames", "3"]) == 0
     out = capsys.readouterr().out
-    for name in kernel.backend_names():
+    for name in backends.backend_names():
         assert f"{name}: skipped (pretend: not here)" in out
 
 

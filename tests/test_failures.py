@@ -18,7 +18,7 @@ def test_commit_failing_on_its_last_span_undoes_the_others(watched, monkeypatch)
     # Pages 4-7 committed and one written; 0-3 and 8-11 reserved.
     assert ww.VirtualAlloc(region.base + 4 * P, 4 * P, ww.MEM_COMMIT, ww.PAGE_READWRITE)
     ww.as_array(region.base + 5 * P, P)[0] = 1
-    instance = ww.regions._table.find(region.base).watcher  # this region's watcher
+    instance = ww.regions.find(region.base).watcher  # this region's watcher
     assert isinstance(instance, kernel.Watcher)
     real_watch = instance.watch
 

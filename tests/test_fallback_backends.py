@@ -11,21 +11,21 @@ import pytest
 from forking import run_python
 
 import writewatch as ww
-from writewatch import kernel, regions
+from writewatch import backends, regions
 
 P = ww.PAGE_SIZE
 pytestmark = pytest.mark.any_backend  # names its backends itself
 
 
 def available(name: str) -> bool:
-    return not kernel.backend_status()[name]
+    return not backends.backend_status()[name]
 
 
 needs_mprotect = pytest.mark.skipif(not available("mprotect"), reason="mprotect backend "
                                     "unavailable")
 needs_uffd = pytest.mark.skipif(not available("uffd"),
                                 reason=f"uffd backend unavailable: "
-                                       f"{kernel.backend_status()['uffd']}")
+                                       f"{backends.backend_status()['uffd']}")
 
 
 def mapping_count() -> int:
@@ -126,9 +126,8 @@ def test_kernel_write_into_armed_pages_fails_without_preparation():
 
 @needs_uffd
 def test_uffd_kernel_writes_reach_the_handler_thread_when_privileged():
-    kernel.backend("uffd")
     with ww.WatchedMemory(8 * P, backend="uffd") as mem:
-        if not kernel._backends["uffd"].uffd.kernel_faults:  # type: ignore[attr-defined]
+        if backends.backend("uffd").kernel_writes_fault():
             pytest.skip("uffd opened with UFFD_USER_MODE_ONLY: kernel writes need "
                         "prepare_kernel_write")
         read_end, write_end = os.pipe()
@@ -173,8 +172,8 @@ def test_process_memwatch_serves_the_calling_process(name):
 
 
 def test_explicit_unavailable_backend_is_an_error_not_a_switch(monkeypatch):
-    status = {**kernel.backend_status(), "uffd": "pretend it is missing"}
-    monkeypatch.setattr(kernel, "backend_status", lambda: status)
+    status = {**backends.backend_status(), "uffd": "pretend it is missing"}
+    monkeypatch.setattr(backends, "backend_status", lambda: status)
     with pytest.raises(ww.WriteWatchError) as refused:
         regions.allocate(0, P, ww.MEM_RESERVE | ww.MEM_WRITE_WATCH, ww.PAGE_NOACCESS,
                          backend="uffd")
@@ -185,7 +184,7 @@ def test_explicit_unavailable_backend_is_an_error_not_a_switch(monkeypatch):
 def test_unknown_backend_name_is_refused(monkeypatch):
     monkeypatch.setenv("WRITEWATCH_BACKEND", "segfaulty")
     with pytest.raises(ValueError, match="names no backend"):
-        kernel.backend()
+        backends.backend()
 
 
 @needs_uffd
@@ -200,7 +199,7 @@ def test_unprivileged_uffd_falls_back_to_user_mode_only_and_prepare_kernel_write
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
-        backend = kernel.backend("uffd")
+        backend = backends.backend("uffd")
         seen: dict[str, object] = {}
         with ww.WatchedMemory(8 * P, backend="uffd") as mem:
             seen["needs_preparation"] = backend.kernel_writes_fault()

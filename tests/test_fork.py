@@ -251,17 +251,18 @@ def test_fork_then_exec_leaves_parent_tracking_intact(region):
 def test_child_is_served_by_the_one_call_path_after_the_fork_hook(region):
     """The at-fork hook refreshes every region, so the child's GetWriteWatch
     runs in the native index again instead of declining to Python each time."""
-    from writewatch import kernel
+    from writewatch import index
 
     def child() -> dict[str, Any]:
         out = np.zeros(NPAGES, np.uintp)
-        served = kernel.get_write_watch(ww.WRITE_WATCH_FLAG_RESET, region.base, NPAGES * P,
-                                        out, NPAGES)
+        try:
+            index.get_write_watch(ww.WRITE_WATCH_FLAG_RESET, region.base, NPAGES * P, out,
+                                  NPAGES)
+        except index.RefusedError as refused:
+            return {"served": False, "reason": refused.reason}
         region.write(4)
-        found = kernel.get_write_watch(0, region.base, NPAGES * P, out, NPAGES)
-        return {"served": served is not None,
-                "pages": None if found is None else
-                [(int(a) - region.base) // P for a in out[:found]]}
+        found = index.get_write_watch(0, region.base, NPAGES * P, out, NPAGES)
+        return {"served": True, "pages": [(int(a) - region.base) // P for a in out[:found]]}
 
     seen = run_forked(child)
     assert seen["served"]

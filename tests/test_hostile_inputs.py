@@ -40,7 +40,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import writewatch as ww
-from writewatch.winmodel import USER_SPACE_END, CommitTooLargeError, Expect, WinModel, page_ceil
+from writewatch import backends
+from writewatch.testing.winmodel import (
+    USER_SPACE_END,
+    CommitTooLargeError,
+    Expect,
+    WinModel,
+    page_ceil,
+)
 
 P = ww.PAGE_SIZE
 G = ww.ALLOCATION_GRANULARITY
@@ -1061,6 +1068,5 @@ def test_faulthandler_enabled_after_writewatch_keeps_tracking_and_still_reports(
 
 
 def kernel_status(name: str) -> str:
-    from writewatch import kernel
 
-    return kernel.backend_status()[name]
+    return backends.backend_status()[name]

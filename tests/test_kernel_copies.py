@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import writewatch as ww
-from writewatch import kernel
+from writewatch import backends
 
 P = ww.PAGE_SIZE
 RESET = ww.WRITE_WATCH_FLAG_RESET
@@ -44,7 +44,7 @@ _libc.process_vm_readv.restype = ctypes.c_ssize_t
 
 def for_kernel(target: np.ndarray, nbytes: int | None = None) -> np.ndarray:
     """target, made ready for the kernel to write its first nbytes."""
-    if kernel.backend().kernel_writes_fault():
+    if backends.backend().kernel_writes_fault():
         ww.prepare_kernel_write(target.ctypes.data, target.nbytes if nbytes is None else nbytes)
     return target
 

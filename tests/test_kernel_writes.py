@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 import writewatch as ww
-from writewatch import kernel
+from writewatch import backends
 
 P = ww.PAGE_SIZE
 
 
 def for_kernel(target: np.ndarray, nbytes: int | None = None) -> np.ndarray:
     """target, made ready for the kernel to write its first nbytes."""
-    if kernel.backend().kernel_writes_fault():
+    if backends.backend().kernel_writes_fault():
         ww.prepare_kernel_write(target.ctypes.data, target.nbytes if nbytes is None else nbytes)
     return target
 

@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 )
 
 import writewatch as ww
-from writewatch.winmodel import Expect, Region, WinModel
+from writewatch.testing.winmodel import Expect, Region, WinModel
 
 P = ww.PAGE_SIZE
 G = ww.ALLOCATION_GRANULARITY

@@ -20,7 +20,7 @@ from forking import run_forked
 from native_writers import NativeWriters
 
 import writewatch as ww
-from writewatch import kernel
+from writewatch import backends
 
 P = ww.PAGE_SIZE
 GET = ww.MEMWATCH_SD_GET
@@ -391,12 +391,12 @@ class Child:
     """A Python process holding a watched region (pages 1, 4, 6 written)."""
 
     def __init__(self) -> None:
-        if kernel.backend_status()["pagemap"]:
+        if backends.backend_status()["pagemap"]:
             pytest.skip("serving another process needs the pagemap backend: "
-                        + kernel.backend_status()["pagemap"])
+                        + backends.backend_status()["pagemap"])
         # Only the pagemap backend keeps its dirty state where another process
         # can read it (the target's page tables).
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", kernel.BACKEND_ENV: "pagemap"}
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", backends.BACKEND_ENV: "pagemap"}
         self.process = subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT], env=env,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True)

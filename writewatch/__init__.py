@@ -1,10 +1,26 @@
-"""writewatch: the Windows write-watch API (VirtualAlloc with MEM_WRITE_WATCH,
-GetWriteWatch, ResetWriteWatch) for Linux, on the kernel's PAGEMAP_SCAN ioctl
-with userfaultfd async write-protect.
+"""writewatch: the Windows write-watch API for Linux.
 
-Layers, each calling only the one below: api (Windows-shaped functions, last
-error, WatchedMemory) -> regions (the region table, validation, numpy views) ->
-kernel (system calls, process_memwatch, backends).
+Which pages of a memory region were written since you last asked, with the
+semantics of Windows' VirtualAlloc(MEM_WRITE_WATCH), GetWriteWatch and
+ResetWriteWatch, on the fastest mechanism the machine has (PAGEMAP_SCAN with
+userfaultfd async write-protect on Linux 6.7+; userfaultfd or mprotect
+fallbacks elsewhere)::
+
+    import numpy as np
+    import writewatch as ww
+
+    base = ww.VirtualAlloc(0, 16 * ww.PAGE_SIZE,
+                           ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH,
+                           ww.PAGE_READWRITE)
+    ww.as_array(base, 16 * ww.PAGE_SIZE)[3 * ww.PAGE_SIZE] = 1
+    addresses = np.zeros(16, np.uintp)
+    ret, count, granularity = ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, base,
+                                               16 * ww.PAGE_SIZE, addresses)
+    assert (ret, count) == (0, 1) and addresses[0] == base + 3 * ww.PAGE_SIZE
+    ww.VirtualFree(base, 0, ww.MEM_RELEASE)
+
+Or, from Python code, ``with ww.WatchedMemory(size) as mem: ... mem.written()``.
+This module lists every public name; docs/semantics.md states the rules.
 """
 
 from writewatch.api import (
@@ -18,6 +34,7 @@ from writewatch.api import (
     VirtualQuery,
     WatchedMemory,
 )
+from writewatch.backends import BackendName
 from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
     ERROR_INVALID_PARAMETER,
@@ -38,22 +55,18 @@ from writewatch.constants import (
     WRITE_WATCH_FAILED,
     WRITE_WATCH_FLAG_RESET,
 )
-from writewatch.kernel import (
+from writewatch.errors import WriteWatchError
+from writewatch.kernel import PAGE_SIZE
+from writewatch.memwatch import (
     MEMWATCH_SD_CLEAR,
     MEMWATCH_SD_GET,
     MEMWATCH_SD_NO_REUSED_REGIONS,
-    Capabilities,
-    probe,
     process_memwatch,
 )
-from writewatch.regions import (
-    ALLOCATION_GRANULARITY,
-    MEMORY_BASIC_INFORMATION,
-    PAGE_SIZE,
-    WriteWatchError,
-    as_array,
-    prepare_kernel_write,
-)
+from writewatch.probe import Capabilities, probe
+from writewatch.regions import ALLOCATION_GRANULARITY, MEMORY_BASIC_INFORMATION
+from writewatch.views import as_array
+from writewatch.watch import prepare_kernel_write
 
 __version__ = "0.1.0"
 
@@ -82,6 +95,7 @@ __all__ = [
     "PAGE_SIZE",
     "WRITE_WATCH_FAILED",
     "WRITE_WATCH_FLAG_RESET",
+    "BackendName",
     "Capabilities",
     "GetLastError",
     "GetWriteWatch",

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 import writewatch as ww
-from writewatch import bench as benchmarks
-from writewatch import kernel
-from writewatch.kernel import Capabilities
+from writewatch import backends
+from writewatch.bench import runner as benchmarks
+from writewatch.probe import Capabilities
 
 
 def _yes(flag: bool) -> str:
@@ -45,21 +45,21 @@ def _advice(caps: Capabilities) -> list[str]:
 def _chosen_backend() -> tuple[str | None, str]:
     """The backend auto would use here, and why (or None and the error)."""
     try:
-        requested = kernel.requested_backend()
-        name = kernel.backend().name
+        requested = backends.requested_backend()
+        name = backends.backend().name
     except (ValueError, OSError) as exc:
         return None, str(exc)
     if requested != "auto":
-        return name, f"requested by {kernel.BACKEND_ENV}={requested}"
+        return name, f"requested by {backends.BACKEND_ENV}={requested}"
     return name, "the best one available here"
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     caps = ww.probe()
-    backends = kernel.backend_report()
+    report = backends.backend_report()
     chosen, why = _chosen_backend()
     if args.json:
-        print(json.dumps({**caps.as_dict(), "backends": backends, "backend": chosen,
+        print(json.dumps({**caps.as_dict(), "backends": report, "backend": chosen,
                           "backend_reason": why}, indent=2))
         return 0
     print(f"writewatch {ww.__version__} on Linux {caps.kernel_release}")
@@ -69,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print(f"No usable backend: {why}")
     print("Backends (best first; choose with WRITEWATCH_BACKEND=pagemap|uffd|mprotect|auto):")
-    for each in backends:
+    for each in report:
         mark = "yes" if each["available"] else "no "
         print(f"  [{mark}] {each['name']:<9} {each['detail']}")
     print()
@@ -150,7 +150,7 @@ EXAMPLES = {
                         "ship only the pages each frame wrote to a replica, per backend"),
     "translation_layer": ("examples/translation_layer/run.py",
                           "a Windows C program, unchanged, on a libwinshim.so over writewatch"),
-    "conformance": ("-m writewatch.conformance",
+    "conformance": ("-m writewatch.testing.conformance",
                     "differential tester: backends and the reference model, call for call"),
 }
 

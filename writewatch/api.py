@@ -21,7 +21,8 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from writewatch import regions
+from writewatch import regions, views, watch
+from writewatch.backends import BackendName
 from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
     MEM_COMMIT,
@@ -32,7 +33,9 @@ from writewatch.constants import (
     WRITE_WATCH_FAILED,
     WRITE_WATCH_FLAG_RESET,
 )
-from writewatch.regions import MEMORY_BASIC_INFORMATION, PAGE_SIZE, WriteWatchError
+from writewatch.errors import WriteWatchError
+from writewatch.kernel import PAGE_SIZE
+from writewatch.regions import MEMORY_BASIC_INFORMATION
 
 _last_error = threading.local()
 
@@ -45,10 +48,12 @@ def GetLastError() -> int:  # noqa: N802 - Windows names
 
 
 def SetLastError(code: int) -> None:  # noqa: N802
+    """Set the calling thread's last error code, as GetLastError will return it."""
     _last_error.code = code
 
 
 def _windows_call(failed: T, call: Callable[[], T]) -> T:
+    """The one place where a failure Windows reports becomes a return value."""
     try:
         return call()
     except WriteWatchError as exc:
@@ -57,9 +62,14 @@ def _windows_call(failed: T, call: Callable[[], T]) -> T:
 
 
 def VirtualAlloc(address: int, size: int, allocation_type: int,  # noqa: N802
-                 protect: int) -> int:
-    """Reserve and/or commit pages; returns the base address, or 0 on failure."""
-    return _windows_call(0, lambda: regions.allocate(address, size, allocation_type, protect))
+                 protect: int, *, backend: BackendName = "auto") -> int:
+    """Reserve and/or commit pages; returns the base address, or 0 on failure.
+
+    backend picks the write-watch backend of a MEM_WRITE_WATCH reservation
+    ("auto": WRITEWATCH_BACKEND, or the best this machine runs); a backend this
+    machine cannot run fails with ERROR_NOT_SUPPORTED."""
+    return _windows_call(0, lambda: regions.allocate(address, size, allocation_type, protect,
+                                                     backend))
 
 
 def VirtualFree(address: int, size: int, free_type: int) -> bool:  # noqa: N802
@@ -93,7 +103,7 @@ def GetWriteWatch(flags: int, base: int, size: int,  # noqa: N802
     success and 0xFFFFFFFF on failure; count is then the number of addresses and
     granularity the page size. On failure count is returned unchanged."""
     try:
-        return 0, regions.get_written(flags, base, size, addresses, count), PAGE_SIZE
+        return 0, watch.get_write_watch(flags, base, size, addresses, count), PAGE_SIZE
     except WriteWatchError as exc:
         SetLastError(exc.winerror)
         if count is None:
@@ -104,7 +114,7 @@ def GetWriteWatch(flags: int, base: int, size: int,  # noqa: N802
 def ResetWriteWatch(base: int, size: int) -> int:  # noqa: N802
     """Reset the write-tracking state of [base, base+size); 0 on success."""
     def call() -> int:
-        regions.reset_written(base, size)
+        watch.reset_write_watch(base, size)
         return 0
     return _windows_call(WRITE_WATCH_FAILED, call)
 
@@ -123,7 +133,7 @@ class WatchedMemory:
     """
 
     def __init__(self, size: int, *, commit: bool = True, protect: int = PAGE_READWRITE,
-                 backend: str = "auto") -> None:
+                 backend: BackendName = "auto") -> None:
         allocation_type = MEM_RESERVE | MEM_WRITE_WATCH | (MEM_COMMIT if commit else 0)
         self.address = regions.allocate(0, size, allocation_type, protect, backend)
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
@@ -143,7 +153,7 @@ class WatchedMemory:
         """A uint8 view of the whole block (every page must be committed)."""
         self._check_open()
         if self._array is None:
-            self._array = regions.as_array(self.address, self.size)
+            self._array = views.as_array(self.address, self.size)
         return self._array
 
     def _span(self, offset: int, size: int | None) -> tuple[int, int]:
@@ -160,7 +170,7 @@ class WatchedMemory:
     def view(self, offset: int = 0, size: int | None = None,
              dtype: npt.DTypeLike = np.uint8) -> np.ndarray:
         """A numpy view of [offset, offset+size) of the block."""
-        return regions.as_array(*self._span(offset, size), dtype)
+        return views.as_array(*self._span(offset, size), dtype)
 
     def commit(self, offset: int, size: int, protect: int = PAGE_READWRITE) -> None:
         """Commit [offset, offset+size) of the block (a commit=False block)."""
@@ -177,14 +187,14 @@ class WatchedMemory:
             out = np.empty(regions.committed_size(self.address) // PAGE_SIZE, np.uintp)
             if len(out) == 0:
                 return out
-        found = regions.get_written(WRITE_WATCH_FLAG_RESET if reset else 0,
+        found = watch.get_write_watch(WRITE_WATCH_FLAG_RESET if reset else 0,
                                     self.address, self.size, out)
         return out[:found]
 
     def reset(self) -> None:
         """Mark every page unwritten."""
         self._check_open()
-        regions.reset_written(self.address, self.size)
+        watch.reset_write_watch(self.address, self.size)
 
     def close(self) -> None:
         """Release the memory (views made earlier keep it mapped until collected)."""
@@ -200,17 +210,3 @@ class WatchedMemory:
                  tb: TracebackType | None) -> None:
         self.close()
 
-
-__all__ = [
-    "MEMORY_BASIC_INFORMATION",
-    "GetLastError",
-    "GetWriteWatch",
-    "ResetWriteWatch",
-    "SetLastError",
-    "VirtualAlloc",
-    "VirtualFree",
-    "VirtualProtect",
-    "VirtualQuery",
-    "WatchedMemory",
-    "WriteWatchError",
-]

@@ -11,7 +11,7 @@ layer does with a reference implementation of write watch.
    API the way Wine's conformance tests do, then keeps incremental save states
    of a heap with GetWriteWatch and checks them every frame.
 3. Runs the differential tester on the shared library itself, once per
-   backend (python -m writewatch.conformance model lib:libwinshim.so): the C
+   backend (python -m writewatch.testing.conformance model lib:libwinshim.so): the C
    entry points must behave like the reference model, call for call.
 
 Exits nonzero if any check fails.
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import writewatch
-from writewatch import kernel
+from writewatch import backends
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from build import Built, build  # the sibling module, found once the path is set
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                                               else " (there is no shared libpython here)")
     print(f"Built {built.library.name} and write_watch_port.c as {form} in {built.library.parent}")
 
-    status = kernel.backend_status()
-    names = [args.backend] if args.backend else kernel.backend_names()
+    status = backends.backend_status()
+    names = [args.backend] if args.backend else backends.backend_names()
     failed = 0
     rows = []
     for name in names:
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
           "random traces per backend")
     for name, _ in rows:
         tester = subprocess.run(
-            [sys.executable, "-m", "writewatch.conformance", "model", f"lib:{built.library}",
-             "--traces", str(traces)],
+            [sys.executable, "-m", "writewatch.testing.conformance", "model",
+             f"lib:{built.library}", "--traces", str(traces)],
             capture_output=True, text=True, timeout=600,
             env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "WRITEWATCH_BACKEND": name})
         verdict = [line.split(None, 1)[1] for line in tester.stdout.splitlines()

@@ -1,8 +1,8 @@
 /*
  * The kernel ABI writewatch uses, declared once.
  *
- * This file is read twice: by the C compiler (included from _helpers.c) and by
- * cffi's cdef (see _build_native.py), so it may hold only what both understand:
+ * This file is read twice: by the C compiler (included from every .c file here)
+ * and by cffi's cdef (see build_native.py at the top of the repository), so it may hold only what both understand:
  * structs of fixed-width fields, integer #defines and prototypes. No include
  * guards, no expressions in #defines.
  *
@@ -10,6 +10,10 @@
  * userfaultfd async write-protect bits are spelled out here (include/uapi/linux/
  * fs.h and userfaultfd.h of Linux 6.7+, x86_64 ioctl numbers).
  */
+
+/* The page size writewatch is built for (x86_64); kernel.py checks it against
+ * the running system's at import, and every other definition derives from it. */
+#define WW_PAGE_SIZE 4096
 
 /* ---- PAGEMAP_SCAN on /proc/PID/pagemap (Linux 6.7) ---- */
 #define PAGEMAP_SCAN 0xC0606610
@@ -105,9 +109,10 @@ struct uffd_msg {
     uint64_t pagefault_feat;
 };
 
-/* ---- writewatch's native helpers (_helpers.c) ----
+/* ---- writewatch's native helpers: system calls (syscalls.c), PAGEMAP_SCAN
+ * (pagemap.c) ----
  * Every helper returns a non-negative result or -errno: the Python side turns
- * that into an OSError in one place (kernel._check). They run without the GIL.
+ * that into an OSError in one place (kernel.check). They run without the GIL.
  */
 int64_t ww_mmap(uint64_t addr, uint64_t length, int prot, int flags);
 int ww_munmap(uint64_t addr, uint64_t length);
@@ -120,19 +125,19 @@ int ww_uffd_register_wp(int uffd, uint64_t start, uint64_t length, uint64_t *ioc
 int ww_uffd_unregister(int uffd, uint64_t start, uint64_t length);
 int ww_uffd_writeprotect(int uffd, uint64_t start, uint64_t length, int protect);
 
-int64_t ww_pagemap_written(int pagemap_fd, uint64_t start, uint64_t end, int reset,
+int64_t ww_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, int reset,
                            uint64_t *out, uint64_t capacity, uint64_t origin,
                            uint64_t *walk_end);
 int64_t ww_pagemap_reset(int pagemap_fd, uint64_t start, uint64_t end);
-int64_t ww_pagemap_written_spans(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
+int64_t ww_pagemap_get_write_watch(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
                                  uint64_t first, uint64_t last, int reset,
                                  uint64_t *out, uint64_t capacity);
-int64_t ww_pagemap_reset_spans(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
+int64_t ww_pagemap_reset_write_watch(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
                                uint64_t first, uint64_t last);
 int64_t ww_pagemap_check_watched(int pagemap_fd, uint64_t start, uint64_t end);
 int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg);
 
-/* Userspace tracking for the fallback backends (_tracking.c): one range per
+/* Userspace tracking for the fallback backends (tracking.c): one range per
  * reservation, one state byte per page. */
 #define WW_MODE_MPROTECT 1
 #define WW_MODE_UFFD 2
@@ -148,13 +153,14 @@ int ww_track_detach(int slot);
 int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clean);
 int ww_track_unwatch(int slot, uint64_t start, uint64_t length);
 int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot);
-int64_t ww_track_written(int slot, uint64_t start, uint64_t end, int reset,
+int64_t ww_track_scan(int slot, uint64_t start, uint64_t end, int reset,
                          uint64_t *out, uint64_t capacity, uint64_t origin);
-int64_t ww_track_written_spans(int slot, const uint64_t *spans, uint64_t nspans,
+int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspans,
                                uint64_t first, uint64_t last, int reset,
                                uint64_t *out, uint64_t capacity);
 int ww_track_prepare_write(int slot, uint64_t start, uint64_t length);
 int ww_track_find(uint64_t address);
+int ww_track_mode(int slot);
 int ww_track_all_watched(int slot, uint64_t start, uint64_t end);
 int ww_track_state(int slot, uint64_t address);
 int ww_track_install_fork_handlers(void);
@@ -163,17 +169,26 @@ int ww_segv_installed(void);
 int ww_uffd_handler_start(int uffd);
 int ww_touch_for_write(uint64_t start, uint64_t length);
 
-/* The native index of write-watch regions (_index.c): GetWriteWatch in one call. */
+/* The native index of write-watch regions (index.c): GetWriteWatch and
+ * ResetWriteWatch in one call each, Windows' checks included. A call the index
+ * refuses returns -(WW_REFUSED_BASE + reason); regions.py words each reason. */
 #define WW_INDEX_PLAIN 0
 #define WW_INDEX_PAGEMAP 1
 #define WW_INDEX_TRACKED 2
-#define WW_INDEX_SLOW 1000
+#define WW_REFUSED_BASE 1000
+#define WW_REFUSED_FLAGS 1          /* flags other than 0 or WRITE_WATCH_FLAG_RESET */
+#define WW_REFUSED_SIZE 2           /* size 0, or a range that wraps the address space */
+#define WW_REFUSED_NOT_WATCHED 3    /* base is not in a write-watch region */
+#define WW_REFUSED_LEAVES_REGION 4  /* the range, rounded out to pages, leaves it */
+#define WW_REFUSED_OUTPUT 5         /* the output array lies in memory that cannot be written */
+#define WW_REFUSED_STALE 6          /* a forked child must refresh the region first */
 #define WW_INDEX_ERRNO_BASE 100000
 
 int ww_index_add(uint64_t base, uint64_t length, int kind, int handle);
 int ww_index_remove(uint64_t base);
 int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count);
-int64_t ww_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
-                           uint64_t *out, uint64_t capacity);
+int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
+                                 uint64_t *out, uint64_t capacity);
+int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
 int ww_output_check(const void *out, uint64_t size);
 void ww_index_after_fork_child(void);

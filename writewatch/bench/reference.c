@@ -32,9 +32,8 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 
-#include "_abi.h"
+#include "abi.h"
 
-#define WWB_PAGE 4096u
 #define WWB_GRANULARITY 0x10000u
 /* page_region entries per ioctl: the same batch as _helpers.c's scan loop. */
 #define WWB_SCAN_BATCH 256
@@ -111,7 +110,7 @@ struct wwb_region *wwb_region_new(uint64_t size, uint64_t offset, uint64_t lengt
         *err = -result;
         return NULL;
     }
-    uint64_t span = size + WWB_GRANULARITY - WWB_PAGE;
+    uint64_t span = size + WWB_GRANULARITY - WW_PAGE_SIZE;
     void *got = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (got == MAP_FAILED) {
         *err = errno;
@@ -185,7 +184,7 @@ int64_t wwb_scan(const struct wwb_region *r, uint64_t start, uint64_t end, int r
             return -errno;
         for (long i = 0; i < n; i++)
             for (uint64_t page = batch[i].start; page < batch[i].end && count < capacity;
-                 page += WWB_PAGE)
+                 page += WW_PAGE_SIZE)
                 out[count++] = page;
         if (arg.walk_end <= start)
             return -EIO;
@@ -262,10 +261,10 @@ uint64_t wwb_touch(uint64_t base, const uint32_t *pages, uint64_t count)
     uint64_t t0 = now_ns();
     if (pages) {
         for (uint64_t i = 0; i < count; i++)
-            *(volatile uint8_t *)(uintptr_t)(base + (uint64_t)pages[i] * WWB_PAGE) = (uint8_t)(i + 1);
+            *(volatile uint8_t *)(uintptr_t)(base + (uint64_t)pages[i] * WW_PAGE_SIZE) = (uint8_t)(i + 1);
     } else {
         for (uint64_t i = 0; i < count; i++)
-            *(volatile uint8_t *)(uintptr_t)(base + i * WWB_PAGE) = (uint8_t)(i + 1);
+            *(volatile uint8_t *)(uintptr_t)(base + i * WW_PAGE_SIZE) = (uint8_t)(i + 1);
     }
     return now_ns() - t0;
 }
@@ -306,7 +305,7 @@ static void *writer_main(void *arg)
     prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
     while (!__atomic_load_n(&w->stop, __ATOMIC_RELAXED)) {
         uint64_t page = (xorshift64(&state) >> 11) % w->npages;
-        volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)(w->base + page * WWB_PAGE + (writes & 63) * 64);
+        volatile uint8_t *p = (volatile uint8_t *)(uintptr_t)(w->base + page * WW_PAGE_SIZE + (writes & 63) * 64);
         uint64_t t0 = now_ns();
         *p = (uint8_t)writes;
         total += now_ns() - t0;

@@ -31,9 +31,8 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 
-#include "_abi.h"
+#include "abi.h"
 
-#define TRACK_PAGE 4096u
 #define TRACK_MAX_RANGES 16384
 #define TRACK_NO_RUN UINT64_MAX
 
@@ -108,7 +107,7 @@ static int uffd_protect(uint64_t start, uint64_t length, int protect)
  */
 static int coalesce(struct track_range *r)
 {
-    uint64_t npages = (r->end - r->start) / TRACK_PAGE, run = TRACK_NO_RUN;
+    uint64_t npages = (r->end - r->start) / WW_PAGE_SIZE, run = TRACK_NO_RUN;
     int result = 0;
     for (uint64_t i = 0; i <= npages; i++) {
         if (i < npages && (r->state[i] & WW_PAGE_READ)) {
@@ -117,8 +116,8 @@ static int coalesce(struct track_range *r)
             if (run == TRACK_NO_RUN)
                 run = i;
         } else if (run != TRACK_NO_RUN) {
-            if (mprotect((void *)(uintptr_t)(r->start + run * TRACK_PAGE),
-                         (i - run) * TRACK_PAGE, PROT_READ))
+            if (mprotect((void *)(uintptr_t)(r->start + run * WW_PAGE_SIZE),
+                         (i - run) * WW_PAGE_SIZE, PROT_READ))
                 result = -errno;
             run = TRACK_NO_RUN;
         }
@@ -138,7 +137,7 @@ static int mprotect_coalescing(struct track_range *r, uint64_t start, uint64_t l
 /* Arm (or disarm) pages [first, last) of r. Lock held. */
 static int set_armed(struct track_range *r, uint64_t first, uint64_t last, int armed)
 {
-    uint64_t start = r->start + first * TRACK_PAGE, length = (last - first) * TRACK_PAGE;
+    uint64_t start = r->start + first * WW_PAGE_SIZE, length = (last - first) * WW_PAGE_SIZE;
     if (r->mode == WW_MODE_UFFD)
         return uffd_protect(start, length, armed);
     return mprotect_coalescing(r, start, length, armed ? PROT_READ : PROT_READ | PROT_WRITE);
@@ -169,7 +168,7 @@ int ww_track_attach(uint64_t start, uint64_t length, int mode)
     r->start = start;
     r->end = start + length;
     r->mode = mode;
-    r->state_size = (length / TRACK_PAGE + TRACK_PAGE - 1) & ~(uint64_t)(TRACK_PAGE - 1);
+    r->state_size = (length / WW_PAGE_SIZE + WW_PAGE_SIZE - 1) & ~(uint64_t)(WW_PAGE_SIZE - 1);
     void *state = mmap(NULL, r->state_size, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (state == MAP_FAILED) {
@@ -220,13 +219,20 @@ int ww_track_find(uint64_t address)
     return -1;
 }
 
+/* The mode (WW_MODE_MPROTECT or WW_MODE_UFFD) of the range in slot, or -EINVAL. */
+int ww_track_mode(int slot)
+{
+    struct track_range *r = range_at_slot(slot);
+    return r ? r->mode : -EINVAL;
+}
+
 int ww_track_all_watched(int slot, uint64_t start, uint64_t end)
 {
     struct track_range *r = range_at_slot(slot);
     if (!r || start < r->start || end > r->end)
         return 0;
-    for (uint64_t a = start; a < end; a += TRACK_PAGE)
-        if (!(r->state[(a - r->start) / TRACK_PAGE] & WW_PAGE_WATCHED))
+    for (uint64_t a = start; a < end; a += WW_PAGE_SIZE)
+        if (!(r->state[(a - r->start) / WW_PAGE_SIZE] & WW_PAGE_WATCHED))
             return 0;
     return 1;
 }
@@ -236,7 +242,7 @@ int ww_track_state(int slot, uint64_t address)
     struct track_range *r = range_at_slot(slot);
     if (!r || address < r->start || address >= r->end)
         return -EINVAL;
-    return r->state[(address - r->start) / TRACK_PAGE];
+    return r->state[(address - r->start) / WW_PAGE_SIZE];
 }
 
 /* ---- page state changes ---- */
@@ -247,7 +253,7 @@ int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clea
     if (!r || start < r->start || start + length > r->end)
         return -EINVAL;
     uint8_t bits = prot_bits(prot) | WW_PAGE_WATCHED;
-    uint64_t first = (start - r->start) / TRACK_PAGE, last = first + length / TRACK_PAGE;
+    uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     int result = 0;
     range_lock(r);
     if (r->mode == WW_MODE_UFFD) {
@@ -274,7 +280,7 @@ int ww_track_unwatch(int slot, uint64_t start, uint64_t length)
     if (!r || start < r->start || start + length > r->end)
         return -EINVAL;
     range_lock(r);
-    memset(r->state + (start - r->start) / TRACK_PAGE, 0, length / TRACK_PAGE);
+    memset(r->state + (start - r->start) / WW_PAGE_SIZE, 0, length / WW_PAGE_SIZE);
     range_unlock(r);
     return 0;
 }
@@ -285,7 +291,7 @@ int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot)
     if (!r || start < r->start || start + length > r->end)
         return -EINVAL;
     uint8_t bits = prot_bits(prot) | WW_PAGE_WATCHED;
-    uint64_t first = (start - r->start) / TRACK_PAGE, last = first + length / TRACK_PAGE;
+    uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     int result;
     range_lock(r);
     if (r->mode == WW_MODE_UFFD) {
@@ -325,7 +331,7 @@ static int overlaps_tracked(uint64_t p, uint64_t size)
 static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end, int reset,
                              uint64_t *out, uint64_t capacity, uint64_t origin);
 
-int64_t ww_track_written(int slot, uint64_t start, uint64_t end, int reset,
+int64_t ww_track_scan(int slot, uint64_t start, uint64_t end, int reset,
                          uint64_t *out, uint64_t capacity, uint64_t origin)
 {
     /* Counted like a fault handler: the lock-free GetWriteWatch and
@@ -343,7 +349,7 @@ int64_t ww_track_written(int slot, uint64_t start, uint64_t end, int reset,
 static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end, int reset,
                              uint64_t *out, uint64_t capacity, uint64_t origin)
 {
-    uint64_t first = (start - r->start) / TRACK_PAGE, last = (end - r->start) / TRACK_PAGE;
+    uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = (end - r->start) / WW_PAGE_SIZE;
     uint64_t room = capacity < last - first ? capacity : last - first;
     if (room == 0)
         return 0;
@@ -370,7 +376,7 @@ static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end
             continue;
         }
         if (dest)
-            dest[count] = r->start + i * TRACK_PAGE - origin;
+            dest[count] = r->start + i * WW_PAGE_SIZE - origin;
         count++;
         if (reset && needs_arming(r, st) && run == TRACK_NO_RUN)
             run = i;
@@ -401,9 +407,9 @@ static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end
     return result ? result : (int64_t)count;
 }
 
-/* ww_track_written over every span (start/end pairs) inside [first, last), as
+/* ww_track_scan over every span (start/end pairs) inside [first, last), as
  * addresses, until out is full; out NULL resets without reporting. */
-int64_t ww_track_written_spans(int slot, const uint64_t *spans, uint64_t nspans,
+int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspans,
                                uint64_t first, uint64_t last, int reset,
                                uint64_t *out, uint64_t capacity)
 {
@@ -414,7 +420,7 @@ int64_t ww_track_written_spans(int slot, const uint64_t *spans, uint64_t nspans,
         uint64_t end = spans[2 * i + 1] < last ? spans[2 * i + 1] : last;
         if (start >= end)
             continue;
-        int64_t n = ww_track_written(slot, start, end, reset, out ? out + count : NULL,
+        int64_t n = ww_track_scan(slot, start, end, reset, out ? out + count : NULL,
                                      capacity - count, 0);
         if (n < 0) {
             result = n;
@@ -435,7 +441,7 @@ int ww_track_prepare_write(int slot, uint64_t start, uint64_t length)
     struct track_range *r = range_at_slot(slot);
     if (!r || start < r->start || start + length > r->end)
         return -EINVAL;
-    uint64_t first = (start - r->start) / TRACK_PAGE, last = first + length / TRACK_PAGE;
+    uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     uint64_t run = TRACK_NO_RUN;
     int result = 0;
     range_lock(r);
@@ -488,15 +494,15 @@ static void segv_handler(int sig, siginfo_t *info, void *context)
     int saved_errno = errno;
     int handled = 0;
     if (info->si_code == SEGV_ACCERR) {
-        uint64_t page = (uint64_t)(uintptr_t)info->si_addr & ~(uint64_t)(TRACK_PAGE - 1);
+        uint64_t page = (uint64_t)(uintptr_t)info->si_addr & ~(uint64_t)(WW_PAGE_SIZE - 1);
         __atomic_add_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
         struct track_range *r = range_of(page);
         if (r && r->mode == WW_MODE_MPROTECT) {
-            uint64_t i = (page - r->start) / TRACK_PAGE;
+            uint64_t i = (page - r->start) / WW_PAGE_SIZE;
             range_lock(r);
             uint8_t st = r->state[i];
             if ((st & WW_PAGE_ARMED) && (st & WW_PAGE_WRITE)) {
-                if (!mprotect_coalescing(r, page, TRACK_PAGE, PROT_READ | PROT_WRITE)) {
+                if (!mprotect_coalescing(r, page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE)) {
                     r->state[i] = (st & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
                     handled = 1;
                 }
@@ -538,16 +544,16 @@ int ww_segv_installed(void)
 
 static void resolve_write_fault(uint64_t address)
 {
-    uint64_t page = address & ~(uint64_t)(TRACK_PAGE - 1);
+    uint64_t page = address & ~(uint64_t)(WW_PAGE_SIZE - 1);
     __atomic_add_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
     struct track_range *r = range_of(page);
     if (r && r->mode == WW_MODE_UFFD) {
         range_lock(r);
-        uint64_t i = (page - r->start) / TRACK_PAGE;
+        uint64_t i = (page - r->start) / WW_PAGE_SIZE;
         r->state[i] = (r->state[i] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
     }
     /* Unprotect even an unknown page: the faulting thread must not hang. */
-    uffd_protect(page, TRACK_PAGE, 0);
+    uffd_protect(page, WW_PAGE_SIZE, 0);
     if (r && r->mode == WW_MODE_UFFD)
         range_unlock(r);
     __atomic_sub_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
@@ -656,7 +662,7 @@ int ww_track_install_fork_handlers(void)
  * write access), for kernels without UFFD_FEATURE_WP_UNPOPULATED. */
 int ww_touch_for_write(uint64_t start, uint64_t length)
 {
-    for (uint64_t a = start; a < start + length; a += TRACK_PAGE)
+    for (uint64_t a = start; a < start + length; a += WW_PAGE_SIZE)
         __atomic_fetch_or((uint8_t *)(uintptr_t)a, 0, __ATOMIC_RELAXED);
     return 0;
 }

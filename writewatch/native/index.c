@@ -5,8 +5,8 @@
  * call itself takes ~1.7 us: Python-level argument checks, region lookup and
  * locking would double that. regions.py mirrors each write-watch region here
  * (its bounds, its backend's handle and its committed spans), and
- * ww_get_write_watch does the Windows checks, the lookup and the scan with no
- * Python in between.
+ * ww_index_get_write_watch and ww_index_reset_write_watch do the Windows checks, the
+ * lookup and the scan with no Python in between: these checks are made here only.
  *
  * Readers take no lock: they count themselves in index_readers, then load
  * pointers that writers replace whole (copy on write). A writer frees what it
@@ -25,9 +25,8 @@
 #include <unistd.h>
 #include <sys/uio.h>
 
-#include "_abi.h"
+#include "abi.h"
 
-#define INDEX_PAGE 4096u
 
 struct index_spans {
     uint64_t count;
@@ -36,7 +35,7 @@ struct index_spans {
 
 struct index_entry {
     uint64_t base, end;
-    int kind;   /* WW_INDEX_PLAIN, WW_INDEX_PAGEMAP or WW_INDEX_TRACKED */
+    int kind;   /* WW_INDEX_PLAIN, WW_WW_PAGE_SIZEMAP or WW_INDEX_TRACKED */
     int handle; /* the pagemap descriptor, or the tracking slot */
     uint64_t epoch;
     struct index_spans *spans;
@@ -197,7 +196,7 @@ static uint64_t first_ending_after(const struct index_table *table, uint64_t add
  * where a store of ours would crash: copy the bytes out and back in place. */
 static int kernel_can_write(uint64_t start, uint64_t size)
 {
-    char chunk[4096];
+    char chunk[WW_PAGE_SIZE];
     pid_t self = getpid();
     for (uint64_t done = 0; done < size;) {
         size_t n = size - done < sizeof chunk ? size - done : sizeof chunk;
@@ -232,9 +231,9 @@ static int output_ok(const struct index_table *table, uint64_t out, uint64_t siz
         const struct index_entry *entry = table->entries[i];
         managed = 1;
         if (entry->kind == WW_INDEX_TRACKED) {
-            uint64_t first = (out > entry->base ? out : entry->base) & ~(uint64_t)(INDEX_PAGE - 1);
-            uint64_t last = ((end < entry->end ? end : entry->end) + INDEX_PAGE - 1)
-                            & ~(uint64_t)(INDEX_PAGE - 1);
+            uint64_t first = (out > entry->base ? out : entry->base) & ~(uint64_t)(WW_PAGE_SIZE - 1);
+            uint64_t last = ((end < entry->end ? end : entry->end) + WW_PAGE_SIZE - 1)
+                            & ~(uint64_t)(WW_PAGE_SIZE - 1);
             ww_track_prepare_write(entry->handle, first, last - first);
         }
     }
@@ -250,55 +249,98 @@ int ww_output_check(const void *out, uint64_t size)
     return ok ? 0 : -EFAULT;
 }
 
-/*
- * GetWriteWatch after the caller checked the output array's type: flags,
- * size, the region lookup and the range, in Wine's order, then whether out
- * can be written, then the scan. Returns the count, -ERROR_INVALID_PARAMETER,
- * -ERROR_NOACCESS, -WW_INDEX_SLOW (a forked child must refresh the region
- * first), or -(WW_INDEX_ERRNO_BASE + errno) for a kernel failure.
- */
-int64_t ww_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
-                           uint64_t *out, uint64_t capacity)
-{
-    if (flags & ~(uint64_t)1 || size == 0)
-        return -87;
-    uint64_t first = base & ~(uint64_t)(INDEX_PAGE - 1), last;
-    if (__builtin_add_overflow(base, size, &last) ||
-        __builtin_add_overflow(last, INDEX_PAGE - 1, &last))
-        return -87; /* wraps the address space: no region reaches that far */
-    last &= ~(uint64_t)(INDEX_PAGE - 1);
+#define REFUSED(reason) (-(int64_t)(WW_REFUSED_BASE + (reason)))
 
-    __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
-    int64_t result = -87;
-    struct index_table *table = __atomic_load_n(&index_table, __ATOMIC_SEQ_CST);
-    struct index_entry *entry = NULL;
+/*
+ * Windows' checks on a GetWriteWatch/ResetWriteWatch range, in Wine's order
+ * after the output array's: flags, size 0, then the write-watch region holding
+ * the range rounded out to pages. Reader count held. On success *entry is the
+ * region's entry and [*first, *last) the page-aligned range.
+ */
+static int64_t watched_range(const struct index_table *table, uint64_t flags, uint64_t base,
+                             uint64_t size, struct index_entry **entry, uint64_t *first,
+                             uint64_t *last)
+{
+    if (flags & ~(uint64_t)1)
+        return REFUSED(WW_REFUSED_FLAGS);
+    if (size == 0)
+        return REFUSED(WW_REFUSED_SIZE);
+    *first = base & ~(uint64_t)(WW_PAGE_SIZE - 1);
+    if (__builtin_add_overflow(base, size, last) ||
+        __builtin_add_overflow(*last, WW_PAGE_SIZE - 1, last))
+        return REFUSED(WW_REFUSED_LEAVES_REGION); /* wraps: no region reaches that far */
+    *last &= ~(uint64_t)(WW_PAGE_SIZE - 1);
+
+    *entry = NULL;
     if (table) {
         uint64_t lo = 0, hi = table->count; /* first entry with base > first */
         while (lo < hi) {
             uint64_t mid = (lo + hi) / 2;
-            if (table->entries[mid]->base <= first)
+            if (table->entries[mid]->base <= *first)
                 lo = mid + 1;
             else
                 hi = mid;
         }
-        if (lo > 0 && first < table->entries[lo - 1]->end)
-            entry = table->entries[lo - 1];
+        if (lo > 0 && *first < table->entries[lo - 1]->end)
+            *entry = table->entries[lo - 1];
     }
-    if (entry && entry->kind != WW_INDEX_PLAIN && last <= entry->end) {
-        if (__atomic_load_n(&entry->epoch, __ATOMIC_SEQ_CST) != index_epoch) {
-            result = -WW_INDEX_SLOW;
-        } else if (!output_ok(table, (uint64_t)(uintptr_t)out, capacity * sizeof *out)) {
-            result = -998;
+    if (!*entry || (*entry)->kind == WW_INDEX_PLAIN)
+        return REFUSED(WW_REFUSED_NOT_WATCHED);
+    if (*last > (*entry)->end)
+        return REFUSED(WW_REFUSED_LEAVES_REGION);
+    if (__atomic_load_n(&(*entry)->epoch, __ATOMIC_SEQ_CST) != index_epoch)
+        return REFUSED(WW_REFUSED_STALE);
+    return 0;
+}
+
+/*
+ * GetWriteWatch after the caller checked the output array's type and count:
+ * Windows' checks (watched_range), whether out can be written, then the scan.
+ * Returns the count, REFUSED(reason), or -(WW_INDEX_ERRNO_BASE + errno) for a
+ * kernel failure.
+ */
+int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
+                                 uint64_t *out, uint64_t capacity)
+{
+    struct index_entry *entry;
+    uint64_t first, last;
+    __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
+    struct index_table *table = __atomic_load_n(&index_table, __ATOMIC_SEQ_CST);
+    int64_t result = watched_range(table, flags, base, size, &entry, &first, &last);
+    if (result == 0) {
+        if (!output_ok(table, (uint64_t)(uintptr_t)out, capacity * sizeof *out)) {
+            result = REFUSED(WW_REFUSED_OUTPUT);
         } else {
             struct index_spans *spans = __atomic_load_n(&entry->spans, __ATOMIC_SEQ_CST);
             int handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
             int64_t n = entry->kind == WW_INDEX_PAGEMAP
-                ? ww_pagemap_written_spans(handle, spans->bounds, spans->count, first, last,
-                                           (int)flags, out, capacity)
-                : ww_track_written_spans(handle, spans->bounds, spans->count, first, last,
-                                         (int)flags, out, capacity);
+                ? ww_pagemap_get_write_watch(handle, spans->bounds, spans->count, first, last,
+                                             (int)flags, out, capacity)
+                : ww_track_get_write_watch(handle, spans->bounds, spans->count, first, last,
+                                           (int)flags, out, capacity);
             result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : n;
         }
+    }
+    __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
+    return result;
+}
+
+/* ResetWriteWatch: the same checks, then every committed page re-armed. */
+int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
+{
+    struct index_entry *entry;
+    uint64_t first, last;
+    __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
+    struct index_table *table = __atomic_load_n(&index_table, __ATOMIC_SEQ_CST);
+    int64_t result = watched_range(table, 0, base, size, &entry, &first, &last);
+    if (result == 0) {
+        struct index_spans *spans = __atomic_load_n(&entry->spans, __ATOMIC_SEQ_CST);
+        int handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
+        int64_t n = entry->kind == WW_INDEX_PAGEMAP
+            ? ww_pagemap_reset_write_watch(handle, spans->bounds, spans->count, first, last)
+            : ww_track_get_write_watch(handle, spans->bounds, spans->count, first, last, 1,
+                                       NULL, (last - first) / WW_PAGE_SIZE);
+        result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : 0;
     }
     __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
     return result;

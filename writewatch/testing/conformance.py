@@ -2,18 +2,18 @@
 through the same random traces and report the first call where they disagree,
 with the trace shrunk to the few calls that still show it.
 
-    python -m writewatch.conformance                  # the model and every backend here
-    python -m writewatch.conformance model mprotect   # two of them
-    python -m writewatch.conformance model mymod:MyApi          # your Python object
-    python -m writewatch.conformance model lib:./libmyshim.so   # your shared library
+    python -m writewatch.testing.conformance                  # the model and every backend here
+    python -m writewatch.testing.conformance model mprotect   # two of them
+    python -m writewatch.testing.conformance model mymod:MyApi          # your Python object
+    python -m writewatch.testing.conformance model lib:./libmyshim.so   # your shared library
 
 An implementation is named by:
 
 - ``model``: the pure-Python reference implementation of Windows' semantics
-  (REFERENCE.md section 1): ReferenceModel, an adapter over writewatch.winmodel,
+  (REFERENCE.md section 1): ReferenceModel, an adapter over writewatch.testing.winmodel,
   the model the test suite holds writewatch to. It needs no kernel support, so
   a divergence is found even on a machine with a single backend.
-- a writewatch backend name (``kernel.backend_names()``: pagemap, uffd,
+- a writewatch backend name (``backends.backend_names()``: pagemap, uffd,
   mprotect, ...). One this machine cannot run is skipped, saying why.
 - ``module:attribute`` or ``path/to/file.py:attribute``: a Python object with
   the methods VirtualAlloc, VirtualFree, GetWriteWatch, ResetWriteWatch,
@@ -69,7 +69,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from writewatch import api, kernel, regions
+from writewatch import api, backends, regions, watch
 from writewatch.constants import (
     ERROR_NOT_ENOUGH_MEMORY,
     MEM_COMMIT,
@@ -83,8 +83,10 @@ from writewatch.constants import (
     WRITE_WATCH_FAILED,
     WRITE_WATCH_FLAG_RESET,
 )
-from writewatch.regions import ALLOCATION_GRANULARITY, PAGE_SIZE, WriteWatchError
-from writewatch.winmodel import (
+from writewatch.errors import WriteWatchError
+from writewatch.kernel import PAGE_SIZE
+from writewatch.regions import ALLOCATION_GRANULARITY
+from writewatch.testing.winmodel import (
     USER_SPACE_END,
     Expect,
     ModelError,
@@ -136,7 +138,7 @@ class WindowsApi(Protocol):
 
 
 # ---------------------------------------------------------------------------
-# The reference model: Windows' semantics (writewatch.winmodel), no real memory
+# The reference model: Windows' semantics (writewatch.testing.winmodel), no real memory
 
 
 class _HookedModel(WinModel):
@@ -159,7 +161,7 @@ class _HookedModel(WinModel):
 
 class ReferenceModel:
     """REFERENCE.md section 1 as a simulation: a WindowsApi-shaped adapter over
-    writewatch.winmodel.WinModel, the model the test suite checks writewatch
+    writewatch.testing.winmodel.WinModel, the model the test suite checks writewatch
     against, so that the tester's reference and the tests' cannot drift apart.
     The adapter keeps the last error, makes addresses up (64 KiB aligned), and
     its write/read/kernel_write act on the model's contents, raising OSError
@@ -343,7 +345,7 @@ class WritewatchApi:
     def kernel_write(self, address: int, data: bytes) -> int:
         # writewatch asks to be told before the kernel writes into watched
         # memory (the mprotect backend needs it); see prepare_kernel_write.
-        regions.prepare_kernel_write(address, len(data))
+        watch.prepare_kernel_write(address, len(data))
         return _kernel_write_memory(address, data)
 
     def close(self) -> None:
@@ -524,8 +526,8 @@ def resolve(spec: str) -> Implementation:
     """The implementation a command-line name stands for (see the module doc)."""
     if spec == "model":
         return Implementation("model", ReferenceModel)
-    if spec in kernel.backend_names():
-        reason = kernel.backend_status()[spec]
+    if spec in backends.backend_names():
+        reason = backends.backend_status()[spec]
         return Implementation(spec, lambda: WritewatchApi(spec), unavailable=reason)
     if spec.startswith("lib:") or spec.endswith(".so") or ".so." in spec:
         path = spec.removeprefix("lib:")
@@ -545,7 +547,7 @@ def resolve(spec: str) -> Implementation:
         return Implementation(spec, make,
                               supports_protect=callable(getattr(getattr(probe, "target", None),
                                                                 "VirtualProtect", None)))
-    raise ValueError(f"{spec!r} is not model, a backend ({', '.join(kernel.backend_names())}),"
+    raise ValueError(f"{spec!r} is not model, a backend ({', '.join(backends.backend_names())}),"
                      " module:attribute, or lib:path.so")
 
 
@@ -1160,17 +1162,17 @@ def compare(implementations: Sequence[Implementation], traces: int = 200, length
 
 def default_implementations() -> list[str]:
     """The model and every writewatch backend."""
-    return ["model", *kernel.backend_names()]
+    return ["model", *backends.backend_names()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m writewatch.conformance",
+        prog="python -m writewatch.testing.conformance",
         description="Run implementations of the Windows write-watch API through the same "
                     "random traces and report the first divergence, shrunk. The first one "
                     "named is the reference.")
     parser.add_argument("implementations", nargs="*", metavar="IMPL",
-                        help="model | a backend (" + ", ".join(kernel.backend_names()) +
+                        help="model | a backend (" + ", ".join(backends.backend_names()) +
                              ") | module:attribute | file.py:attribute | lib:path.so "
                              "(default: model and every backend)")
     parser.add_argument("--traces", type=int, help="random traces (default 200; 30 small)")

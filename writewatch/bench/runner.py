@@ -14,7 +14,7 @@ machines; ratios measured side by side in one run hold better):
    M-page region while the main thread calls GetWriteWatch(RESET) every 3 ms.
 5. Reserve-heavy: a 256 GiB reservation with 64 MiB committed.
 
-The raw reference (_bench_reference.c, compiled here at bench time with cffi
+The raw reference (reference.c, compiled here at bench time with cffi
 into a cache directory) makes the pagemap backend's kernel calls on a region
 set up the way that backend sets one up, with no Python in the loop. Every
 benchmark write is made by C code (one byte per page), so what the backends are
@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 import writewatch as ww
-from writewatch import kernel, regions
+from writewatch import backends, kernel, regions
 
 P = ww.PAGE_SIZE
 KiB = 1 << 10
@@ -80,11 +80,12 @@ class BenchError(RuntimeError):
 # The raw C reference, compiled at bench time (never at install time)
 
 _HERE = Path(__file__).resolve().parent
-_REFERENCE_SOURCE = _HERE / "_bench_reference.c"
-_ABI_HEADER = _HERE / "_abi.h"
+_REFERENCE_SOURCE = _HERE / "reference.c"
+_NATIVE = _HERE.parent / "native"
+_ABI_HEADER = _NATIVE / "abi.h"
 
 # Only the reference's own functions: the kernel structs stay declared once,
-# in _abi.h, which the C file includes.
+# in native/abi.h, which the C file includes.
 _CDEF = """
 struct wwb_region {
     uint64_t base, size;
@@ -131,7 +132,7 @@ def reference() -> ModuleType:
     if not built:
         builder = cffi.FFI()
         builder.cdef(_CDEF)
-        builder.set_source(name, source, include_dirs=[str(_HERE)],
+        builder.set_source(name, source, include_dirs=[str(_NATIVE)],
                            extra_compile_args=["-O2", "-Wall", "-pthread"],
                            libraries=["pthread"])
         # Build privately, then rename into place: a concurrent build never
@@ -429,7 +430,7 @@ class ApiTarget(BenchTarget):
 
 
 def available_backends(requested: Sequence[str] = ()) -> list[str]:
-    status = kernel.backend_status()
+    status = backends.backend_status()
     if requested:
         for name in requested:
             if name not in status:
@@ -437,12 +438,12 @@ def available_backends(requested: Sequence[str] = ()) -> list[str]:
             if status[name]:
                 raise BenchError(f"{name} backend unavailable here: {status[name]}")
         return list(requested)
-    return [name for name in kernel.backend_names() if not status[name]]
+    return [name for name in backends.backend_names() if not status[name]]
 
 
 def _raw_available() -> str:
     """"" when the raw reference can run here, else why not."""
-    return kernel.backend_status().get("pagemap", "")
+    return backends.backend_status().get("pagemap", "")
 
 
 @contextmanager
@@ -625,10 +626,10 @@ def _small_calls_api(target: ApiTarget, flags: int, calls: int,
 def _small_calls_cffi(target: ApiTarget, flags: int, calls: int,
                       out: np.ndarray) -> tuple[list[int], int]:
     """The same through one direct cffi call of the native GetWriteWatch
-    (kernel.lib.ww_get_write_watch): no Python-level checks at all, the floor
+    (kernel.lib.ww_index_get_write_watch): no Python-level checks at all, the floor
     for a Python caller."""
     view = ww.as_array(target.start, target.size)
-    native, clock = kernel.lib.ww_get_write_watch, time.perf_counter_ns
+    native, clock = kernel.lib.ww_index_get_write_watch, time.perf_counter_ns
     pointer = kernel.ffi.from_buffer("uint64_t[]", out)
     base, size, capacity = target.start, target.size, len(out)
     samples, right = [], 0
@@ -685,7 +686,7 @@ def scenario_small_call(cfg: Config, impls: list[str], progress: Progress,
     columns = list(impls)
     if RAW in impls:
         columns.insert(1, RAW_FROM_PYTHON)
-    has_cffi_layer = "pagemap" in impls and hasattr(kernel.lib, "ww_get_write_watch")
+    has_cffi_layer = "pagemap" in impls and hasattr(kernel.lib, "ww_index_get_write_watch")
     if has_cffi_layer:
         columns.insert(columns.index("pagemap") + 1, CFFI_LAYER)
     cases = ["GetWriteWatch(0)", "GetWriteWatch(RESET)"]
@@ -731,7 +732,7 @@ def scenario_small_call(cfg: Config, impls: list[str], progress: Progress,
                             expected=total))
     if has_cffi_layer:
         scenario.notes.append(
-            f"'{CFFI_LAYER}' calls kernel.lib.ww_get_write_watch directly from Python with a "
+            f"'{CFFI_LAYER}' calls kernel.lib.ww_index_get_write_watch directly from Python with a "
             "prepared pointer: one cffi call (GIL released and re-taken) and the native index "
             "lookup, no Python checks; the gap between it and 'pagemap' is the Python layer.")
     if RAW in impls:

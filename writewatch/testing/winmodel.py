@@ -7,7 +7,7 @@ reservation costs what its committed pages cost). It is the one statement of
 those semantics in the project: the tests (tests/test_model.py,
 tests/test_hostile_inputs.py) drive it and writewatch side by side and compare
 every return value, count, address, last error and byte, and the differential
-tester's ``model`` (writewatch.conformance.ReferenceModel) is a WindowsApi-shaped
+tester's ``model`` (writewatch.testing.conformance.ReferenceModel) is a WindowsApi-shaped
 adapter over it, so that what the tests check and what the tester compares
 other implementations with cannot drift apart.
 

@@ -1,86 +1,17 @@
 /*
- * writewatch's native helpers: thin system-call wrappers and the PAGEMAP_SCAN
- * loop. Only what must not run per page in Python lives here.
+ * PAGEMAP_SCAN (Linux 6.7) on /proc/PID/pagemap: the pagemap backend's scans.
+ * A page reads written once its page-table entry lost the userfaultfd async
+ * write-protect bit; PM_SCAN_WP_MATCHING puts the bit back in the same walk.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
-#include <unistd.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <sys/syscall.h>
 
-#include "_abi.h"
+#include "abi.h"
 
-#define WW_PAGE_SIZE 4096u
 /* page_region entries fetched per ioctl; the loop goes on from walk_end. */
 #define WW_SCAN_BATCH 256
-
-int64_t ww_mmap(uint64_t addr, uint64_t length, int prot, int flags)
-{
-    void *p = mmap((void *)(uintptr_t)addr, length, prot, flags, -1, 0);
-    return p == MAP_FAILED ? -errno : (int64_t)(uintptr_t)p;
-}
-
-int ww_munmap(uint64_t addr, uint64_t length)
-{
-    return munmap((void *)(uintptr_t)addr, length) ? -errno : 0;
-}
-
-int ww_mprotect(uint64_t addr, uint64_t length, int prot)
-{
-    return mprotect((void *)(uintptr_t)addr, length, prot) ? -errno : 0;
-}
-
-int ww_madvise(uint64_t addr, uint64_t length, int advice)
-{
-    return madvise((void *)(uintptr_t)addr, length, advice) ? -errno : 0;
-}
-
-int ww_uffd_open(int flags)
-{
-    long fd = syscall(WW_NR_USERFAULTFD, flags);
-    return fd < 0 ? -errno : (int)fd;
-}
-
-int ww_uffd_api(int uffd, uint64_t features, struct uffdio_api *out)
-{
-    struct uffdio_api api = { .api = UFFD_API, .features = features };
-    if (ioctl(uffd, UFFDIO_API, &api))
-        return -errno;
-    *out = api;
-    return 0;
-}
-
-int ww_uffd_register_wp(int uffd, uint64_t start, uint64_t length, uint64_t *ioctls)
-{
-    struct uffdio_register reg = {
-        .range = { .start = start, .len = length },
-        .mode = UFFDIO_REGISTER_MODE_WP,
-    };
-    if (ioctl(uffd, UFFDIO_REGISTER, &reg))
-        return -errno;
-    *ioctls = reg.ioctls;
-    return 0;
-}
-
-int ww_uffd_unregister(int uffd, uint64_t start, uint64_t length)
-{
-    struct uffdio_range range = { .start = start, .len = length };
-    return ioctl(uffd, UFFDIO_UNREGISTER, &range) ? -errno : 0;
-}
-
-int ww_uffd_writeprotect(int uffd, uint64_t start, uint64_t length, int protect)
-{
-    struct uffdio_writeprotect wp = {
-        .range = { .start = start, .len = length },
-        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
-    };
-    return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) ? -errno : 0;
-}
 
 static void scan_arg_init(struct pm_scan_arg *arg, uint64_t start, uint64_t end)
 {
@@ -102,7 +33,7 @@ static void scan_arg_init(struct pm_scan_arg *arg, uint64_t start, uint64_t end)
  * Returns the number of entries written, or -errno; *walk_end is where the walk
  * stopped (end when the whole range was walked).
  */
-int64_t ww_pagemap_written(int pagemap_fd, uint64_t start, uint64_t end, int reset,
+int64_t ww_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, int reset,
                            uint64_t *out, uint64_t capacity, uint64_t origin,
                            uint64_t *walk_end)
 {
@@ -149,7 +80,7 @@ static int clip_span(const uint64_t *spans, uint64_t i, uint64_t first, uint64_t
  * runs of a region, ascending) inside [first, last), as addresses, until out
  * is full. A span not walked because out filled is neither reported nor reset.
  */
-int64_t ww_pagemap_written_spans(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
+int64_t ww_pagemap_get_write_watch(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
                                  uint64_t first, uint64_t last, int reset,
                                  uint64_t *out, uint64_t capacity)
 {
@@ -157,7 +88,7 @@ int64_t ww_pagemap_written_spans(int pagemap_fd, const uint64_t *spans, uint64_t
     for (uint64_t i = 0; i < nspans && count < capacity; i++) {
         if (!clip_span(spans, i, first, last, &start, &end))
             continue;
-        int64_t n = ww_pagemap_written(pagemap_fd, start, end, reset, out + count,
+        int64_t n = ww_pagemap_scan(pagemap_fd, start, end, reset, out + count,
                                        capacity - count, 0, &walk_end);
         if (n < 0)
             return n;
@@ -166,7 +97,7 @@ int64_t ww_pagemap_written_spans(int pagemap_fd, const uint64_t *spans, uint64_t
     return (int64_t)count;
 }
 
-int64_t ww_pagemap_reset_spans(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
+int64_t ww_pagemap_reset_write_watch(int pagemap_fd, const uint64_t *spans, uint64_t nspans,
                                uint64_t first, uint64_t last)
 {
     uint64_t start, end;

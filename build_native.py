@@ -1,0 +1,31 @@
+"""cffi build script for writewatch._native (API mode, compiled at install).
+
+setup.py names this file in cffi_modules; it is a build input, never imported
+by the package. The C sources live in writewatch/native/, split by job:
+abi.h (the kernel ABI and every helper's prototype, read both as the cdef and
+by the C compiler, so each struct is declared once), syscalls.c (system-call
+wrappers), pagemap.c (PAGEMAP_SCAN scans), tracking.c (the fallback backends'
+per-page state, SIGSEGV handler and userfaultfd handler thread) and index.c
+(the native index behind one-call GetWriteWatch/ResetWriteWatch).
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+NATIVE = Path(__file__).resolve().parent / "writewatch" / "native"
+SOURCES = ["syscalls.c", "pagemap.c", "tracking.c", "index.c"]
+
+ffibuilder = FFI()
+ffibuilder.cdef((NATIVE / "abi.h").read_text())
+ffibuilder.set_source(
+    "writewatch._native",
+    '#include <stdint.h>\n#include "abi.h"\n',
+    sources=[f"writewatch/native/{name}" for name in SOURCES],
+    include_dirs=[str(NATIVE)],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(NATIVE.parent.parent), verbose=True)

@@ -1,0 +1,60 @@
+"""The watcher of the two fallback backends: per-page state kept in user space
+by native/tracking.c (one range per reservation, one state byte per page)."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import numpy as np
+
+from writewatch import kernel
+from writewatch.kernel import check, lib, oserror
+
+
+class TrackedWatcher(kernel.Watcher):
+    def __init__(self, base: int, size: int, mode: int) -> None:
+        self.slot = check(lib.ww_track_attach(base, size, mode), "write-watch range table")
+
+    def watch(self, start: int, length: int, prot: int, *, clean: bool = True) -> None:
+        check(lib.ww_track_watch(self.slot, start, length, prot, clean), "watch")
+
+    def unwatch(self, start: int, length: int) -> None:
+        check(lib.ww_track_unwatch(self.slot, start, length), "unwatch")
+
+    def protect(self, start: int, length: int, prot: int) -> None:
+        check(lib.ww_track_protect(self.slot, start, length, prot), "mprotect")
+
+    def get_write_watch(self, spans: kernel.Spans, first: int, last: int, reset: bool,
+                        out: np.ndarray, capacity: int) -> int:
+        return check(lib.ww_track_get_write_watch(
+            self.slot, spans.array, spans.count, first, last, reset,
+            kernel.output_pointer(out, capacity), capacity), "GetWriteWatch scan")
+
+    def prepare_kernel_write(self, start: int, length: int) -> None:
+        check(lib.ww_track_prepare_write(self.slot, start, length), "prepare_kernel_write")
+
+    def detach(self) -> None:
+        check(lib.ww_track_detach(self.slot), "detach")
+
+    def native_handle(self) -> tuple[int, int]:
+        return lib.WW_INDEX_TRACKED, self.slot
+
+
+def watches(mode: int, address: int) -> bool:
+    """Is address in a range tracked in mode (WW_MODE_MPROTECT or WW_MODE_UFFD)?"""
+    slot = lib.ww_track_find(address)
+    return slot >= 0 and lib.ww_track_mode(slot) == mode
+
+
+def process_memwatch(start: int, end: int, get: bool, clear: bool, out: Any,
+                     capacity: int) -> int:
+    """process_memwatch on memory tracked by either fallback backend; the
+    result is a count or -errno, for memwatch.py to word."""
+    slot = lib.ww_track_find(start)
+    if slot < 0 or not lib.ww_track_all_watched(slot, start, end):
+        raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not all watched memory")
+    if get:
+        return lib.ww_track_scan(slot, start, end, clear, out, capacity, start)
+    return min(0, lib.ww_track_scan(slot, start, end, 1, kernel.ffi.NULL,
+                                    (end - start) // kernel.PAGE_SIZE, 0))

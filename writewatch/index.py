@@ -1,0 +1,92 @@
+"""The native index of write-watch regions (native/index.c), from Python.
+
+regions.py mirrors every reservation here: its bounds, its watcher's native
+handle and its committed spans. The index then serves GetWriteWatch and
+ResetWriteWatch in one native call each, with Windows' checks on the range
+made there and only there: a refused call comes back as a reason code that
+regions.py words.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from writewatch import kernel
+from writewatch.kernel import check, ffi, lib, oserror
+
+# Reasons a call is refused (native/abi.h), as the negative result minus the base.
+REFUSED_FLAGS = lib.WW_REFUSED_FLAGS
+REFUSED_SIZE = lib.WW_REFUSED_SIZE
+REFUSED_NOT_WATCHED = lib.WW_REFUSED_NOT_WATCHED
+REFUSED_LEAVES_REGION = lib.WW_REFUSED_LEAVES_REGION
+REFUSED_OUTPUT = lib.WW_REFUSED_OUTPUT
+REFUSED_STALE = lib.WW_REFUSED_STALE
+_REFUSED_BASE = lib.WW_REFUSED_BASE
+_ERRNO_BASE = lib.WW_INDEX_ERRNO_BASE
+
+
+class RefusedError(Exception):
+    """The index refused a call; .reason is one of the REFUSED_* codes."""
+
+    def __init__(self, reason: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def add(base: int, size: int, watcher: kernel.Watcher | None) -> None:
+    """Enter a reservation (no spans yet). Plain ones are there too, so that an
+    output array inside one is checked before a store."""
+    kind, handle = (lib.WW_INDEX_PLAIN, -1) if watcher is None else watcher.native_handle()
+    check(lib.ww_index_add(base, size, kind, handle), "write-watch index")
+
+
+def update(base: int, watcher: kernel.Watcher, spans: kernel.Spans) -> None:
+    """Tell the index a reservation's committed spans (and, after fork, its new
+    handle)."""
+    check(lib.ww_index_update(base, watcher.native_handle()[1], spans.array, spans.count),
+          "write-watch index")
+
+
+def remove(base: int) -> None:
+    check(lib.ww_index_remove(base), "write-watch index")
+
+
+def _verdict(result: int, what: str) -> int:
+    if result >= 0:
+        return result
+    if result <= -_ERRNO_BASE:
+        raise oserror(-result - _ERRNO_BASE, what)
+    raise RefusedError(-result - _REFUSED_BASE)
+
+
+# Looked up once: this is the per-frame path of a game loop.
+_native_get_write_watch = lib.ww_index_get_write_watch
+_from_buffer = ffi.from_buffer
+_UINT64S = ffi.typeof("uint64_t[]")
+
+
+def get_write_watch(flags: int, base: int, size: int, out: np.ndarray, capacity: int) -> int:
+    """GetWriteWatch in one native call: the count of addresses written into
+    out[:capacity]. out must be a writable contiguous 64-bit array holding
+    capacity entries (the caller checks). Raises RefusedError, or OSError for a
+    kernel failure."""
+    found: int = _native_get_write_watch(flags, base, size, _from_buffer(_UINT64S, out),
+                                         capacity)
+    if found >= 0:
+        return found
+    return _verdict(found, "GetWriteWatch scan")
+
+
+def reset_write_watch(base: int, size: int) -> None:
+    """ResetWriteWatch in one native call. Raises RefusedError, or OSError."""
+    _verdict(lib.ww_index_reset_write_watch(base, size), "ResetWriteWatch")
+
+
+def output_writable(out: np.ndarray, count: int) -> bool:
+    """Can count 64-bit entries be stored at the start of out? False when out
+    lies in memory writewatch manages that was made read-only, inaccessible or
+    decommitted after the array was made (numpy still calls it writable)."""
+    return lib.ww_output_check(_from_buffer(_UINT64S, out), count * 8) == 0
+
+
+kernel.on_fork("index", child=lib.ww_index_after_fork_child)

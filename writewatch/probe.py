@@ -1,0 +1,159 @@
+"""What this machine supports, as data: probe() finds out without changing
+anything, for backend selection and for `python -m writewatch info`."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from writewatch import kernel
+from writewatch.kernel import ffi, lib
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the running kernel and sandbox allow. Each *_detail says why."""
+
+    kernel_release: str
+    kernel_version: tuple[int, ...]
+    userfaultfd: bool
+    userfaultfd_detail: str
+    wp_async: bool
+    wp_unpopulated: bool
+    pagemap_scan: bool
+    pagemap_scan_detail: str
+    soft_dirty: bool
+    soft_dirty_detail: str
+    unprivileged_userfaultfd: int | None
+    seccomp_mode: int | None
+    pagemap_backend: bool
+    pagemap_backend_detail: str
+    uffd_features: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _seccomp_mode() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(r"^Seccomp:\s*(\d+)", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _kernel_version(release: str) -> tuple[int, ...]:
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    return tuple(int(part or 0) for part in match.groups()) if match else ()
+
+
+def _probe_userfaultfd(unprivileged: int | None, seccomp: int | None) -> tuple[bool, str, int]:
+    try:
+        fd = kernel.open_uffd()
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            why = "the userfaultfd system call is not available (CONFIG_USERFAULTFD off"
+            why += ", or a seccomp filter blocks it)" if seccomp else ")"
+        elif exc.errno == errno.EPERM:
+            why = "userfaultfd is not permitted"
+            if unprivileged == 0:
+                why += " (vm.unprivileged_userfaultfd = 0 and no CAP_SYS_PTRACE"
+                why += "; a seccomp filter may also block it)" if seccomp else ")"
+            elif seccomp:
+                why += " (a seccomp filter blocks it, as container runtimes' defaults do)"
+        else:
+            why = f"userfaultfd failed: {exc.strerror}"
+        return False, why, 0
+    os.close(fd)
+    try:
+        features = kernel.uffd_offered_features()
+    except OSError as exc:
+        return False, f"UFFDIO_API failed: {exc.strerror}", 0
+    return True, "userfaultfd available", features
+
+
+def _probe_pagemap_scan() -> tuple[bool, str]:
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return False, f"/proc/self/pagemap cannot be opened: {exc.strerror}"
+    try:
+        arg = ffi.new("struct pm_scan_arg *")
+        arg.size = ffi.sizeof("struct pm_scan_arg")
+        arg.start = arg.end = 0
+        arg.category_mask = arg.return_mask = lib.PAGE_IS_WRITTEN
+        result = lib.ww_pagemap_raw(fd, arg)
+    finally:
+        os.close(fd)
+    if result == -errno.ENOTTY:
+        return False, "no PAGEMAP_SCAN ioctl (needs Linux 6.7 or newer)"
+    if result < 0:
+        return False, f"PAGEMAP_SCAN failed: {os.strerror(-result)}"
+    return True, "PAGEMAP_SCAN available"
+
+
+def _probe_soft_dirty() -> tuple[bool, str]:
+    # Every new mapping carries VM_SOFTDIRTY, shown as "sd" in smaps' VmFlags only
+    # when the kernel has CONFIG_MEM_SOFT_DIRTY: a probe with no side effect
+    # (clearing soft-dirty bits would touch the whole process).
+    try:
+        with open("/proc/self/smaps") as f:
+            flags = [line for line in f if line.startswith("VmFlags:")]
+    except OSError as exc:
+        return False, f"/proc/self/smaps cannot be read: {exc.strerror}"
+    if any(" sd" in line for line in flags):
+        return True, "soft-dirty bits available (CONFIG_MEM_SOFT_DIRTY)"
+    return False, "kernel built without CONFIG_MEM_SOFT_DIRTY"
+
+
+def probe() -> Capabilities:
+    """Find out, without changing anything, what this machine supports."""
+    release = os.uname().release
+    version = _kernel_version(release)
+    unprivileged = _read_int("/proc/sys/vm/unprivileged_userfaultfd")
+    seccomp = _seccomp_mode()
+    uffd_ok, uffd_detail, features = _probe_userfaultfd(unprivileged, seccomp)
+    wp_async = bool(features & lib.UFFD_FEATURE_WP_ASYNC)
+    wp_unpopulated = bool(features & lib.UFFD_FEATURE_WP_UNPOPULATED)
+    scan_ok, scan_detail = _probe_pagemap_scan()
+    sd_ok, sd_detail = _probe_soft_dirty()
+
+    missing = []
+    if not uffd_ok:
+        missing.append(uffd_detail)
+    elif not (wp_async and wp_unpopulated):
+        missing.append("userfaultfd lacks WP_ASYNC/WP_UNPOPULATED (needs Linux 6.7 or newer)")
+    if not scan_ok:
+        missing.append(scan_detail)
+    backend_ok = not missing
+    backend_detail = ("userfaultfd async write-protect + PAGEMAP_SCAN" if backend_ok
+                      else "; ".join(missing))
+    return Capabilities(
+        kernel_release=release,
+        kernel_version=version,
+        userfaultfd=uffd_ok,
+        userfaultfd_detail=uffd_detail,
+        wp_async=wp_async,
+        wp_unpopulated=wp_unpopulated,
+        pagemap_scan=scan_ok,
+        pagemap_scan_detail=scan_detail,
+        soft_dirty=sd_ok,
+        soft_dirty_detail=sd_detail,
+        unprivileged_userfaultfd=unprivileged,
+        seccomp_mode=seccomp,
+        pagemap_backend=backend_ok,
+        pagemap_backend_detail=backend_detail,
+        uffd_features=features,
+    )

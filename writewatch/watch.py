@@ -1,0 +1,158 @@
+"""GetWriteWatch, ResetWriteWatch and prepare_kernel_write on the region table.
+
+The range checks Windows makes live in the native index (native/index.c) and
+only there: a refused call comes back as a reason, which this module words.
+Only the checks on the Python output array itself are made here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from writewatch import index, regions
+from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS
+from writewatch.errors import WriteWatchError, uint
+from writewatch.kernel import page_ceil, page_floor
+
+_UINTP = np.dtype(np.uintp)
+
+
+def _output_array_problem(addresses: Any) -> str:
+    """Why addresses is not what a PVOID* is (a 1-D contiguous uintp array), or ""."""
+    if not isinstance(addresses, np.ndarray):
+        return "addresses must be a numpy array of uintp (or None)"
+    if addresses.dtype != _UINTP or addresses.ndim != 1:
+        return f"addresses must be a 1-D uintp array, not {addresses.ndim}-D {addresses.dtype}"
+    if not addresses.flags.c_contiguous:
+        return "addresses must be contiguous"
+    return ""
+
+
+def _refusal(reason: int, base: int, size: int) -> WriteWatchError:
+    """Words the native index's verdict on a GetWriteWatch/ResetWriteWatch range."""
+    if reason == index.REFUSED_OUTPUT:
+        return WriteWatchError(ERROR_NOACCESS,
+                               "the addresses array lies in memory that cannot be written")
+    if reason == index.REFUSED_FLAGS:
+        return WriteWatchError(ERROR_INVALID_PARAMETER, "flags must be 0 or "
+                               "WRITE_WATCH_FLAG_RESET")
+    if reason == index.REFUSED_SIZE:
+        return WriteWatchError(ERROR_INVALID_PARAMETER, "size is 0")
+    if reason == index.REFUSED_STALE:
+        return WriteWatchError(ERROR_INVALID_PARAMETER,
+                               "the region could not be watched again in this forked child")
+    if reason == index.REFUSED_NOT_WATCHED:
+        return WriteWatchError(ERROR_INVALID_PARAMETER,
+                               f"{base:#x} is not in a write-watch region")
+    first, last = page_floor(base), page_ceil(base + size)
+    region = regions.find(first)
+    where = f" [{region.base:#x}, {region.end:#x})" if region is not None else ""
+    return WriteWatchError(ERROR_INVALID_PARAMETER,
+                           f"[{first:#x}, {last:#x}) leaves the write-watch region{where}")
+
+
+def _refresh_after_fork(base: int) -> None:
+    """Register a forked child's region with the child's kernel objects (the
+    index refused it as stale)."""
+    region = regions.find(page_floor(base))
+    if region is not None:
+        with region.lock:
+            if not region.released:
+                region.sync_after_fork()
+
+
+def get_write_watch(flags: Any, base: Any, size: Any, addresses: Any,
+                    count: Any = None) -> int:
+    """GetWriteWatch: write the addresses of written pages in [base, base+size)
+    into addresses[:count], ascending; returns how many. With
+    WRITE_WATCH_FLAG_RESET exactly the returned pages are reset, atomically
+    with the read (a write racing the call is reported now or next time).
+
+    count=None means len(addresses). Checks in Wine's order (docs/semantics.md
+    rule 15): count 0 -> ERROR_INVALID_PARAMETER; no array (or one too short or
+    read-only) -> ERROR_NOACCESS; then flags, size 0 and the range, which the
+    native index checks. This is the per-frame call of a game loop, so the
+    common case runs few Python operations and one native call."""
+    if (type(addresses) is np.ndarray and addresses.dtype is _UINTP
+            and addresses.flags.c_contiguous and addresses.flags.writeable
+            and addresses.ndim == 1 and (count is None or type(count) is int)):
+        # The common call: a usable array. cffi converts the integers (and
+        # refuses what is not one in 0..2**64-1); the index checks the rest.
+        capacity = len(addresses) if count is None else count
+        if 0 < capacity <= len(addresses):
+            try:
+                return index.get_write_watch(flags, base, size, addresses, capacity)
+            except (TypeError, OverflowError, index.RefusedError):
+                pass  # the checked path below words it (or refreshes a forked child)
+    return _get_write_watch_checked(flags, base, size, addresses, count)
+
+
+def _get_write_watch_checked(flags: Any, base: Any, size: Any, addresses: Any,
+                             count: Any) -> int:
+    """get_write_watch for every other call: the array's checks here, with
+    their own errors, then the index's verdict."""
+    if addresses is not None:
+        problem = _output_array_problem(addresses)
+        if problem:
+            raise TypeError(problem)
+    capacity = 0 if addresses is None else len(addresses)
+    count = capacity if count is None else uint(count, "count")
+    if count == 0:
+        raise WriteWatchError(ERROR_INVALID_PARAMETER, "count is 0")
+    if addresses is None:
+        raise WriteWatchError(ERROR_NOACCESS, "no addresses array for a nonzero count")
+    if count > capacity:
+        raise WriteWatchError(ERROR_NOACCESS, f"count {count} is larger than the addresses "
+                              f"array ({capacity})")
+    if not addresses.flags.writeable:
+        raise WriteWatchError(ERROR_NOACCESS, "the addresses array is read-only")
+    flags, base, size = uint(flags, "flags"), uint(base, "base"), uint(size, "size")
+    try:
+        return index.get_write_watch(flags, base, size, addresses, count)
+    except index.RefusedError as refused:
+        if refused.reason != index.REFUSED_STALE:
+            raise _refusal(refused.reason, base, size) from None
+    _refresh_after_fork(base)
+    try:
+        return index.get_write_watch(flags, base, size, addresses, count)
+    except index.RefusedError as refused:
+        raise _refusal(refused.reason, base, size) from None
+
+
+def reset_write_watch(base: Any, size: Any) -> None:
+    """ResetWriteWatch: mark every page of [base, base+size) unwritten."""
+    base, size = uint(base, "base"), uint(size, "size")
+    for attempt in range(2):
+        try:
+            index.reset_write_watch(base, size)
+            return
+        except index.RefusedError as refused:
+            if refused.reason != index.REFUSED_STALE or attempt:
+                raise _refusal(refused.reason, base, size) from None
+        _refresh_after_fork(base)
+
+
+def prepare_kernel_write(address: Any, size: Any) -> None:
+    """Call before the kernel writes into [address, address+size) of a
+    write-watch region (os.readv, readinto, recv_into into a view): the pages
+    are marked written and made writable, so that the kernel's write succeeds
+    on every backend. Needed by the mprotect backend (armed pages are
+    read-only and the kernel does not fault into a signal handler) and by the
+    uffd backend without privilege; harmless elsewhere. Memory outside
+    write-watch regions is left alone."""
+    address = uint(address, "address")
+    size = uint(size, "size")
+    if size == 0:
+        return
+    region = regions.find(address)
+    if region is None or region.watcher is None:
+        return
+    first, last = page_floor(address), min(page_ceil(address + size), region.end)
+    with region.lock:
+        if region.released:
+            return
+        region.sync_after_fork()
+        for start, end in region.committed_spans(first, last):
+            region.watcher.prepare_kernel_write(start, end - start)
