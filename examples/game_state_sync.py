@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: see REFERENCE.md 3
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: docs/semantics.md K19
 
 import argparse
 import hashlib

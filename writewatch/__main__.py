@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m writewatch",
                                      description="Windows write watch on Linux.")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="which mechanism is used here, and why")
+    info = sub.add_parser("info", help="which backend is used here, and why")
     info.add_argument("--json", action="store_true", help="print the probe as JSON")
     info.set_defaults(run=cmd_info)
     demo = sub.add_parser(

@@ -128,7 +128,7 @@ class WatchedMemory:
     ['0x3000']
 
     The reservation is committed whole (read-write) unless commit=False; then
-    commit() the parts to use. backend picks the write-watch mechanism ("auto":
+    commit() the parts to use. backend picks the write-watch backend ("auto":
     the best this machine has).
     """
 

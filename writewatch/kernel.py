@@ -160,7 +160,7 @@ def uffd_offered_features() -> int:
 def uffd_register_write_protect(uffd: int, start: int, length: int) -> None:
     ioctls = ffi.new("uint64_t *")
     check(lib.ww_uffd_register_wp(uffd, start, length, ioctls), "UFFDIO_REGISTER")
-    # The answer is a mask of ioctl bit numbers, not of ioctl numbers (rule K6).
+    # The answer is a mask of ioctl bit numbers, not ioctl numbers (docs/semantics.md K9).
     if not ioctls[0] & (1 << lib.WW_UFFDIO_WRITEPROTECT_BIT):
         lib.ww_uffd_unregister(uffd, start, length)
         raise oserror(errno.EOPNOTSUPP, "UFFDIO_REGISTER gave no UFFDIO_WRITEPROTECT")
@@ -168,7 +168,7 @@ def uffd_register_write_protect(uffd: int, start: int, length: int) -> None:
 
 # ---------------------------------------------------------------------------
 # Fork: the child inherits the parent's userfaultfd and pagemap descriptors, and
-# they still act on the PARENT's memory (docs/semantics.md rule K10). Every layer
+# they still act on the PARENT's memory (docs/semantics.md rule K17). Every layer
 # drops or refreshes its state here, lower layers first, in the order below;
 # the range locks of the fallback backends are handed over by pthread_atfork
 # handlers inside fork() itself (native/tracking.c says why).

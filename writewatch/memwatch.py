@@ -1,5 +1,5 @@
 """process_memwatch: the system call proposed for write watch (see
-docs/semantics.md, rules M1-M8), on whichever backend watches the range.
+docs/semantics.md, rules M1-M12), on whichever backend watches the range.
 
 It was proposed on the Linux kernel mailing list in 2022 and never merged; its
 ideas landed in Linux 6.7 as PAGEMAP_SCAN with userfaultfd async write-protect,
@@ -86,7 +86,7 @@ def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
 
 def process_memwatch(pidfd: int, start: int, length: int, flags: int,
                      vec: np.ndarray | None = None, vec_len: int | None = None) -> int:
-    """process_memwatch (rules M1-M8), on whichever backend watches the range.
+    """process_memwatch (rules M1-M12), on whichever backend watches the range.
 
     pidfd 0 (or a pidfd of the caller) is the calling process, on any backend;
     otherwise a pidfd (os.pidfd_open) of a process the caller may ptrace-read,

@@ -260,7 +260,7 @@ def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
              backend: str = "auto") -> int:
     """VirtualAlloc: reserve and/or commit; returns the base of what was allocated.
 
-    backend names the write-watch mechanism for a MEM_WRITE_WATCH reservation
+    backend names the write-watch backend of a MEM_WRITE_WATCH reservation
     ("auto" picks the best this machine has)."""
     address = uint(address, "address")
     size = uint(size, "size")

@@ -1,8 +1,8 @@
 /* A Windows program that uses the write-watch API, compiled unchanged on
  * Linux against libwinshim.so (see run.py).
  *
- * Part 1 checks the API the way Wine's conformance tests do (REFERENCE.md
- * section 1, items 1-13, 15, 16). Part 2 is the work such code exists for: an
+ * Part 1 checks the API the way Wine's conformance tests do (docs/semantics.md
+ * rules 1-13, 15, 16). Part 2 is the work such code exists for: an
  * incremental save state. A heap is written frame after frame; after each
  * frame GetWriteWatch(WRITE_WATCH_FLAG_RESET) with a fixed-size address array
  * (called again while it comes back full) names the pages to copy into the

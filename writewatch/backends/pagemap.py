@@ -81,8 +81,8 @@ def memwatch_scan(pagemap_fd: int, start: int, end: int, get: bool, clear: bool,
                   capacity: int) -> int:
     """process_memwatch through a pagemap descriptor (this process's, or another
     one's): EINVAL unless every mapping of [start, end) is registered for async
-    write-protect, checked before anything is read or cleared (rule K4); then
-    the scan's count or -errno."""
+    write-protect, checked before anything is read or cleared (docs/semantics.md
+    rules M12, K13); then the scan's count or -errno."""
     checked = lib.ww_pagemap_check_watched(pagemap_fd, start, end)
     if checked == -errno.EPERM:
         raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not all watched memory")

@@ -64,7 +64,7 @@ RAW = "raw C"
 RESET = ww.WRITE_WATCH_FLAG_RESET
 BLAS_ENV = "OPENBLAS_NUM_THREADS"
 
-# REFERENCE.md section 5 (Wine merge request 7871): average write-to-page ns /
+# docs/semantics.md rule P2 (Wine merge request 7871): average write-to-page ns /
 # average GetWriteWatch us, 3 ms between calls, random pages, RESET.
 WINE_FIGURES = {
     (6, 1080): "Windows 210 ns/40 us, Wine kernel 178/40, Wine mprotect 1800/1000",
@@ -368,7 +368,7 @@ class RawTarget(BenchTarget):
     def scan(self, flags: int, start: int, size: int, out: np.ndarray) -> tuple[int, int]:
         # Only the committed span, as writewatch scans: one PAGEMAP_SCAN over a
         # whole reservation reports the never-committed pages that share a page
-        # table with the committed ones as written (REFERENCE.md 3's trap).
+        # table with the committed ones as written (docs/semantics.md rule K18).
         end = min(start + size, self.start + self.size)
         start = max(start, self.start)
         n = self.ref.lib.wwb_scan_timed(self.region, start, end, flags & RESET,
@@ -1094,7 +1094,7 @@ def format_scenario(scenario: Scenario) -> str:
     rows = [[case, *(_cell(scenario.result(case, impl)) for impl in scenario.impls)]
             for case in scenario.cases]
     if scenario.references:
-        header.append("published (REFERENCE.md 5)")
+        header.append("published (semantics P2)")
         for row in rows:
             row.append(scenario.references.get(row[0], ""))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

@@ -10,7 +10,7 @@ with the trace shrunk to the few calls that still show it.
 An implementation is named by:
 
 - ``model``: the pure-Python reference implementation of Windows' semantics
-  (REFERENCE.md section 1): ReferenceModel, an adapter over writewatch.testing.winmodel,
+  (docs/semantics.md rules 1-17): ReferenceModel, an adapter over writewatch.testing.winmodel,
   the model the test suite holds writewatch to. It needs no kernel support, so
   a divergence is found even on a machine with a single backend.
 - a writewatch backend name (``backends.backend_names()``: pagemap, uffd,
@@ -31,7 +31,7 @@ An implementation is named by:
   SIZE_T)``, ``DWORD GetLastError(void)`` and optionally ``BOOL
   VirtualProtect(LPVOID, SIZE_T, DWORD, PDWORD)`` and ``void
   PrepareKernelWrite(PVOID, SIZE_T)``. The tester makes the kernel write into
-  watched memory itself (read(2) from a pipe, REFERENCE.md item 14); an
+  watched memory itself (read(2) from a pipe, docs/semantics.md rule 14); an
   implementation whose pages are read-only while armed (mprotect) makes such a
   write fail with EFAULT unless it is told first, as a layer does inside its own
   ReadFile: PrepareKernelWrite (or a Python object's prepare_kernel_write
@@ -64,12 +64,13 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from writewatch import api, backends, regions, watch
+from writewatch import api, backends, watch
+from writewatch.backends import BackendName
 from writewatch.constants import (
     ERROR_NOT_ENOUGH_MEMORY,
     MEM_COMMIT,
@@ -83,7 +84,6 @@ from writewatch.constants import (
     WRITE_WATCH_FAILED,
     WRITE_WATCH_FLAG_RESET,
 )
-from writewatch.errors import WriteWatchError
 from writewatch.kernel import PAGE_SIZE
 from writewatch.regions import ALLOCATION_GRANULARITY
 from writewatch.testing.winmodel import (
@@ -160,7 +160,7 @@ class _HookedModel(WinModel):
 
 
 class ReferenceModel:
-    """REFERENCE.md section 1 as a simulation: a WindowsApi-shaped adapter over
+    """docs/semantics.md rules 1-17 as a simulation: a WindowsApi-shaped adapter over
     writewatch.testing.winmodel.WinModel, the model the test suite checks writewatch
     against, so that the tester's reference and the tests' cannot drift apart.
     The adapter keeps the last error, makes addresses up (64 KiB aligned), and
@@ -307,16 +307,12 @@ def _kernel_write_memory(address: int, data: bytes) -> int:
 class WritewatchApi:
     """writewatch's Windows API with every new write-watch region on one backend."""
 
-    def __init__(self, backend: str) -> None:
-        self.backend = backend
+    def __init__(self, backend: BackendName) -> None:
+        self.backend: BackendName = backend
 
     def VirtualAlloc(self, address: int, size: int, allocation_type: int,  # noqa: N802
                      protect: int) -> int:
-        try:
-            return regions.allocate(address, size, allocation_type, protect, self.backend)
-        except WriteWatchError as exc:
-            api.SetLastError(exc.winerror)
-            return 0
+        return api.VirtualAlloc(address, size, allocation_type, protect, backend=self.backend)
 
     def VirtualFree(self, address: int, size: int, free_type: int) -> bool:  # noqa: N802
         return api.VirtualFree(address, size, free_type)
@@ -528,7 +524,8 @@ def resolve(spec: str) -> Implementation:
         return Implementation("model", ReferenceModel)
     if spec in backends.backend_names():
         reason = backends.backend_status()[spec]
-        return Implementation(spec, lambda: WritewatchApi(spec), unavailable=reason)
+        name = cast(BackendName, spec)  # checked just above
+        return Implementation(spec, lambda: WritewatchApi(name), unavailable=reason)
     if spec.startswith("lib:") or spec.endswith(".so") or ".so." in spec:
         path = spec.removeprefix("lib:")
         if "/" not in path:

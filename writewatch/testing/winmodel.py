@@ -1,5 +1,5 @@
 """A pure-Python reference model of the Windows virtual-memory and write-watch
-semantics writewatch promises (REFERENCE.md section 1, README "The Windows API").
+semantics writewatch promises (docs/semantics.md rules 1-17, README "The Windows API").
 
 No kernel behind it: regions hold their committed pages' protections, the set
 of written pages and the bytes of the pages written to (sparse, so a huge
@@ -141,7 +141,7 @@ class Region:
 
     def commit(self, first: int, last: int, protect: int) -> None:
         # A committed page keeps its dirty state. Fresh pages start clean and
-        # read as zero (REFERENCE items 2, 11) because decommit dropped both.
+        # read as zero (docs/semantics.md rules 2, 11) because decommit dropped both.
         for i in self.pages(first, last):
             self.state[i] = protect
 
