@@ -22,8 +22,6 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 try:
     from writewatch._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - only in a tree that was never built
@@ -240,23 +238,12 @@ class Spans:
         self.array = ffi.new("uint64_t[]", [bound for span in spans for bound in span] or [0])
 
 
-def output_pointer(out: np.ndarray, capacity: int) -> Any:
-    """A uint64_t* to out, a contiguous 64-bit array holding at least capacity
-    entries (BufferError if it is not contiguous)."""
-    if not 0 <= capacity <= len(out) or out.itemsize != 8:
-        raise ValueError("capacity outside the 64-bit output array")
-    try:
-        # Writability is the caller's check: asking cffi for it costs twice as much.
-        return ffi.from_buffer("uint64_t[]", out)
-    except TypeError as exc:  # cffi's word for a non-contiguous buffer
-        raise BufferError(str(exc)) from None
-
-
 class Watcher:
     """A backend's write-watch state for one reservation.
 
     regions.py calls it with page-aligned spans inside the reservation, holding
-    the region's lock.
+    the region's lock. Scans are not its job: native/index.c reads and resets
+    the written state through native_handle().
     """
 
     survives_fork = False  # does tracking go on unaided in a forked child?
@@ -275,15 +262,6 @@ class Watcher:
         """Change the protection of watched pages, keeping their written state."""
         raise NotImplementedError
 
-    def get_write_watch(self, spans: Spans, first: int, last: int, reset: bool,
-                        out: np.ndarray, capacity: int) -> int:
-        """Write the addresses of the written pages of spans inside [first, last)
-        into out[:capacity] (a contiguous 64-bit numpy array), ascending; with
-        reset, re-arm exactly the reported pages in the same step. Stops when
-        capacity entries are written. Returns the number written. The caller
-        checks that out is writable."""
-        raise NotImplementedError
-
     def prepare_kernel_write(self, start: int, length: int) -> None:
         """Mark pages written before the kernel writes them (read(2) and
         friends), so that the kernel's write cannot fail on a tracking trap."""
@@ -292,7 +270,8 @@ class Watcher:
         """The reservation is gone."""
 
     def native_handle(self) -> tuple[int, int]:
-        """(kind, handle) under which native/index.c scans this reservation."""
+        """(kind, handle) under which native/index.c scans this reservation:
+        GetWriteWatch and ResetWriteWatch run there, in one native call."""
         raise NotImplementedError
 
 

@@ -12,8 +12,6 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from writewatch import kernel
 
 if TYPE_CHECKING:
@@ -114,12 +112,6 @@ class _PagemapWatcher(kernel.Watcher):
     def protect(self, start: int, length: int, prot: int) -> None:
         # The write-protect bit survives mprotect, so the written state does too.
         kernel.protect(start, length, prot)
-
-    def get_write_watch(self, spans: kernel.Spans, first: int, last: int, reset: bool,
-                        out: np.ndarray, capacity: int) -> int:
-        return check(lib.ww_pagemap_get_write_watch(
-            self.backend.pagemap_fd, spans.array, spans.count, first, last, reset,
-            kernel.output_pointer(out, capacity), capacity), "PAGEMAP_SCAN")
 
     def native_handle(self) -> tuple[int, int]:
         return lib.WW_INDEX_PAGEMAP, self.backend.pagemap_fd
