@@ -35,18 +35,15 @@ class TrackedWatcher(kernel.Watcher):
 
 def watches(mode: int, address: int) -> bool:
     """Is address in a range tracked in mode (WW_MODE_MPROTECT or WW_MODE_UFFD)?"""
-    slot = lib.ww_track_find(address)
-    return slot >= 0 and lib.ww_track_mode(slot) == mode
+    return bool(lib.ww_track_mode_at(address) == mode)
 
 
-def process_memwatch(start: int, end: int, get: bool, clear: bool, out: Any,
+def process_memwatch(mode: int, start: int, end: int, get: bool, clear: bool, out: Any,
                      capacity: int) -> int:
-    """process_memwatch on memory tracked by either fallback backend; the
-    result is a count or -errno, for memwatch.py to word."""
-    slot = lib.ww_track_find(start)
-    if slot < 0 or not lib.ww_track_all_watched(slot, start, end):
+    """process_memwatch on memory tracked in mode, found, checked and scanned in
+    one native access (a release racing it waits for it); the result is a
+    count or -errno, for memwatch.py to word."""
+    result = int(lib.ww_track_memwatch(mode, start, end, get, clear, out, capacity))
+    if result == -errno.EINVAL:
         raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not all watched memory")
-    if get:
-        return lib.ww_track_scan(slot, start, end, clear, out, capacity, start)
-    return min(0, lib.ww_track_scan(slot, start, end, 1, kernel.ffi.NULL,
-                                    (end - start) // kernel.PAGE_SIZE, 0))
+    return result

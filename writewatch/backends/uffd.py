@@ -38,8 +38,10 @@ class _Descriptor(kernel.PerProcess):
             self.kernel_faults = False
         try:
             offered = kernel.uffd_offered_features()
+            # THREAD_ID lets the handler thread see that a lock holder is itself
+            # stopped in a fault, and not wait for it (native/tracking.c).
             wanted = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP
-                      | offered & lib.UFFD_FEATURE_WP_UNPOPULATED)
+                      | offered & (lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_THREAD_ID))
             self.features = kernel.uffd_enable_features(uffd, wanted) & wanted
             check(lib.ww_uffd_handler_start(uffd), "pthread_create")
         except OSError:
@@ -82,7 +84,8 @@ class UffdBackend(kernel.Backend):
 
     def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
                          capacity: int) -> int:
-        return _tracked.process_memwatch(start, end, get, clear, out, capacity)
+        return _tracked.process_memwatch(lib.WW_MODE_UFFD, start, end, get, clear, out,
+                                         capacity)
 
 
 class _UffdWatcher(_tracked.TrackedWatcher):

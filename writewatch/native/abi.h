@@ -60,6 +60,7 @@ struct pm_scan_arg {
 #define UFFDIO_REGISTER 0xC020AA00
 #define UFFDIO_UNREGISTER 0x8010AA01
 #define UFFDIO_WRITEPROTECT 0xC018AA06
+#define UFFDIO_WAKE 0x8010AA02
 
 #define UFFDIO_REGISTER_MODE_WP 2
 #define UFFDIO_WRITEPROTECT_MODE_WP 1
@@ -68,6 +69,7 @@ struct pm_scan_arg {
 #define WW_UFFDIO_WRITEPROTECT_BIT 6
 
 #define UFFD_FEATURE_PAGEFAULT_FLAG_WP 0x1
+#define UFFD_FEATURE_THREAD_ID 0x100 /* pagefault_feat holds the faulting thread's id */
 #define UFFD_FEATURE_WP_UNPOPULATED 0x2000
 #define UFFD_FEATURE_WP_ASYNC 0x8000
 
@@ -159,9 +161,9 @@ int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspan
                                uint64_t first, uint64_t last, int reset,
                                uint64_t *out, uint64_t capacity);
 int ww_track_prepare_write(int slot, uint64_t start, uint64_t length);
-int ww_track_find(uint64_t address);
-int ww_track_mode(int slot);
-int ww_track_all_watched(int slot, uint64_t start, uint64_t end);
+int ww_track_mode_at(uint64_t address);
+int64_t ww_track_memwatch(int mode, uint64_t start, uint64_t end, int get, int clear,
+                          uint64_t *out, uint64_t capacity);
 int ww_track_state(int slot, uint64_t address);
 int ww_track_install_fork_handlers(void);
 int ww_segv_install(void);

@@ -13,12 +13,18 @@
  * replaced only when no reader is inside; otherwise it parks it on a retire
  * list, emptied at the next quiet moment. Writers are serialised by
  * index_mutex (region create, release, commit and decommit are rare).
+ *
+ * A call that found a region counts itself in the entry's users, and removing
+ * the entry waits for them: a release returns only after every call scanning
+ * the region has finished, so no call goes on scanning (and re-arming) its old
+ * address range once another region may have been made there.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* process_vm_readv */
 #endif
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +45,7 @@ struct index_entry {
     int handle; /* the pagemap descriptor, or the tracking slot */
     uint64_t epoch;
     struct index_spans *spans;
+    int users; /* calls scanning this region now */
 };
 
 struct index_table {
@@ -147,6 +154,12 @@ int ww_index_remove(uint64_t base)
             table->entries[table->count++] = old->entries[i];
     __atomic_store_n(&index_table, table, __ATOMIC_SEQ_CST);
     retire(old);
+    pthread_mutex_unlock(&index_mutex);
+    /* No new call finds the entry now; wait for those that did. The entry is
+     * not retired yet, so it stays valid while we read its count. */
+    while (__atomic_load_n(&entry->users, __ATOMIC_SEQ_CST))
+        sched_yield();
+    pthread_mutex_lock(&index_mutex);
     retire(entry->spans);
     retire(entry);
     pthread_mutex_unlock(&index_mutex);
@@ -290,6 +303,7 @@ static int64_t watched_range(const struct index_table *table, uint64_t flags, ui
         return REFUSED(WW_REFUSED_LEAVES_REGION);
     if (__atomic_load_n(&(*entry)->epoch, __ATOMIC_SEQ_CST) != index_epoch)
         return REFUSED(WW_REFUSED_STALE);
+    __atomic_add_fetch(&(*entry)->users, 1, __ATOMIC_SEQ_CST);
     return 0;
 }
 
@@ -320,6 +334,7 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                            (int)flags, out, capacity);
             result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : n;
         }
+        __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
     }
     __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
     return result;
@@ -341,6 +356,7 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
             : ww_track_get_write_watch(handle, spans->bounds, spans->count, first, last, 1,
                                        NULL, (last - first) / WW_PAGE_SIZE);
         result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : 0;
+        __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
     }
     __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
     return result;
@@ -351,5 +367,8 @@ void ww_index_after_fork_child(void)
 {
     pthread_mutex_init(&index_mutex, NULL);
     index_readers = 0;
+    /* Calls in other threads at fork time do not exist in the child. */
+    for (uint64_t i = 0; index_table && i < index_table->count; i++)
+        index_table->entries[i]->users = 0;
     index_epoch++;
 }

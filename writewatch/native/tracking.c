@@ -15,9 +15,18 @@
  * A per-range spinlock serialises the fault path with collect-and-reset: a
  * reset arms the pages it reports before it clears their DIRTY bit, and a
  * fault arriving meanwhile waits for the lock, so a write is reported either
- * by this call or by the next, never lost. The range table is read lock-free
- * by the handlers (atomic slot pointers); a range is freed only after every
- * handler that might have seen it has finished.
+ * by this call or by the next, never lost.
+ *
+ * The fault path never waits for something the faulting thread may hold: a
+ * fault taken while the faulting thread itself holds the range lock (a signal
+ * handler storing into watched memory in the middle of a reset) gives the page
+ * write access at once and leaves the page in the range's deferred list; the
+ * lock holder records it as written when it lets the lock go, after anything
+ * it did to the page.
+ *
+ * The range table is read lock-free (atomic slot pointers). Every native
+ * access to a range, by a call or by a fault, is counted in track_users, and
+ * a range is freed only once no counted access is left.
  */
 #include <errno.h>
 #include <poll.h>
@@ -30,11 +39,13 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 
 #include "abi.h"
 
 #define TRACK_MAX_RANGES 16384
 #define TRACK_NO_RUN UINT64_MAX
+#define TRACK_DEFERRED_MAX 64
 
 struct track_range {
     uint64_t start, end;
@@ -42,24 +53,82 @@ struct track_range {
     uint64_t state_size;
     int mode;
     int lock;
+    int owner;                                /* the lock holder's thread id */
+    int deferred_pending;                     /* pages below, or an overflow */
+    int deferred_overflow;                    /* more than fit: treat all as written */
+    uint64_t deferred[TRACK_DEFERRED_MAX];    /* pages written while the lock was held */
 };
 
 static struct track_range *track_ranges[TRACK_MAX_RANGES];
 static pthread_mutex_t track_slots_mutex = PTHREAD_MUTEX_INITIALIZER; /* attach/detach */
 static int track_slots_used;     /* slots [0, used) may hold a range */
-static int track_handlers_active;
+static int track_users;          /* native accesses to ranges in progress */
 static int track_sync_uffd = -1; /* this process's uffd of the uffd backend */
 static struct sigaction track_prev_segv;
 
+static int this_thread(void)
+{
+    return (int)syscall(SYS_gettid); /* async-signal-safe, unlike pthread_self's TLS */
+}
+
+static void drain_deferred(struct track_range *r);
+
+static int range_trylock(struct track_range *r, int tid)
+{
+    if (__atomic_exchange_n(&r->lock, 1, __ATOMIC_ACQUIRE))
+        return 0;
+    __atomic_store_n(&r->owner, tid, __ATOMIC_RELAXED);
+    drain_deferred(r);
+    return 1;
+}
+
 static void range_lock(struct track_range *r)
 {
-    while (__atomic_exchange_n(&r->lock, 1, __ATOMIC_ACQUIRE))
+    int tid = this_thread();
+    while (!range_trylock(r, tid))
         sched_yield();
 }
 
 static void range_unlock(struct track_range *r)
 {
-    __atomic_store_n(&r->lock, 0, __ATOMIC_RELEASE);
+    for (;;) {
+        drain_deferred(r);
+        __atomic_store_n(&r->owner, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&r->lock, 0, __ATOMIC_RELEASE);
+        /* A page deferred after the drain, by a thread that found the lock
+         * still held, is drained here unless another holder took over. */
+        if (!__atomic_load_n(&r->deferred_pending, __ATOMIC_ACQUIRE) ||
+            !range_trylock(r, this_thread()))
+            return;
+    }
+}
+
+/* Is the range lock held by thread tid? */
+static int held_by(const struct track_range *r, int tid)
+{
+    return __atomic_load_n(&r->lock, __ATOMIC_ACQUIRE) &&
+           __atomic_load_n(&r->owner, __ATOMIC_RELAXED) == tid;
+}
+
+/* Leave page in r's deferred list (lock-free; signal-safe). */
+static void defer_page(struct track_range *r, uint64_t page)
+{
+    int placed = 0;
+    for (int i = 0; i < TRACK_DEFERRED_MAX && !placed; i++) {
+        uint64_t empty = 0;
+        placed = __atomic_compare_exchange_n(&r->deferred[i], &empty, page, 0,
+                                             __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    }
+    if (!placed)
+        __atomic_store_n(&r->deferred_overflow, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&r->deferred_pending, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Count a native access to the range in slot (NULL, uncounted, if none). */
+static struct track_range *range_enter(int slot);
+static void range_exit(void)
+{
+    __atomic_sub_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
 }
 
 static struct track_range *range_of(uint64_t address)
@@ -78,6 +147,15 @@ static struct track_range *range_at_slot(int slot)
     if (slot < 0 || slot >= TRACK_MAX_RANGES)
         return NULL;
     return __atomic_load_n(&track_ranges[slot], __ATOMIC_ACQUIRE);
+}
+
+static struct track_range *range_enter(int slot)
+{
+    __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
+    struct track_range *r = range_at_slot(slot);
+    if (!r)
+        range_exit();
+    return r;
 }
 
 static uint8_t prot_bits(int prot)
@@ -150,6 +228,48 @@ static int needs_arming(const struct track_range *r, uint8_t st)
     return r->mode == WW_MODE_UFFD || (st & WW_PAGE_WRITE);
 }
 
+static int logical_prot(uint8_t st)
+{
+    return (st & WW_PAGE_READ ? PROT_READ : 0) | (st & WW_PAGE_WRITE ? PROT_WRITE : 0);
+}
+
+/*
+ * Pages [first, last) were written while the lock was held by someone who may
+ * have re-armed them since (defer_page): record them as written and give each
+ * watched one its logical protection, unarmed. Lock held.
+ */
+static void settle_written(struct track_range *r, uint64_t first, uint64_t last)
+{
+    for (uint64_t i = first; i < last; i++) {
+        uint8_t st = r->state[i];
+        if (!(st & WW_PAGE_WATCHED))
+            continue; /* unwatched meanwhile, and left its logical protection */
+        uint64_t page = r->start + i * WW_PAGE_SIZE;
+        int failed = r->mode == WW_MODE_UFFD
+            ? uffd_protect(page, WW_PAGE_SIZE, 0)
+            : mprotect_coalescing(r, page, WW_PAGE_SIZE, logical_prot(st));
+        /* If it stays armed, its next write faults once more: still written. */
+        r->state[i] = (failed ? st : st & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+    }
+}
+
+static void drain_deferred(struct track_range *r)
+{
+    if (!__atomic_load_n(&r->deferred_pending, __ATOMIC_ACQUIRE))
+        return;
+    __atomic_store_n(&r->deferred_pending, 0, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < TRACK_DEFERRED_MAX; i++) {
+        uint64_t page = __atomic_exchange_n(&r->deferred[i], 0, __ATOMIC_SEQ_CST);
+        if (page >= r->start && page < r->end) {
+            uint64_t at = (page - r->start) / WW_PAGE_SIZE;
+            settle_written(r, at, at + 1);
+        }
+    }
+    /* Over-reporting is allowed, losing a write is not. */
+    if (__atomic_exchange_n(&r->deferred_overflow, 0, __ATOMIC_SEQ_CST))
+        settle_written(r, 0, (r->end - r->start) / WW_PAGE_SIZE);
+}
+
 /* ---- the range table (Python never uses one slot from two threads at once) ---- */
 
 static int free_slot(void)
@@ -200,58 +320,47 @@ int ww_track_detach(int slot)
     pthread_mutex_unlock(&track_slots_mutex);
     if (!r)
         return -EINVAL;
-    /* A handler that found r before the store is still counted here. */
-    while (__atomic_load_n(&track_handlers_active, __ATOMIC_SEQ_CST))
+    /* A call or fault that found r before the store is still counted. */
+    while (__atomic_load_n(&track_users, __ATOMIC_SEQ_CST))
         sched_yield();
     munmap(r->state, r->state_size);
     free(r);
     return 0;
 }
 
-int ww_track_find(uint64_t address)
+/* The mode (WW_MODE_MPROTECT or WW_MODE_UFFD) of the range holding address,
+ * or -ENOENT. */
+int ww_track_mode_at(uint64_t address)
 {
-    int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < used; i++) {
-        struct track_range *r = __atomic_load_n(&track_ranges[i], __ATOMIC_ACQUIRE);
-        if (r && address >= r->start && address < r->end)
-            return i;
-    }
-    return -1;
-}
-
-/* The mode (WW_MODE_MPROTECT or WW_MODE_UFFD) of the range in slot, or -EINVAL. */
-int ww_track_mode(int slot)
-{
-    struct track_range *r = range_at_slot(slot);
-    return r ? r->mode : -EINVAL;
-}
-
-int ww_track_all_watched(int slot, uint64_t start, uint64_t end)
-{
-    struct track_range *r = range_at_slot(slot);
-    if (!r || start < r->start || end > r->end)
-        return 0;
-    for (uint64_t a = start; a < end; a += WW_PAGE_SIZE)
-        if (!(r->state[(a - r->start) / WW_PAGE_SIZE] & WW_PAGE_WATCHED))
-            return 0;
-    return 1;
+    __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
+    struct track_range *r = range_of(address);
+    int mode = r ? r->mode : -ENOENT;
+    range_exit();
+    return mode;
 }
 
 int ww_track_state(int slot, uint64_t address)
 {
-    struct track_range *r = range_at_slot(slot);
-    if (!r || address < r->start || address >= r->end)
+    struct track_range *r = range_enter(slot);
+    if (!r)
         return -EINVAL;
-    return r->state[(address - r->start) / WW_PAGE_SIZE];
+    int result = address < r->start || address >= r->end
+        ? -EINVAL : r->state[(address - r->start) / WW_PAGE_SIZE];
+    range_exit();
+    return result;
 }
 
 /* ---- page state changes ---- */
 
 int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clean)
 {
-    struct track_range *r = range_at_slot(slot);
-    if (!r || start < r->start || start + length > r->end)
+    struct track_range *r = range_enter(slot);
+    if (!r)
         return -EINVAL;
+    if (start < r->start || start + length > r->end) {
+        range_exit();
+        return -EINVAL;
+    }
     uint8_t bits = prot_bits(prot) | WW_PAGE_WATCHED;
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     int result = 0;
@@ -271,25 +380,58 @@ int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clea
     if (!result)
         memset(r->state + first, clean ? bits : bits | WW_PAGE_DIRTY, last - first);
     range_unlock(r);
+    range_exit();
     return result;
 }
 
+/*
+ * Forget pages about to be decommitted or released. Armed pages get their
+ * logical protection back first, under the lock: a write racing the release
+ * then completes instead of faulting on a page no handler claims any more,
+ * and a writer blocked in a uffd write-protect fault is woken.
+ */
 int ww_track_unwatch(int slot, uint64_t start, uint64_t length)
 {
-    struct track_range *r = range_at_slot(slot);
-    if (!r || start < r->start || start + length > r->end)
+    struct track_range *r = range_enter(slot);
+    if (!r)
         return -EINVAL;
+    if (start < r->start || start + length > r->end) {
+        range_exit();
+        return -EINVAL;
+    }
+    uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
+    int result = 0;
     range_lock(r);
-    memset(r->state + (start - r->start) / WW_PAGE_SIZE, 0, length / WW_PAGE_SIZE);
+    if (r->mode == WW_MODE_UFFD) {
+        result = uffd_protect(start, length, 0);
+    } else {
+        uint64_t run = TRACK_NO_RUN;
+        for (uint64_t i = first; i <= last && !result; i++) {
+            int armed = i < last && (r->state[i] & WW_PAGE_ARMED);
+            if (armed && run == TRACK_NO_RUN)
+                run = i;
+            if (!armed && run != TRACK_NO_RUN) {
+                result = set_armed(r, run, i, 0);
+                run = TRACK_NO_RUN;
+            }
+        }
+    }
+    if (!result)
+        memset(r->state + first, 0, last - first);
     range_unlock(r);
-    return 0;
+    range_exit();
+    return result;
 }
 
 int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot)
 {
-    struct track_range *r = range_at_slot(slot);
-    if (!r || start < r->start || start + length > r->end)
+    struct track_range *r = range_enter(slot);
+    if (!r)
         return -EINVAL;
+    if (start < r->start || start + length > r->end) {
+        range_exit();
+        return -EINVAL;
+    }
     uint8_t bits = prot_bits(prot) | WW_PAGE_WATCHED;
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     int result;
@@ -308,6 +450,7 @@ int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot)
             r->state[i] = (r->state[i] & WW_PAGE_DIRTY) | bits | armed;
     }
     range_unlock(r);
+    range_exit();
     return result;
 }
 
@@ -337,12 +480,40 @@ int64_t ww_track_scan(int slot, uint64_t start, uint64_t end, int reset,
     /* Counted like a fault handler: the lock-free GetWriteWatch and
      * process_memwatch may get here while the region is being released, and
      * detach waits for them before freeing the range. */
-    __atomic_add_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
-    struct track_range *r = range_at_slot(slot);
+    struct track_range *r = range_enter(slot);
+    if (!r)
+        return -EINVAL;
     int64_t result = -EINVAL;
-    if (r && start >= r->start && end <= r->end && start <= end)
+    if (start >= r->start && end <= r->end && start <= end)
         result = track_written(r, start, end, reset, out, capacity, origin);
-    __atomic_sub_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
+    range_exit();
+    return result;
+}
+
+/*
+ * process_memwatch on tracked memory, in one counted access: the range holding
+ * start, of the given mode, must watch every page of [start, end) (-EINVAL
+ * otherwise, before anything is read or cleared). get: report offsets from
+ * start into out, clearing them with clear; else re-arm the whole range.
+ */
+int64_t ww_track_memwatch(int mode, uint64_t start, uint64_t end, int get, int clear,
+                          uint64_t *out, uint64_t capacity)
+{
+    __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
+    struct track_range *r = range_of(start);
+    int64_t result = -EINVAL;
+    if (r && r->mode == mode && end <= r->end && start <= end) {
+        int watched = 1;
+        for (uint64_t a = start; a < end && watched; a += WW_PAGE_SIZE)
+            watched = r->state[(a - r->start) / WW_PAGE_SIZE] & WW_PAGE_WATCHED;
+        if (watched && get)
+            result = track_written(r, start, end, clear, out, capacity, start);
+        else if (watched)
+            result = track_written(r, start, end, 1, NULL, (end - start) / WW_PAGE_SIZE, 0);
+        if (result > 0 && !get)
+            result = 0;
+    }
+    range_exit();
     return result;
 }
 
@@ -413,6 +584,13 @@ int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspan
                                uint64_t first, uint64_t last, int reset,
                                uint64_t *out, uint64_t capacity)
 {
+    /* A native SIGSEGV handler installed since the last call is put behind
+     * ours again: from here on tracked writes reach us first. */
+    struct track_range *r = range_enter(slot);
+    if (r && r->mode == WW_MODE_MPROTECT)
+        ww_segv_install();
+    if (r)
+        range_exit();
     uint64_t count = 0;
     int64_t result = 0;
     for (uint64_t i = 0; i < nspans && count < capacity; i++) {
@@ -438,9 +616,13 @@ int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspan
  */
 int ww_track_prepare_write(int slot, uint64_t start, uint64_t length)
 {
-    struct track_range *r = range_at_slot(slot);
-    if (!r || start < r->start || start + length > r->end)
+    struct track_range *r = range_enter(slot);
+    if (!r)
         return -EINVAL;
+    if (start < r->start || start + length > r->end) {
+        range_exit();
+        return -EINVAL;
+    }
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     uint64_t run = TRACK_NO_RUN;
     int result = 0;
@@ -459,6 +641,7 @@ int ww_track_prepare_write(int slot, uint64_t start, uint64_t length)
             r->state[i] |= WW_PAGE_DIRTY;
     }
     range_unlock(r);
+    range_exit();
     return result;
 }
 
@@ -489,29 +672,60 @@ static void chain_segv(int sig, siginfo_t *info, void *context)
         raise(sig);
 }
 
+/* The last write fault this thread could not claim: retried once, since a
+ * release or decommit racing the write may have given the page its access
+ * back (and forgotten it) between the fault and this handler. Initial-exec
+ * TLS: a signal handler must not allocate it lazily. */
+static __thread uint64_t track_unclaimed_fault __attribute__((tls_model("initial-exec")));
+
 static void segv_handler(int sig, siginfo_t *info, void *context)
 {
     int saved_errno = errno;
     int handled = 0;
     if (info->si_code == SEGV_ACCERR) {
         uint64_t page = (uint64_t)(uintptr_t)info->si_addr & ~(uint64_t)(WW_PAGE_SIZE - 1);
-        __atomic_add_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
         struct track_range *r = range_of(page);
         if (r && r->mode == WW_MODE_MPROTECT) {
             uint64_t i = (page - r->start) / WW_PAGE_SIZE;
-            range_lock(r);
-            uint8_t st = r->state[i];
-            if ((st & WW_PAGE_ARMED) && (st & WW_PAGE_WRITE)) {
-                if (!mprotect_coalescing(r, page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE)) {
-                    r->state[i] = (st & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+            int tid = this_thread();
+            if (held_by(r, tid)) {
+                /* This thread holds the lock: a signal handler interrupted it
+                 * inside a call. Never wait for ourselves: give the page write
+                 * access now and let the holder record it when it unlocks.
+                 * Nobody else changes the state while we hold the lock. */
+                uint8_t st = r->state[i];
+                if ((st & WW_PAGE_ARMED) && (st & WW_PAGE_WRITE)) {
+                    if (!mprotect((void *)(uintptr_t)page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE)) {
+                        defer_page(r, page);
+                        handled = 1;
+                    }
+                } else if (st & WW_PAGE_WRITE) {
                     handled = 1;
                 }
-            } else if (st & WW_PAGE_WRITE) {
-                handled = 1; /* another thread disarmed it first: retry the write */
+            } else {
+                range_lock(r);
+                uint8_t st = r->state[i];
+                if ((st & WW_PAGE_ARMED) && (st & WW_PAGE_WRITE)) {
+                    if (!mprotect_coalescing(r, page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE)) {
+                        r->state[i] = (st & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+                        handled = 1;
+                    }
+                } else if (st & WW_PAGE_WRITE) {
+                    handled = 1; /* another thread disarmed it first: retry the write */
+                }
+                range_unlock(r);
             }
-            range_unlock(r);
         }
-        __atomic_sub_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
+        range_exit();
+        if (handled) {
+            track_unclaimed_fault = 0;
+        } else if (track_unclaimed_fault != page) {
+            track_unclaimed_fault = page; /* retry once; a real fault comes back */
+            handled = 1;
+        } else {
+            track_unclaimed_fault = 0;
+        }
     }
     errno = saved_errno;
     if (!handled)
@@ -542,21 +756,58 @@ int ww_segv_installed(void)
 
 /* ---- the uffd backend's handler thread ---- */
 
-static void resolve_write_fault(uint64_t address)
+/* Let the faulting thread go: remove the write-protection, which wakes it, or,
+ * where the range was unregistered meanwhile, wake it directly. */
+static void release_writer(uint64_t page)
 {
-    uint64_t page = address & ~(uint64_t)(WW_PAGE_SIZE - 1);
-    __atomic_add_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
+    if (uffd_protect(page, WW_PAGE_SIZE, 0)) {
+        struct uffdio_range range = { .start = page, .len = WW_PAGE_SIZE };
+        ioctl(track_sync_uffd, UFFDIO_WAKE, &range);
+    }
+}
+
+/* Is tid among the threads whose faults wait in batch[0..n)? */
+static int faulting(const struct uffd_msg *batch, size_t n, int tid)
+{
+    for (size_t i = 0; i < n; i++)
+        if (batch[i].event == UFFD_EVENT_PAGEFAULT && (int)(uint32_t)batch[i].pagefault_feat == tid)
+            return 1;
+    return 0;
+}
+
+/*
+ * Record the write fault batch[k] and let its thread go. The lock holder may
+ * itself be stopped in a write fault this thread has yet to resolve (a signal
+ * handler interrupted it inside a call): then the page is deferred to the
+ * holder instead of waiting for it.
+ */
+static void resolve_write_fault(const struct uffd_msg *batch, size_t n, size_t k)
+{
+    uint64_t page = batch[k].pagefault_address & ~(uint64_t)(WW_PAGE_SIZE - 1);
+    __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
     struct track_range *r = range_of(page);
     if (r && r->mode == WW_MODE_UFFD) {
-        range_lock(r);
-        uint64_t i = (page - r->start) / WW_PAGE_SIZE;
-        r->state[i] = (r->state[i] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+        for (;;) {
+            if (range_trylock(r, this_thread())) {
+                uint64_t i = (page - r->start) / WW_PAGE_SIZE;
+                if (r->state[i] & WW_PAGE_WATCHED)
+                    r->state[i] = (r->state[i] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+                release_writer(page);
+                range_unlock(r);
+                break;
+            }
+            int owner = __atomic_load_n(&r->owner, __ATOMIC_RELAXED);
+            if (owner && faulting(batch, n, owner)) {
+                release_writer(page);
+                defer_page(r, page);
+                break;
+            }
+            sched_yield();
+        }
+    } else {
+        release_writer(page); /* unknown page: the faulting thread must not hang */
     }
-    /* Unprotect even an unknown page: the faulting thread must not hang. */
-    uffd_protect(page, WW_PAGE_SIZE, 0);
-    if (r && r->mode == WW_MODE_UFFD)
-        range_unlock(r);
-    __atomic_sub_fetch(&track_handlers_active, 1, __ATOMIC_SEQ_CST);
+    range_exit();
 }
 
 static void *uffd_handler_main(void *arg)
@@ -578,9 +829,10 @@ static void *uffd_handler_main(void *arg)
                 continue;
             break;
         }
-        for (size_t i = 0; i < (size_t)got / sizeof messages[0]; i++)
+        size_t n = (size_t)got / sizeof messages[0];
+        for (size_t i = 0; i < n; i++)
             if (messages[i].event == UFFD_EVENT_PAGEFAULT)
-                resolve_write_fault(messages[i].pagefault_address);
+                resolve_write_fault(messages, n, i);
     }
     return NULL;
 }
@@ -637,7 +889,7 @@ static void track_unlock_all(void)
 static void track_after_fork_child(void)
 {
     track_unlock_all();
-    track_handlers_active = 0;
+    track_users = 0;
     track_sync_uffd = -1;
 }
 
