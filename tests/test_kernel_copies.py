@@ -21,9 +21,9 @@ import tempfile
 
 import numpy as np
 import pytest
+from kernel_targets import for_kernel, payload, region_fixture  # noqa: F401 (region)
 
 import writewatch as ww
-from writewatch import backends
 
 P = ww.PAGE_SIZE
 RESET = ww.WRITE_WATCH_FLAG_RESET
@@ -40,29 +40,6 @@ _libc.getrandom.restype = ctypes.c_ssize_t
 _libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(IoVec), ctypes.c_ulong,
                                    ctypes.POINTER(IoVec), ctypes.c_ulong, ctypes.c_ulong]
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
-
-
-def for_kernel(target: np.ndarray, nbytes: int | None = None) -> np.ndarray:
-    """target, made ready for the kernel to write its first nbytes."""
-    if backends.backend().kernel_writes_fault():
-        ww.prepare_kernel_write(target.ctypes.data, target.nbytes if nbytes is None else nbytes)
-    return target
-
-
-def payload(n: int, seed: int = 1) -> bytes:
-    return np.random.default_rng(seed).integers(1, 256, n, dtype=np.uint8).tobytes()
-
-
-@pytest.fixture(params=["unpopulated", "populated-and-reset"])
-def region(request, watched):
-    """16 watched pages, never touched, or touched everywhere and then reset
-    (the kernel then meets present write-protected pages)."""
-    region = watched(16)
-    if request.param == "populated-and-reset":
-        region.view()[::P] = 0
-        assert region.written(RESET) == list(range(16))
-    assert region.written() == []
-    return region
 
 
 @pytest.fixture

@@ -12,40 +12,12 @@ import os
 import socket
 import tempfile
 
-import numpy as np
 import pytest
+from kernel_targets import for_kernel, payload, region_fixture  # noqa: F401 (region)
 
 import writewatch as ww
-from writewatch import backends
 
 P = ww.PAGE_SIZE
-
-
-def for_kernel(target: np.ndarray, nbytes: int | None = None) -> np.ndarray:
-    """target, made ready for the kernel to write its first nbytes."""
-    if backends.backend().kernel_writes_fault():
-        ww.prepare_kernel_write(target.ctypes.data, target.nbytes if nbytes is None else nbytes)
-    return target
-
-
-def payload(n: int, seed: int = 1) -> bytes:
-    return np.random.default_rng(seed).integers(1, 256, n, dtype=np.uint8).tobytes()
-
-
-def dirty_then_reset(region) -> None:
-    """Populate every page and reset it: the kernel then meets present,
-    write-protected entries instead of never-touched ones."""
-    region.view()[::P] = 0
-    assert region.written(ww.WRITE_WATCH_FLAG_RESET) == list(range(region.npages))
-    assert region.written() == []
-
-
-@pytest.fixture(params=["unpopulated", "populated-and-reset"])
-def region(request, watched):
-    region = watched(16)
-    if request.param == "populated-and-reset":
-        dirty_then_reset(region)
-    return region
 
 
 def test_readv_from_a_pipe(region):
