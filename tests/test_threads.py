@@ -6,6 +6,7 @@ nothing leaks."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,6 +16,17 @@ P = ww.PAGE_SIZE
 RESERVE = ww.MEM_RESERVE
 COMMIT = ww.MEM_COMMIT
 RW = ww.PAGE_READWRITE
+
+
+def run_threads(worker: Callable[[int], None], count: int) -> None:
+    """worker(0), ..., worker(count - 1), each in a thread of its own, joined
+    with a 60 s timeout (a hang guard): none may still be running."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
 
 
 def test_threads_allocate_write_query_and_release():
@@ -61,12 +73,7 @@ def test_threads_allocate_write_query_and_release():
         with bases_lock:
             bases.update(mine)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
+    run_threads(worker, 4)
     assert errors == []
     assert bases
     leaked = [hex(b) for b in bases if ww.VirtualQuery(b).State != ww.MEM_FREE]
@@ -105,12 +112,7 @@ def test_threads_share_one_region_each_with_its_own_pages(watched):
         except BaseException as exc:  # reported by the main thread
             errors.append(f"thread {index}: {exc!r}")
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
+    run_threads(worker, 4)
     assert errors == []
     assert region.written() == []
     info = ww.VirtualQuery(region.base)
