@@ -1,16 +1,17 @@
-"""Hostile inputs (issue 6, item 2): every public function fuzzed with wrong
-types, negative, huge and unaligned numbers, addresses of freed and
-never-allocated memory, arrays of the wrong dtype, read-only, non-contiguous,
-too short, and counts larger than arrays.
+"""Hostile inputs: every public function fuzzed with wrong types, negative,
+huge and unaligned numbers, addresses of freed and never-allocated memory,
+arrays of the wrong dtype, read-only, non-contiguous, too short, and counts
+larger than arrays (the Windows functions' parameter errors: docs/semantics.md
+rule 15).
 
 Every call must either succeed or fail with the documented error code (the
 Windows functions) or exception (TypeError for values no C caller could pass,
 ValueError for as_array sizes, OSError with EINVAL/ESRCH/EIO for
 process_memwatch), and must write nothing outside the buffers it was given:
 output arrays end exactly where a PROT_NONE guard page begins, the bytes around
-them hold canaries, and after every call the write-watch state and every
-readable byte of the regions involved are compared with the reference model
-(writewatch/winmodel.py).
+them hold canaries (tests/guard_pages.py), and after every call the
+write-watch state and every readable byte of the regions involved are compared
+with the reference model (writewatch/testing/winmodel.py).
 
 Each fuzzer runs in a child interpreter (one per function and backend), so that
 a write into a guard page or any other crash fails that test alone instead of
@@ -684,7 +685,7 @@ def test_fuzz_public_function(name, soak):
 
 
 def test_size_that_wraps_the_address_space_fails_87(watched):
-    """Item 15: a range that leaves the region once rounded to pages fails with
+    """Rule 15: a range that leaves the region once rounded to pages fails with
     87. A size within a page of 2**64 wraps base+size around to just below
     base; the range must still be refused, never read as the first page."""
     region = watched(4)
@@ -867,7 +868,7 @@ def test_writes_into_a_view_through_every_dtype_stay_in_place(watched):
 
 
 # ---------------------------------------------------------------------------
-# faults outside watched memory (item 6), each in a child interpreter
+# faults outside watched memory, each in a child interpreter
 
 FAULTS = {
     "write-reserved-page": "ctypes.memset(base + 8 * P, 1, 1)",

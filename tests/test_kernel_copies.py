@@ -1,9 +1,10 @@
-"""Kernel writes and mmap copies into and out of watched memory (issue 6,
-item 5), on every backend, beyond what test_kernel_writes.py covers: file
-mmaps copied into a watched view (the source faulting in page by page during
-the copy) and a watched view copied into a file mmap, writes the kernel makes
-with no Python buffer in between (getrandom(2), process_vm_readv(2) called
-through ctypes), recvmsg_into, recvfrom_into and a buffered readinto.
+"""Kernel writes and mmap copies into and out of watched memory
+(docs/semantics.md rule 14), on every backend, beyond what
+test_kernel_writes.py covers: file mmaps copied into a watched view (the
+source faulting in page by page during the copy) and a watched view copied
+into a file mmap, writes the kernel makes with no Python buffer in between
+(getrandom(2), process_vm_readv(2) called through ctypes), recvmsg_into,
+recvfrom_into and a buffered readinto.
 
 Every write succeeds with its full byte count (no EFAULT reaches the caller),
 lands, and dirties exactly its pages; copying watched memory out dirties

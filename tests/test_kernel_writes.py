@@ -1,10 +1,11 @@
-"""REFERENCE item 14: writes the kernel makes on the process's behalf (readv,
-readinto, recv_into, preadv into numpy views of watched memory) succeed with
-the full byte count, never EFAULT, land, and dirty exactly the pages they touch.
-The pagemap backend needs nothing before such a write (section 3: "Kernel-mode
-writes ... are resolved and tracked in async mode"); backends whose armed pages
-make the kernel fail with EFAULT get prepare_kernel_write first, the documented
-way, and must then report exactly the same pages."""
+"""Writes the kernel makes on the process's behalf (readv, readinto,
+recv_into, preadv into numpy views of watched memory) succeed with the full
+byte count, never EFAULT, land, and dirty exactly the pages they touch
+(docs/semantics.md rule 14). The pagemap backend needs nothing before such a
+write (rule K20: in async mode kernel writes are resolved and tracked);
+backends whose armed pages make the kernel fail with EFAULT (rule K22) get
+prepare_kernel_write first, the documented way, and must then report exactly
+the same pages."""
 
 from __future__ import annotations
 

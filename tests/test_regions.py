@@ -1,6 +1,6 @@
 """The region table through the public API: VirtualAlloc, VirtualFree,
-VirtualProtect, VirtualQuery, as_array and WatchedMemory (REFERENCE section 1:
-constants, error codes, 64 KiB reservations, 4096-byte pages)."""
+VirtualProtect, VirtualQuery, as_array and WatchedMemory (docs/semantics.md,
+"Constants": constants, error codes, 64 KiB reservations, 4096-byte pages)."""
 
 from __future__ import annotations
 
