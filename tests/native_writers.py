@@ -19,19 +19,16 @@ comparing final contents can see a write that was dropped.
 
 Stop the writers before freeing the memory they write to (leaving the ``with``
 block does it). The C part is compiled once with cffi (API mode) into a cache
-directory under tempfile.gettempdir(), keyed by a hash of its source.
+directory under tempfile.gettempdir(), keyed by a hash of its source
+(writewatch.testing.cbuild).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
-import shutil
-import sys
-import tempfile
-from pathlib import Path
-from types import ModuleType, TracebackType
+from types import TracebackType
+
+from writewatch.testing.cbuild import build_cached
 
 _CDEF = """
 struct nw_writers;
@@ -174,37 +171,10 @@ uint64_t nw_stop(struct nw_writers *w)
 """
 
 
-def _build() -> ModuleType:
-    """Compile the C part once per source (and interpreter) and import it."""
-    import cffi  # imported here so that a missing cffi fails only the tests using this
-
-    key = hashlib.sha256("\0".join((_CDEF, _SOURCE, cffi.__version__,
-                                    sys.implementation.cache_tag)).encode()).hexdigest()[:16]
-    name = f"_native_writers_{key}"
-    cache = Path(tempfile.gettempdir()) / "writewatch-test-native-writers"
-    cache.mkdir(exist_ok=True)
-    built = sorted(cache.glob(f"{name}.*.so"))
-    if not built:
-        ffibuilder = cffi.FFI()
-        ffibuilder.cdef(_CDEF)
-        ffibuilder.set_source(name, _SOURCE, extra_compile_args=["-O2", "-Wall", "-pthread"],
-                              libraries=["pthread"])
-        # Build privately, then rename into place: a concurrent build (another
-        # pytest process) never sees a half-written library.
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=cache))
-        library = Path(ffibuilder.compile(tmpdir=str(work)))
-        final = cache / library.name
-        os.replace(library, final)
-        shutil.rmtree(work, ignore_errors=True)
-        built = [final]
-    spec = importlib.util.spec_from_file_location(name, built[0])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_native = _build()
+# cbuild imports cffi only when called: a missing cffi fails only the tests
+# importing this module.
+_native = build_cached("native_writers", _CDEF, _SOURCE,
+                       extra_compile_args=["-O2", "-Wall", "-pthread"], libraries=["pthread"])
 ffi, lib = _native.ffi, _native.lib
 
 

@@ -1,5 +1,5 @@
-"""GetWriteWatch(WRITE_WATCH_FLAG_RESET) is atomic per page (REFERENCE.md section 1,
-item 17), checked under real concurrency: native writer threads store into a
+"""GetWriteWatch(WRITE_WATCH_FLAG_RESET) is atomic per page (docs/semantics.md
+rule 17), checked under real concurrency: native writer threads store into a
 watched region while the main thread polls with RESET and copies each reported
 page into a shadow buffer. A write that a poll resets without reporting is lost
 to the shadow for good, so after the writers stop (and one last poll) the shadow
@@ -152,7 +152,7 @@ def describe(stale: list[int]) -> str:
 
 
 def test_item17_reset_poll_with_full_capacity_loses_no_write(region):
-    """Item 17: get+reset in one step per page; a full-capacity poll misses nothing."""
+    """Rule 17: get+reset in one step per page; a full-capacity poll misses nothing."""
     copier = run_writers_and_poll(region, capacity=NPAGES, seed=17)
     assert copier.polls > 1
     stale = copier.stale_pages()
@@ -163,7 +163,7 @@ def test_item17_reset_poll_with_full_capacity_loses_no_write(region):
 
 @pytest.mark.parametrize("spans", [WHOLE, WITH_HOLE], ids=["one-span", "two-spans"])
 def test_item17_and_9_capped_reset_poll_under_concurrency_loses_no_write(region, spans):
-    """Items 17 + 9: with count=7 only the 7 reported pages are reset; the pages
+    """Rules 17 + 9: with count=7 only the 7 reported pages are reset; the pages
     past the cap (in the same committed span or a later one) keep their dirty
     state while threads keep writing."""
     copier = run_writers_and_poll(region, capacity=7, seed=9, spans=spans)
@@ -174,7 +174,7 @@ def test_item17_and_9_capped_reset_poll_under_concurrency_loses_no_write(region,
 
 
 def test_reset_then_poll_after_writers_stop_reports_nothing(region):
-    """Item 4 after concurrency: once drained with RESET, the region reads clean."""
+    """Rule 4 after concurrency: once drained with RESET, the region reads clean."""
     copier = run_writers_and_poll(region, capacity=NPAGES, seed=4)
     out = np.zeros(NPAGES, np.uintp)
     assert ww.GetWriteWatch(0, region, NPAGES * P, out)[:2] == (0, 0)

@@ -1,4 +1,7 @@
-"""python -m writewatch info / demo."""
+"""The command line, python -m writewatch info / demo: info reports the kernel's
+features and each backend's availability as probe() sees them (text and JSON)
+and ends quietly into a closed pipe; demo passes, fails loudly on a wrong
+report, and refuses too few pages."""
 
 from __future__ import annotations
 

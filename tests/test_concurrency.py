@@ -1,5 +1,5 @@
-"""Concurrency (issue 6, items 3 and 4): no write is lost while everything
-happens at once, on every backend.
+"""Concurrency: no write is lost while everything happens at once, on every
+backend.
 
 Native writer threads (tests/native_writers.py: plain pthreads storing counters
 into random slots of random pages, pausing ~1 us after each store so that a
@@ -10,7 +10,7 @@ Python threads, all at the same time:
   one over random sub-ranges, both with random capacities (so capped walks stop
   anywhere), each copying the pages it is told about into a shadow buffer;
 - call VirtualProtect(PAGE_READWRITE) over random parts of it (a protection
-  change must neither dirty nor reset, REFERENCE item 10);
+  change must neither dirty nor reset, docs/semantics.md rule 10);
 - call ResetWriteWatch on parts of a second region that other writers write
   into, and check that a write made after ResetWriteWatch returned is always
   reported (the race ResetWriteWatch has is only with writes made before it);
@@ -365,7 +365,7 @@ def everything(polled: int, resetting: int, soak: bool) -> None:
 
 
 # ---------------------------------------------------------------------------
-# fork and exec under load (item 4)
+# fork and exec under load
 
 
 CHILD_TIMEOUT = 60.0
@@ -514,7 +514,7 @@ def test_no_write_lost_while_everything_runs_at_once(soak):
 
 
 def test_fork_and_exec_under_load_keep_parent_tracking_exact(soak):
-    """Item 4: while writers write and pollers poll, a thread keeps forking
+    """While writers write and pollers poll, a thread keeps forking
     (subprocess.run, fork + exec, fork children that use writewatch on the
     polled region's copy). The children exit cleanly (status 4: a child's write
     after its reset went unreported) and the parent loses no write."""

@@ -1,5 +1,5 @@
 """The differential tester (writewatch.testing.conformance): its reference model keeps
-REFERENCE.md section 1, writewatch's backends agree with it and with each
+docs/semantics.md rules 1-17, writewatch's backends agree with it and with each
 other, and planted bugs are found and reported with a shrunk trace."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run_tester(*args: str, cwd: Path | None = None,
 
 
 class ResetsPagesItDidNotReturn(ReferenceModel):
-    """GetWriteWatch(RESET) with a capped array resets the whole range (item 9 broken)."""
+    """GetWriteWatch(RESET) with a capped array resets the whole range (rule 9 broken)."""
 
     def _report_and_reset(self, region, pages, capacity, reset):
         reported = super()._report_and_reset(region, pages, capacity, reset=False)
@@ -67,7 +67,7 @@ class ResetsPagesItDidNotReturn(ReferenceModel):
 
 
 class KeepsDirtyStateOnDecommit(ReferenceModel):
-    """Decommitted pages keep their dirty state (item 11 broken, as Wine's old path)."""
+    """Decommitted pages keep their dirty state (rule 11 broken, as Wine's old path)."""
 
     def _decommit(self, region, first, last):
         kept = set(region.dirty)

@@ -1,4 +1,4 @@
-"""Write watch across fork (REFERENCE.md section 3, the fork trap).
+"""Write watch across fork (docs/semantics.md rule K17, the fork trap).
 
 A forked child's mappings lose their userfaultfd registration, and the
 descriptors it inherits still act on the PARENT's memory. writewatch must give

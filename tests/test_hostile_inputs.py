@@ -1,16 +1,17 @@
-"""Hostile inputs (issue 6, item 2): every public function fuzzed with wrong
-types, negative, huge and unaligned numbers, addresses of freed and
-never-allocated memory, arrays of the wrong dtype, read-only, non-contiguous,
-too short, and counts larger than arrays.
+"""Hostile inputs: every public function fuzzed with wrong types, negative,
+huge and unaligned numbers, addresses of freed and never-allocated memory,
+arrays of the wrong dtype, read-only, non-contiguous, too short, and counts
+larger than arrays (the Windows functions' parameter errors: docs/semantics.md
+rule 15).
 
 Every call must either succeed or fail with the documented error code (the
 Windows functions) or exception (TypeError for values no C caller could pass,
 ValueError for as_array sizes, OSError with EINVAL/ESRCH/EIO for
 process_memwatch), and must write nothing outside the buffers it was given:
 output arrays end exactly where a PROT_NONE guard page begins, the bytes around
-them hold canaries, and after every call the write-watch state and every
-readable byte of the regions involved are compared with the reference model
-(writewatch/winmodel.py).
+them hold canaries (tests/guard_pages.py), and after every call the
+write-watch state and every readable byte of the regions involved are compared
+with the reference model (writewatch/testing/winmodel.py).
 
 Each fuzzer runs in a child interpreter (one per function and backend), so that
 a write into a guard page or any other crash fails that test alone instead of
@@ -25,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import errno
-import mmap
 import operator
 import os
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import pytest
 from forking import run_python
+from guard_pages import ARRAY_KINDS, is_addresses_array, make_array, make_vec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -54,17 +54,12 @@ G = ww.ALLOCATION_GRANULARITY
 RESERVE, COMMIT, WW_FLAG = ww.MEM_RESERVE, ww.MEM_COMMIT, ww.MEM_WRITE_WATCH
 RW, RO, NA = ww.PAGE_READWRITE, ww.PAGE_READONLY, ww.PAGE_NOACCESS
 FAILED = ww.WRITE_WATCH_FAILED
-CANARY_BYTE = 0xA5
 COMMIT_LIMIT = 1 << 28  # successful commits above this are skipped (see the docstring)
 
 CI_PROFILE = settings(max_examples=60, deadline=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
 SOAK_PROFILE = settings(max_examples=5000, deadline=None,
                         suppress_health_check=list(HealthCheck))
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
 
 def is_int(value: Any) -> bool:
     try:
@@ -76,105 +71,6 @@ def is_int(value: Any) -> bool:
 
 def as_int(value: Any) -> int:
     return operator.index(value)
-
-
-# ---------------------------------------------------------------------------
-# guarded buffers
-
-
-class Guarded:
-    """Memory whose last data byte is followed by a PROT_NONE page. Arrays are
-    placed to end exactly at the guard page; every other byte holds a canary.
-    changed_outside() lists what a call modified outside the bytes it may write."""
-
-    def __init__(self, nbytes: int) -> None:
-        self.data_size = max(1, -(-nbytes // P)) * P
-        self.mm = mmap.mmap(-1, self.data_size + P)
-        raw = np.frombuffer(self.mm, np.uint8)
-        self.address = raw.ctypes.data
-        if _libc.mprotect(self.address + self.data_size, P, 0) != 0:
-            raise OSError(ctypes.get_errno(), "mprotect of the guard page")
-        self.raw = raw[:self.data_size]
-        self.raw[:] = CANARY_BYTE
-        self.before: np.ndarray | None = None
-
-    def at_end(self, nbytes: int) -> np.ndarray:
-        """nbytes of uint8 ending at the guard page."""
-        return self.raw[self.data_size - nbytes:]
-
-    def snapshot(self) -> None:
-        self.before = self.raw.copy()
-
-    def changed_outside(self, start: int, end: int) -> list[int]:
-        """Addresses (at most 8) whose byte changed since snapshot(), outside
-        the address range [start, end)."""
-        assert self.before is not None
-        diff = np.flatnonzero(self.raw != self.before) + self.address
-        return [int(a) for a in diff if not start <= a < end][:8]
-
-
-class Sub(np.ndarray):
-    """An ndarray subclass: a valid addresses array all the same."""
-
-
-ARRAY_KINDS = ["uintp"] * 6 + [
-    "none", "readonly", "uint64", "Q", "subclass", "empty", "in-watched-region",
-    "int64", "uint32", "float64", "object", "2-D", "strided", "reversed", "big-endian",
-    "list", "bytearray", "memoryview", "0-d", "int",
-]
-
-
-def make_array(kind: str, length: int, scene: Scene) -> tuple[Any, Guarded | None]:
-    """An addresses argument of the given kind, in guarded memory where it is
-    an array."""
-    if kind == "none":
-        return None, None
-    if kind == "list":
-        return [0] * length, None
-    if kind == "int":
-        return length, None
-    if kind == "in-watched-region":
-        length = max(1, length)
-        offset = 2 * P + scene.draw_offset_in_page
-        return ww.as_array(scene.a + offset, length * 8, np.uintp), None
-    if kind in ("bytearray", "memoryview"):
-        buffer = bytearray(length * 8)
-        return (buffer if kind == "bytearray" else memoryview(buffer)), None
-    dtype = {"int64": np.int64, "uint32": np.uint32, "float64": np.float64,
-             "big-endian": ">u8", "uint64": np.uint64, "Q": "Q",
-             "object": object}.get(kind, np.uintp)
-    dtype = np.dtype(dtype)
-    if dtype.hasobject:
-        return np.zeros(length, dtype), None
-    itemsize = dtype.itemsize
-    step = 2 if kind == "strided" else 1
-    nbytes = max(length * step, 1) * itemsize
-    guard = Guarded(nbytes + 64)
-    memory = guard.at_end(nbytes).view(dtype)
-    if kind == "empty":
-        array = memory[:0]
-    elif kind == "0-d":
-        array = memory[-1:].reshape(())
-    elif kind == "strided":
-        array = memory[1::2] if length > 1 else memory[-1:]
-        array = array[:length]
-    elif kind == "reversed":
-        array = memory[::-1][:length]
-    elif kind == "2-D":
-        array = memory[:(length // 2) * 2].reshape(-1, 2) if length >= 2 else memory.reshape(1, -1)
-    else:
-        array = memory[:length]
-    if kind == "subclass":
-        array = array.view(Sub)
-    if kind == "readonly":
-        array.flags.writeable = False
-    return array, guard
-
-
-def is_addresses_array(value: Any) -> bool:
-    """What GetWriteWatch accepts: None or a 1-D C-contiguous uintp ndarray."""
-    return value is None or (isinstance(value, np.ndarray) and value.ndim == 1
-                             and value.dtype == np.uintp and value.flags.c_contiguous)
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +224,8 @@ def fuzz_get_write_watch(data: st.DataObject) -> None:
         count = data.draw(st.one_of(st.none(), st.none(), st.integers(-2, 45),
                                     st.sampled_from([2**32, 2**64 - 1, 2**64, np.int64(3)]),
                                     st.sampled_from(ODD)), label="count")
-        addresses, guard = make_array(kind, length, scene)
+        addresses, guard = make_array(kind, length,
+                                      scene.a + 2 * P + scene.draw_offset_in_page)
         if guard is not None:
             guard.snapshot()
         call = lambda: ww.GetWriteWatch(flags, base, size, addresses, count)  # noqa: E731
@@ -680,28 +577,6 @@ def fuzz_process_memwatch(data: st.DataObject) -> None:
         scene.close()
 
 
-def make_vec(kind: str, length: int) -> tuple[Any, Guarded | None]:
-    if kind == "none":
-        return None, None
-    if kind == "list":
-        return [0] * length, None
-    dtype = np.uint64 if kind == "uint64" else np.int64
-    step = 2 if kind == "strided" else 1
-    nbytes = max(1, length * step) * 8
-    guard = Guarded(nbytes + 64)
-    memory = guard.at_end(nbytes).view(dtype)
-    if kind == "empty":
-        return memory[:0], guard
-    if kind == "strided":
-        return memory[1::2][:length], guard
-    if kind == "2-D":
-        return memory.reshape(1, -1), guard
-    vec = memory[:length]
-    if kind == "readonly":
-        vec.flags.writeable = False
-    return vec, guard
-
-
 BACKENDS = ["auto", "auto", "pagemap", "uffd", "mprotect", "nope", "", 3]
 
 
@@ -810,7 +685,7 @@ def test_fuzz_public_function(name, soak):
 
 
 def test_size_that_wraps_the_address_space_fails_87(watched):
-    """Item 15: a range that leaves the region once rounded to pages fails with
+    """Rule 15: a range that leaves the region once rounded to pages fails with
     87. A size within a page of 2**64 wraps base+size around to just below
     base; the range must still be refused, never read as the first page."""
     region = watched(4)
@@ -993,7 +868,7 @@ def test_writes_into_a_view_through_every_dtype_stay_in_place(watched):
 
 
 # ---------------------------------------------------------------------------
-# faults outside watched memory (item 6), each in a child interpreter
+# faults outside watched memory, each in a child interpreter
 
 FAULTS = {
     "write-reserved-page": "ctypes.memset(base + 8 * P, 1, 1)",

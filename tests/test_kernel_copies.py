@@ -1,9 +1,10 @@
-"""Kernel writes and mmap copies into and out of watched memory (issue 6,
-item 5), on every backend, beyond what test_kernel_writes.py covers: file
-mmaps copied into a watched view (the source faulting in page by page during
-the copy) and a watched view copied into a file mmap, writes the kernel makes
-with no Python buffer in between (getrandom(2), process_vm_readv(2) called
-through ctypes), recvmsg_into, recvfrom_into and a buffered readinto.
+"""Kernel writes and mmap copies into and out of watched memory
+(docs/semantics.md rule 14), on every backend, beyond what
+test_kernel_writes.py covers: file mmaps copied into a watched view (the
+source faulting in page by page during the copy) and a watched view copied
+into a file mmap, writes the kernel makes with no Python buffer in between
+(getrandom(2), process_vm_readv(2) called through ctypes), recvmsg_into,
+recvfrom_into and a buffered readinto.
 
 Every write succeeds with its full byte count (no EFAULT reaches the caller),
 lands, and dirties exactly its pages; copying watched memory out dirties
@@ -21,9 +22,9 @@ import tempfile
 
 import numpy as np
 import pytest
+from kernel_targets import for_kernel, payload, region_fixture  # noqa: F401 (region)
 
 import writewatch as ww
-from writewatch import backends
 
 P = ww.PAGE_SIZE
 RESET = ww.WRITE_WATCH_FLAG_RESET
@@ -40,29 +41,6 @@ _libc.getrandom.restype = ctypes.c_ssize_t
 _libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(IoVec), ctypes.c_ulong,
                                    ctypes.POINTER(IoVec), ctypes.c_ulong, ctypes.c_ulong]
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
-
-
-def for_kernel(target: np.ndarray, nbytes: int | None = None) -> np.ndarray:
-    """target, made ready for the kernel to write its first nbytes."""
-    if backends.backend().kernel_writes_fault():
-        ww.prepare_kernel_write(target.ctypes.data, target.nbytes if nbytes is None else nbytes)
-    return target
-
-
-def payload(n: int, seed: int = 1) -> bytes:
-    return np.random.default_rng(seed).integers(1, 256, n, dtype=np.uint8).tobytes()
-
-
-@pytest.fixture(params=["unpopulated", "populated-and-reset"])
-def region(request, watched):
-    """16 watched pages, never touched, or touched everywhere and then reset
-    (the kernel then meets present write-protected pages)."""
-    region = watched(16)
-    if request.param == "populated-and-reset":
-        region.view()[::P] = 0
-        assert region.written(RESET) == list(range(16))
-    assert region.written() == []
-    return region
 
 
 @pytest.fixture

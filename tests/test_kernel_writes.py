@@ -1,10 +1,11 @@
-"""REFERENCE item 14: writes the kernel makes on the process's behalf (readv,
-readinto, recv_into, preadv into numpy views of watched memory) succeed with
-the full byte count, never EFAULT, land, and dirty exactly the pages they touch.
-The pagemap backend needs nothing before such a write (section 3: "Kernel-mode
-writes ... are resolved and tracked in async mode"); backends whose armed pages
-make the kernel fail with EFAULT get prepare_kernel_write first, the documented
-way, and must then report exactly the same pages."""
+"""Writes the kernel makes on the process's behalf (readv, readinto,
+recv_into, preadv into numpy views of watched memory) succeed with the full
+byte count, never EFAULT, land, and dirty exactly the pages they touch
+(docs/semantics.md rule 14). The pagemap backend needs nothing before such a
+write (rule K20: in async mode kernel writes are resolved and tracked);
+backends whose armed pages make the kernel fail with EFAULT (rule K22) get
+prepare_kernel_write first, the documented way, and must then report exactly
+the same pages."""
 
 from __future__ import annotations
 
@@ -12,40 +13,12 @@ import os
 import socket
 import tempfile
 
-import numpy as np
 import pytest
+from kernel_targets import for_kernel, payload, region_fixture  # noqa: F401 (region)
 
 import writewatch as ww
-from writewatch import backends
 
 P = ww.PAGE_SIZE
-
-
-def for_kernel(target: np.ndarray, nbytes: int | None = None) -> np.ndarray:
-    """target, made ready for the kernel to write its first nbytes."""
-    if backends.backend().kernel_writes_fault():
-        ww.prepare_kernel_write(target.ctypes.data, target.nbytes if nbytes is None else nbytes)
-    return target
-
-
-def payload(n: int, seed: int = 1) -> bytes:
-    return np.random.default_rng(seed).integers(1, 256, n, dtype=np.uint8).tobytes()
-
-
-def dirty_then_reset(region) -> None:
-    """Populate every page and reset it: the kernel then meets present,
-    write-protected entries instead of never-touched ones."""
-    region.view()[::P] = 0
-    assert region.written(ww.WRITE_WATCH_FLAG_RESET) == list(range(region.npages))
-    assert region.written() == []
-
-
-@pytest.fixture(params=["unpopulated", "populated-and-reset"])
-def region(request, watched):
-    region = watched(16)
-    if request.param == "populated-and-reset":
-        dirty_then_reset(region)
-    return region
 
 
 def test_readv_from_a_pipe(region):

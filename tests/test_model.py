@@ -1,12 +1,13 @@
-"""Model-based test (issue 6, item 1): hypothesis drives writewatch and the
-pure-Python reference model in writewatch/winmodel.py side by side through random
-sequences of VirtualAlloc (reserve, commit, write-watch or not, bad flags),
-writes through numpy views (single bytes, ranges straddling pages),
-VirtualProtect, VirtualFree (decommit, release), VirtualQuery, GetWriteWatch
-(random sub-ranges, capacities, counts, with and without RESET) and
-ResetWriteWatch, and asserts that every return value, count, address, last
-error and byte agrees. After every step, every write-watch region's dirty pages
-(GetWriteWatch without RESET) and every readable byte must match the model.
+"""Model-based test (docs/semantics.md rules 1-17): hypothesis drives
+writewatch and the pure-Python reference model in writewatch/testing/winmodel.py
+side by side through random sequences of VirtualAlloc (reserve, commit,
+write-watch or not, bad flags), writes through numpy views (single bytes,
+ranges straddling pages), VirtualProtect, VirtualFree (decommit, release),
+VirtualQuery, GetWriteWatch (random sub-ranges, capacities, counts, with and
+without RESET) and ResetWriteWatch, and asserts that every return value,
+count, address, last error and byte agrees. After every step, every
+write-watch region's dirty pages (GetWriteWatch without RESET) and every
+readable byte must match the model.
 
 Runs once per backend (conftest.py). The CI profile is small; --soak (or
 WRITEWATCH_SOAK=1) runs a long one.

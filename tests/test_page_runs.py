@@ -1,6 +1,6 @@
 """writewatch.regions.PageRuns: per-page values stored as runs, checked against a
-plain per-page numpy array (the region table's bookkeeping, REFERENCE section 1:
-every VirtualQuery / commit / protect answer is read from these runs)."""
+plain per-page numpy array (the region table's bookkeeping: every VirtualQuery /
+commit / protect answer is read from these runs)."""
 
 from __future__ import annotations
 

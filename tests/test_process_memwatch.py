@@ -1,6 +1,6 @@
-"""process_memwatch, the seed's system call (REFERENCE.md section 2), on the
-pagemap mechanism: on this process (pidfd 0), on another process through a
-pidfd, and the errors (EINVAL, ESRCH)."""
+"""process_memwatch, the proposed Linux system call (docs/semantics.md rules
+M1-M12), on the pagemap mechanism: on this process (pidfd 0), on another process
+through a pidfd, and the errors (EINVAL, ESRCH)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def expect_errno(error: int, call: Callable[[], object]) -> OSError:
 
 
 def test_get_returns_byte_offsets_from_start_ascending(make_region):
-    """Section 2: GET writes byte offsets (from start, not from the region) of
+    """Rule M5: GET writes byte offsets (from start, not from the region) of
     the dirty pages, ascending, and returns their number."""
     region = make_region()
     region.write(15, 9, 5, 2)  # out of order on purpose
@@ -123,7 +123,7 @@ def test_fresh_region_reports_nothing(make_region):
 
 
 def test_get_stops_when_vec_is_full(make_region):
-    """Section 2: GET stops when vec_len entries are filled."""
+    """Rule M6: GET stops when vec_len entries are filled."""
     region = make_region()
     region.write(1, 4, 8, 12)
     assert memwatch(region.base, 16 * P, GET, capacity=8, vec_len=2) == [1 * P, 4 * P]
@@ -131,7 +131,7 @@ def test_get_stops_when_vec_is_full(make_region):
 
 
 def test_get_clear_with_vec_len_1_clears_only_the_returned_page(make_region):
-    """Section 2: the range is not cleared past the stop."""
+    """Rule M6: the range is not cleared past the stop."""
     region = make_region()
     region.write(2, 6, 13)
     assert memwatch(region.base, 16 * P, GET | CLEAR, vec_len=1) == [2 * P]
@@ -150,7 +150,7 @@ def test_get_clear_reports_then_clears(make_region):
 
 
 def test_clear_alone_clears_exactly_the_range(make_region):
-    """Section 2: CLEAR without GET clears the whole range and returns 0."""
+    """Rules M7 and M10: CLEAR without GET clears the whole range and returns 0."""
     region = make_region()
     region.write(1, 5, 6, 10)
     assert ww.process_memwatch(0, region.page(4), 4 * P, CLEAR) == 0  # pages 4..7
@@ -160,7 +160,7 @@ def test_clear_alone_clears_exactly_the_range(make_region):
 
 
 def test_no_reused_regions_is_accepted_with_get_or_clear(make_region):
-    """Section 2: NO_REUSED_REGIONS is a modifier; only alone is it invalid."""
+    """Rules M2 and M9: NO_REUSED_REGIONS is a modifier; only alone is it invalid."""
     region = make_region()
     region.write(3)
     assert memwatch(region.base, 16 * P, GET | NO_REUSED) == [3 * P]
@@ -175,7 +175,7 @@ def test_no_reused_regions_is_accepted_with_get_or_clear(make_region):
     pytest.param(3 * P - 1, [0, P, 2 * P], id="3P-1"),
 ])
 def test_length_is_rounded_up_to_whole_pages(make_region, length, expected):
-    """Section 2: len is rounded up to pages, for GET ..."""
+    """Rule M4: len is rounded up to pages, for GET ..."""
     region = make_region()
     region.write(0, 1, 2, 3)
     assert dirty(region.base, length) == expected
@@ -200,7 +200,7 @@ def test_length_zero_reports_and_clears_nothing(make_region):
 
 
 def test_many_separate_dirty_pages_and_a_stop_mid_walk(make_region):
-    """Item 13's shape through process_memwatch: 1024 pages, every other one
+    """Rule 13's shape through process_memwatch: 1024 pages, every other one
     written (512 separate runs, more than one kernel batch); GET returns all 512
     offsets; GET|CLEAR with vec_len 300 clears exactly the first 300."""
     region = make_region(1024)
@@ -231,7 +231,7 @@ def test_own_pidfd_behaves_like_pidfd_0(make_region):
 
 
 def test_get_clear_is_atomic_under_concurrent_native_writers(make_region):
-    """Section 2: GET and CLEAR together are one atomic operation. Native
+    """Rule M8: GET and CLEAR together are one atomic operation. Native
     threads write while GET|CLEAR (capacity 5, so the stop is exercised too)
     polls and each reported page is copied afterwards into a shadow; a write
     cleared without being reported would leave the shadow stale."""
@@ -304,7 +304,7 @@ EINVAL_CASES = {
 
 @pytest.mark.parametrize("case", list(EINVAL_CASES))
 def test_invalid_arguments_fail_with_einval_and_clear_nothing(make_region, case):
-    """Section 2: bad flags, GET without room, unaligned start, bad vec -> EINVAL;
+    """Rules M4 and M9: bad flags, GET without room, unaligned start, bad vec -> EINVAL;
     the pages stay dirty."""
     region = make_region()
     region.write(2, 9)
@@ -440,7 +440,7 @@ def child() -> Iterator[Child]:
 
 
 def test_other_process_get_reports_its_written_pages(child):
-    """Section 2 through a pidfd: GET reads the target's dirty pages, as byte
+    """Rules M3 and M5 through a pidfd: GET reads the target's dirty pages, as byte
     offsets from start, and does not clear them (the target still sees them)."""
     assert dirty(child.base, 16 * P, pidfd=child.pidfd) == [1 * P, 4 * P, 6 * P]
     assert dirty(child.base + 4 * P, 12 * P, pidfd=child.pidfd) == [0, 2 * P]
@@ -481,7 +481,7 @@ def test_other_process_unwatched_range_fails_and_clears_nothing(child):
 
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 def test_pidfd_of_an_exited_process_is_esrch(reaped):
-    """Section 2: ESRCH when the process is gone: exited and reaped, or exited
+    """Rule M11: ESRCH when the process is gone: exited and reaped, or exited
     and not yet waited for (a zombie has no memory left to inspect)."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     pidfd = os.pidfd_open(process.pid)
@@ -516,7 +516,7 @@ PR_SET_DUMPABLE = 4
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
 def test_unprivileged_caller_gets_esrch_for_pid_1():
-    """Section 2: the caller needs ptrace rights over the target, else ESRCH.
+    """Rules M3 and M11: the caller needs ptrace rights over the target, else ESRCH.
 
     The brief asked for a subprocess with preexec_fn=os.setuid(65534), but here
     the interpreter lives under /root (mode 0700), so uid 65534 cannot exec it.

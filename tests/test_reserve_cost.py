@@ -1,7 +1,8 @@
-"""Cost follows committed memory, not reserved memory (REFERENCE section 3:
-write-protecting a whole reservation allocates page tables for all of it, and
-decommitted or never-committed page tables must never show up as phantom
-written pages: "Scan committed ranges only"). No timing assertions."""
+"""Cost follows committed memory, not reserved memory (docs/semantics.md rules
+K16 and K18: write-protecting a whole reservation allocates page tables for
+all of it, and decommitted or never-committed page tables must never show up
+as phantom written pages: "Scan committed ranges only"). No timing
+assertions."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_256gib_reservation_costs_what_its_64mib_commit_costs(big_reservation):
 
 def test_decommitted_neighbours_leave_no_phantom_pages(big_reservation):
     """Pages decommitted next to committed ones (same page table) are neither
-    reported nor cost anything after release (REFERENCE section 3 trap)."""
+    reported nor cost anything after release (docs/semantics.md rule K18)."""
     base, _ = big_reservation
     middle = base + RESERVATION // 2
     assert ww.VirtualAlloc(middle, 4 * MiB, ww.MEM_COMMIT, ww.PAGE_READWRITE) == middle

@@ -1,5 +1,5 @@
-"""GetWriteWatch / ResetWriteWatch conformance: REFERENCE.md section 1, items
-1-17, as Windows does them and Wine's conformance tests assert them."""
+"""GetWriteWatch / ResetWriteWatch conformance: docs/semantics.md rules 1-17,
+as Windows does them and Wine's conformance tests assert them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def expect_failure(result: object, failed: object, error: int) -> None:
     assert ww.GetLastError() == error
 
 
-# -- item 1: allocation flags
+# -- rule 1: allocation flags
 
 
 def test_item1_reserve_commit_write_watch_succeeds(watched):
@@ -34,7 +34,7 @@ def test_item1_write_watch_alone_fails_87():
                    ww.ERROR_INVALID_PARAMETER)
 
 
-# -- items 2-9: what gets reported
+# -- rules 2-9: what gets reported
 
 
 def test_item2_fresh_region_reports_nothing(watched):
@@ -134,7 +134,7 @@ def test_item9_cap_across_committed_runs_stops_the_walk(watched):
     assert region.written() == [13]
 
 
-# -- items 10-12: protection and decommit
+# -- rules 10-12: protection and decommit
 
 
 def test_item10_protection_changes_neither_dirty_nor_reset(watched):
@@ -186,7 +186,7 @@ def test_item12_pages_written_through_a_protection_change_are_reported(watched):
     assert region.written() == [2]
 
 
-# -- item 13: a large region
+# -- rule 13: a large region
 
 
 def test_item13_every_other_page_of_2048(watched):
@@ -198,7 +198,7 @@ def test_item13_every_other_page_of_2048(watched):
     assert region.written() == []
 
 
-# -- item 14 is in test_kernel_writes.py; item 16: reserve-only
+# -- rule 14 is in test_kernel_writes.py; rule 16: reserve-only
 
 
 def test_item16_reserve_only_region_reports_nothing_and_resets(watched):
@@ -220,7 +220,7 @@ def test_item17_reset_flag_is_one_atomic_step(watched):
     assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [5]
 
 
-# -- item 15: parameter errors, in Wine's order
+# -- rule 15: parameter errors, in Wine's order
 
 
 def test_item15_count_zero_fails_87(watched):

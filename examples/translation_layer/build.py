@@ -10,22 +10,22 @@ itself, so it can be loaded into a running Python (the differential tester
 does, with ctypes) and into a C program linked with libpython.
 
 Builds are cached under build/<hash of the inputs>/, so only the first run
-pays for the compiler.
+pays for the compiler; writewatch.testing.cbuild supplies the hash and the
+build-privately-then-rename step that keeps concurrent builds apart.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from writewatch.testing.cbuild import build_privately, inputs_digest
 
 HERE = Path(__file__).resolve().parent
 INCLUDE = HERE / "include"
@@ -158,13 +158,9 @@ def _python_link_flags() -> list[str] | None:
 
 
 def _inputs_digest() -> str:
-    digest = hashlib.sha256()
-    for path in (INCLUDE / "windows.h", PROGRAM_SOURCE, GLUE_SOURCE, Path(__file__)):
-        digest.update(path.read_bytes())
-    import cffi
-
-    digest.update(f"{sys.version} {cffi.__version__} {sys.executable}".encode())
-    return digest.hexdigest()[:16]
+    """The build directory's name: a hash of the inputs, this Python and cffi."""
+    files = (INCLUDE / "windows.h", PROGRAM_SOURCE, GLUE_SOURCE, Path(__file__))
+    return inputs_digest(*(path.read_bytes() for path in files), sys.version, sys.executable)
 
 
 def _run(command: list[str], verbose: bool) -> None:
@@ -207,17 +203,10 @@ def build(root: Path = HERE / "build", verbose: bool = False) -> Built:
     """Compile if the inputs changed since the last build; return the files."""
     target = root / _inputs_digest()
     if not (target / "libport.so").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="partial-", dir=root))
-        try:
+        with build_privately(root, "partial-") as work:
             _compile(work, verbose)
-            try:
+            with contextlib.suppress(OSError):  # another process finished the same build first
                 work.rename(target)
-            except OSError:  # another process finished the same build first
-                shutil.rmtree(work, ignore_errors=True)
-        finally:
-            if work.exists() and work != target:
-                shutil.rmtree(work, ignore_errors=True)
     program = target / "write_watch_port"
     return Built(target / "libwinshim.so", program if program.exists() else None,
                  target / "libport.so")

@@ -31,17 +31,13 @@ JSON, targets), which is what the tests check.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
@@ -55,6 +51,7 @@ import numpy as np
 
 import writewatch as ww
 from writewatch import backends, kernel, regions
+from writewatch.testing.cbuild import build_cached
 
 P = ww.PAGE_SIZE
 KiB = 1 << 10
@@ -118,39 +115,12 @@ def reference() -> ModuleType:
     """The compiled reference (ffi, lib), built once per source and interpreter
     into a cache directory under tempfile.gettempdir()."""
     global _reference
-    if _reference is not None:
-        return _reference
-    import cffi
-
-    source = _REFERENCE_SOURCE.read_text()
-    key = hashlib.sha256("\0".join((_CDEF, source, _ABI_HEADER.read_text(), cffi.__version__,
-                                    sys.implementation.cache_tag)).encode()).hexdigest()[:16]
-    name = f"_bench_reference_{key}"
-    cache = Path(tempfile.gettempdir()) / "writewatch-bench"
-    cache.mkdir(exist_ok=True)
-    built = sorted(cache.glob(f"{name}.*.so"))
-    if not built:
-        builder = cffi.FFI()
-        builder.cdef(_CDEF)
-        builder.set_source(name, source, include_dirs=[str(_NATIVE)],
-                           extra_compile_args=["-O2", "-Wall", "-pthread"],
-                           libraries=["pthread"])
-        # Build privately, then rename into place: a concurrent build never
-        # sees a half-written library.
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=cache))
-        try:
-            library = Path(builder.compile(tmpdir=str(work)))
-            final = cache / library.name
-            os.replace(library, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        built = [final]
-    spec = importlib.util.spec_from_file_location(name, built[0])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    _reference = module
-    return module
+    if _reference is None:
+        _reference = build_cached("bench_reference", _CDEF, _REFERENCE_SOURCE.read_text(),
+                                  include_dirs=[str(_NATIVE)], depends=[_ABI_HEADER],
+                                  extra_compile_args=["-O2", "-Wall", "-pthread"],
+                                  libraries=["pthread"])
+    return _reference
 
 
 # ---------------------------------------------------------------------------
