@@ -217,9 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        status = main()
+        # With stdout buffered (not a terminal, no PYTHONUNBUFFERED), a short
+        # output meets a closed pipe only here: flush while the handler below
+        # can still catch it, not at interpreter exit.
+        sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`... info | head`): stop quietly, as Unix tools
         # do, and keep Python from complaining again when it flushes stdout.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    sys.exit(status)
