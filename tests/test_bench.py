@@ -22,6 +22,12 @@ from writewatch.bench import runner as bench
 pytestmark = pytest.mark.any_backend  # the bench runs every backend itself
 
 
+def best_backend() -> str:
+    """The backend every scenario has here (pagemap where it runs; under a
+    sandbox that denies userfaultfd, the best fallback)."""
+    return next(name for name, why in backends.backend_status().items() if not why)
+
+
 @pytest.fixture(scope="module")
 def report() -> bench.Report:
     return bench.run(bench.Config.quick())
@@ -58,29 +64,32 @@ def test_numbers_are_positive_medians_with_ratios_to_raw(report):
                 assert result.ratio == pytest.approx(result.value / raw.value)
     scenario = report.scenario(1)
     assert scenario is not None
-    assert len(scenario.result("random", "pagemap").samples) == bench.Config.quick(
+    assert len(scenario.result("random", best_backend()).samples) == bench.Config.quick(
     ).write_repetitions
 
 
 def test_pages_found_equal_pages_written(report):
-    checked = 0
+    checked: dict[str, int] = {}
     for scenario in report.scenarios:
         for result in scenario.results:
             if result.expected is not None:
                 assert result.found == result.expected, (scenario.number, result.case,
                                                          result.impl)
-                checked += 1
-    assert checked > 50
+                checked[result.impl] = checked.get(result.impl, 0) + 1
+    here = [name for name, why in backends.backend_status().items() if not why]
+    # Every backend's counts were checked, in many cases (16 each when written).
+    assert all(checked.get(name, 0) > 10 for name in here), checked
+    best = best_backend()
     cfg = bench.Config.quick()
     pages = cfg.size // kernel.PAGE_SIZE
     write_cost = report.scenario(1)
-    assert write_cost.result("sequential", "pagemap").expected == (
+    assert write_cost.result("sequential", best).expected == (
         pages * cfg.write_repetitions)
     scan = report.scenario(2)
-    assert scan.result("100% RESET", "pagemap").expected == pages * cfg.repetitions
-    assert scan.result("0% 0", "pagemap").expected == 0
+    assert scan.result("100% RESET", best).expected == pages * cfg.repetitions
+    assert scan.result("0% 0", best).expected == 0
     reserve = report.scenario(5)
-    assert reserve.result(reserve.cases[3], "pagemap").expected == (
+    assert reserve.result(reserve.cases[3], best).expected == (
         cfg.commit // kernel.PAGE_SIZE * cfg.repetitions)
     # Wine's shape: the writers wrote, and GetWriteWatch saw some of it.
     wine = report.scenario(4)

@@ -200,7 +200,15 @@ def test_every_available_backend_agrees_with_the_model():
         assert verdict.compared > 1000
 
 
-@pytest.mark.skipif(len(AVAILABLE) < 2, reason="fewer than two backends here")
+def why_fewer_than_two() -> str:
+    if backends.requested_backend() != "auto":
+        return f"{backends.BACKEND_ENV} restricts the run to one backend"
+    return "; ".join(f"{name} unavailable: {why}"
+                     for name, why in backends.backend_status().items() if why)
+
+
+@pytest.mark.skipif(len(AVAILABLE) < 2, reason="fewer than two backends here: "
+                    + why_fewer_than_two())
 def test_backends_agree_with_each_other():
     verdicts = conformance.compare([conformance.resolve(name) for name in AVAILABLE],
                                    traces=30, length=60, seed=5)

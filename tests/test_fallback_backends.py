@@ -22,7 +22,7 @@ def available(name: str) -> bool:
 
 
 needs_mprotect = pytest.mark.skipif(not available("mprotect"), reason="mprotect backend "
-                                    "unavailable")
+                                    f"unavailable: {backends.backend_status()['mprotect']}")
 needs_uffd = pytest.mark.skipif(not available("uffd"),
                                 reason=f"uffd backend unavailable: "
                                        f"{backends.backend_status()['uffd']}")
@@ -145,7 +145,7 @@ def test_view_outliving_release_stays_writable(name):
     """Released memory is disarmed, so a stale view never traps into a
     handler that no longer knows the range."""
     if not available(name):
-        pytest.skip(f"{name} unavailable")
+        pytest.skip(f"{name} unavailable: {backends.backend_status()[name]}")
     mem = ww.WatchedMemory(4 * P, backend=name)
     view = mem.view()
     mem.close()
@@ -156,7 +156,7 @@ def test_view_outliving_release_stays_writable(name):
 @pytest.mark.parametrize("name", ["mprotect", "uffd"])
 def test_process_memwatch_serves_the_calling_process(name):
     if not available(name):
-        pytest.skip(f"{name} unavailable")
+        pytest.skip(f"{name} unavailable: {backends.backend_status()[name]}")
     with ww.WatchedMemory(8 * P, backend=name) as mem:
         mem.array[5 * P] = 1
         mem.array[2 * P] = 1

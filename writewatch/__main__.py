@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 import writewatch as ww
-from writewatch import backends
+from writewatch import backends, sandbox
 from writewatch.bench import runner as benchmarks
 from writewatch.probe import Capabilities
 
@@ -28,17 +28,6 @@ def _advice(caps: Capabilities) -> list[str]:
     if caps.kernel_version and caps.kernel_version < (6, 7):
         advice.append(f"Linux {caps.kernel_release} predates 6.7: PAGEMAP_SCAN and "
                       "userfaultfd WP_ASYNC need Linux 6.7 or newer (upgrade the kernel).")
-    if not caps.userfaultfd:
-        if caps.seccomp_mode:
-            advice.append("A seccomp filter is active (Seccomp mode "
-                          f"{caps.seccomp_mode}): container runtimes block userfaultfd by "
-                          "default; allow the userfaultfd system call in the profile "
-                          "(e.g. docker --security-opt seccomp=<profile allowing it>).")
-        if caps.unprivileged_userfaultfd == 0:
-            advice.append("vm.unprivileged_userfaultfd is 0: writewatch opens userfaultfd "
-                          "with UFFD_USER_MODE_ONLY, which needs no privilege on Linux 5.11+; "
-                          "on older kernels run 'sysctl vm.unprivileged_userfaultfd=1' or "
-                          "grant CAP_SYS_PTRACE.")
     return advice
 
 
@@ -58,9 +47,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     caps = ww.probe()
     report = backends.backend_report()
     chosen, why = _chosen_backend()
+    denied = sandbox.current_denials()
     if args.json:
         print(json.dumps({**caps.as_dict(), "backends": report, "backend": chosen,
-                          "backend_reason": why}, indent=2))
+                          "backend_reason": why,
+                          "denied": [each.as_dict() for each in denied]}, indent=2))
         return 0
     print(f"writewatch {ww.__version__} on Linux {caps.kernel_release}")
     print()
@@ -72,6 +63,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     for each in report:
         mark = "yes" if each["available"] else "no "
         print(f"  [{mark}] {each['name']:<9} {each['detail']}")
+    if denied:
+        print()
+        print("Denied here:")
+        for denial in denied:
+            print(f"  - {denial.what}, by {denial.by}: {denial.detail}.")
+            if denial.remedy:
+                print(f"    To allow it: {denial.remedy}.")
+    if chosen in sandbox.FALLBACK_MEANS:
+        print(f"  The {chosen} backend is a fallback: {sandbox.FALLBACK_MEANS[chosen]}.")
     print()
     print("Kernel features:")
     print(f"  [{_yes(caps.userfaultfd)}] userfaultfd          {caps.userfaultfd_detail}")
@@ -217,9 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        status = main()
+        # With stdout buffered (not a terminal, no PYTHONUNBUFFERED), a short
+        # output meets a closed pipe only here: flush while the handler below
+        # can still catch it, not at interpreter exit.
+        sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`... info | head`): stop quietly, as Unix tools
         # do, and keep Python from complaining again when it flushes stdout.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    sys.exit(status)

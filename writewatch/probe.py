@@ -9,7 +9,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from writewatch import kernel
+from writewatch import kernel, sandbox
 from writewatch.kernel import ffi, lib
 
 
@@ -63,19 +63,9 @@ def _probe_userfaultfd(unprivileged: int | None, seccomp: int | None) -> tuple[b
     try:
         fd = kernel.open_uffd()
     except OSError as exc:
-        if exc.errno == errno.ENOSYS:
-            why = "the userfaultfd system call is not available (CONFIG_USERFAULTFD off"
-            why += ", or a seccomp filter blocks it)" if seccomp else ")"
-        elif exc.errno == errno.EPERM:
-            why = "userfaultfd is not permitted"
-            if unprivileged == 0:
-                why += " (vm.unprivileged_userfaultfd = 0 and no CAP_SYS_PTRACE"
-                why += "; a seccomp filter may also block it)" if seccomp else ")"
-            elif seccomp:
-                why += " (a seccomp filter blocks it, as container runtimes' defaults do)"
-        else:
-            why = f"userfaultfd failed: {exc.strerror}"
-        return False, why, 0
+        # What denies it (a seccomp filter, the sysctl, a security module) and
+        # how to allow it: sandbox.py.
+        return False, sandbox.userfaultfd_denial(exc.errno or 0).detail, 0
     os.close(fd)
     try:
         features = kernel.uffd_offered_features()

@@ -10,8 +10,10 @@ itself, so it can be loaded into a running Python (the differential tester
 does, with ctypes) and into a C program linked with libpython.
 
 Builds are cached under build/<hash of the inputs>/, so only the first run
-pays for the compiler; writewatch.testing.cbuild supplies the hash and the
-build-privately-then-rename step that keeps concurrent builds apart.
+pays for the compiler (where this checkout cannot be written, another user's or
+a read-only tree, under ~/.cache/writewatch/translation_layer/ instead);
+writewatch.testing.cbuild supplies the hash and the build-privately-then-rename
+step that keeps concurrent builds apart.
 """
 
 from __future__ import annotations
@@ -199,8 +201,20 @@ def _compile(work: Path, verbose: bool) -> None:
               str(work / "write_watch_port"), *shim, *python_link], verbose)
 
 
-def build(root: Path = HERE / "build", verbose: bool = False) -> Built:
+def default_root() -> Path:
+    """build/ next to this file when it can be written, else the user's cache."""
+    local = HERE / "build"
+    with contextlib.suppress(OSError):
+        local.mkdir(exist_ok=True)
+    if os.access(local, os.W_OK | os.X_OK):
+        return local
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "writewatch" / "translation_layer"
+
+
+def build(root: Path | None = None, verbose: bool = False) -> Built:
     """Compile if the inputs changed since the last build; return the files."""
+    root = root or default_root()
     target = root / _inputs_digest()
     if not (target / "libport.so").exists():
         with build_privately(root, "partial-") as work:
