@@ -9,6 +9,9 @@ marked any_backend (they name backends themselves, or use none) run once.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -102,3 +105,17 @@ def soak(request: pytest.FixtureRequest) -> bool:
 
     return bool(request.config.getoption("--soak")
                 or os.environ.get("WRITEWATCH_SOAK", "").strip() not in ("", "0"))
+
+
+@pytest.fixture
+def busy_cpus() -> Iterator[None]:
+    """One busy-looping process per CPU for the test's duration, so that the
+    test's threads get preempted mid-call as they do on a loaded machine."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for each in spinners:
+            each.kill()
+            each.wait()
