@@ -100,3 +100,10 @@ def test_demo_refuses_too_few_pages():
     assert "at least 16" in result.stderr
 
 
+
+
+def test_info_says_what_each_backend_means_for_kernel_writes():
+    result = run_cli("info")
+    assert "Kernel writes" in result.stdout
+    assert "mprotect: fail with EFAULT unless prepared" in result.stdout
+    assert "writewatch.read_into" in result.stdout

@@ -33,6 +33,9 @@ from writewatch.api import (
     VirtualProtect,
     VirtualQuery,
     WatchedMemory,
+    read_into,
+    recv_into,
+    region_info,
 )
 from writewatch.backends import BackendName
 from writewatch.constants import (
@@ -64,7 +67,7 @@ from writewatch.memwatch import (
     process_memwatch,
 )
 from writewatch.probe import Capabilities, probe
-from writewatch.regions import ALLOCATION_GRANULARITY, MEMORY_BASIC_INFORMATION
+from writewatch.regions import ALLOCATION_GRANULARITY, MEMORY_BASIC_INFORMATION, RegionInfo
 from writewatch.views import as_array
 from writewatch.watch import prepare_kernel_write
 
@@ -99,6 +102,7 @@ __all__ = [
     "Capabilities",
     "GetLastError",
     "GetWriteWatch",
+    "RegionInfo",
     "ResetWriteWatch",
     "SetLastError",
     "VirtualAlloc",
@@ -111,4 +115,7 @@ __all__ = [
     "prepare_kernel_write",
     "probe",
     "process_memwatch",
+    "read_into",
+    "recv_into",
+    "region_info",
 ]

@@ -54,6 +54,25 @@ def _chosen_backend() -> tuple[str | None, str]:
     return name, "the best one available here"
 
 
+def _kernel_writes_note(report: list[dict[str, object]]) -> str:
+    """What each available backend means for writes the kernel makes into
+    watched memory (read(2), readinto, recv_into)."""
+    plain: list[str] = []
+    prepared: list[str] = []
+    for each in report:
+        if each["available"]:
+            name = str(each["name"])
+            (prepared if backends.backend(name).kernel_writes_fault() else plain).append(name)
+    lines = ["Kernel writes (os.readv, readinto, recv_into into watched memory):"]
+    if plain:
+        lines.append(f"  {', '.join(plain)}: just work.")
+    if prepared:
+        lines.append(f"  {', '.join(prepared)}: fail with EFAULT unless prepared: use "
+                     "writewatch.read_into / recv_into (or WatchedMemory.read_into), or call "
+                     "prepare_kernel_write(address, size) first.")
+    return "\n".join(lines)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     caps = ww.probe()
     report = backends.backend_report()
@@ -72,6 +91,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for each in report:
         mark = "yes" if each["available"] else "no "
         print(f"  [{mark}] {each['name']:<9} {each['detail']}")
+    print()
+    print(_kernel_writes_note(report))
     print()
     print("Kernel features:")
     print(f"  [{_yes(caps.userfaultfd)}] userfaultfd          {caps.userfaultfd_detail}")

@@ -66,6 +66,24 @@ class MEMORY_BASIC_INFORMATION(NamedTuple):  # noqa: N801 - the Windows name
     Type: int
 
 
+class RegionInfo(NamedTuple):
+    """What writewatch knows of the VirtualAlloc region holding an address.
+
+    backend is the write-watch backend's name (None for a region without
+    MEM_WRITE_WATCH); kernel_writes_fault says whether the kernel's own writes
+    into it (read(2), readinto, recv_into) fail with EFAULT unless
+    prepare_kernel_write comes first (writewatch.read_into and recv_into do)."""
+
+    base: int
+    size: int
+    backend: str | None
+    kernel_writes_fault: bool
+
+    def __repr__(self) -> str:
+        return (f"RegionInfo(base={self.base:#x}, size={self.size:#x}, "
+                f"backend={self.backend!r}, kernel_writes_fault={self.kernel_writes_fault})")
+
+
 class Mapping:
     """Owns a reservation's address space: unmapped when the last owner (the
     region, or a numpy view that outlived VirtualFree) lets go of it."""
@@ -83,12 +101,13 @@ class Mapping:
 class Region:
     """One VirtualAlloc reservation."""
 
-    __slots__ = ("_scan_spans", "allocation_protect", "base", "epoch", "lock", "mapping",
-                 "pages", "size", "watcher", "write_watch")
+    __slots__ = ("_scan_spans", "allocation_protect", "backend", "base", "epoch", "lock",
+                 "mapping", "pages", "size", "watcher", "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
-                 watcher: kernel.Watcher | None) -> None:
+                 watcher: kernel.Watcher | None, backend: kernel.Backend | None = None) -> None:
         self.base = base
+        self.backend = backend
         self.size = size
         self.allocation_protect = allocation_protect
         self.watcher = watcher
@@ -338,7 +357,7 @@ def _reserve(address: int, size: int, protect: int, write_watch: bool,
             watcher.detach()
         kernel.unmap(base, length)
         raise _mapping_error(exc, "cannot index the reservation") from exc
-    region = Region(base, length, protect, watcher)
+    region = Region(base, length, protect, watcher, backend)
     _table.insert(region)
     return region
 
@@ -518,3 +537,14 @@ def committed_size(address: Any) -> int:
         raise WriteWatchError(ERROR_INVALID_ADDRESS, f"{address:#x} is not allocated")
     with region.lock:
         return sum(end - start for start, end in region.committed_spans(region.base, region.end))
+
+
+def info(address: Any) -> RegionInfo:
+    """The region that contains address: its bounds and write-watch backend."""
+    address = uint(address, "address")
+    region = _table.find(address)
+    if region is None or region.released:
+        raise WriteWatchError(ERROR_INVALID_ADDRESS, f"{address:#x} is not allocated")
+    backend = region.backend
+    return RegionInfo(region.base, region.size, None if backend is None else backend.name,
+                      backend is not None and backend.kernel_writes_fault())
