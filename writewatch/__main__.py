@@ -80,7 +80,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**caps.as_dict(), "backends": report, "backend": chosen,
                           "backend_reason": why}, indent=2))
-        return 0
+        return 0 if chosen else 1
     print(f"writewatch {ww.__version__} on Linux {caps.kernel_release}")
     print()
     if chosen:
@@ -110,11 +110,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("To get what is missing:")
         for line in advice:
             print(f"  - {line}")
+    if chosen is None:
+        print(f"\nwritewatch: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _pages(addresses: np.ndarray, base: int) -> list[int]:
     return [int(a - base) // ww.PAGE_SIZE for a in addresses]
+
+
+def _summary(pages: list[int] | None, shown: int = 8) -> str:
+    """A page list as the demo prints it: whole when short, else its ends and count."""
+    if pages is None or len(pages) <= 2 * shown:
+        return str(pages)
+    head = ", ".join(map(str, pages[:shown]))
+    tail = ", ".join(map(str, pages[-shown:]))
+    return f"[{head}, ..., {tail}] ({len(pages)} pages)"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -139,8 +151,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         got = _pages(addresses[:found], base) if ret == 0 else None
         ok = ret == 0 and granularity == page and got == expected
         failures += not ok
-        print(f"  {'ok  ' if ok else 'FAIL'} {title}: {got}" +
-              ("" if ok else f"  (expected {expected}, ret {ret:#x})"))
+        print(f"  {'ok  ' if ok else 'FAIL'} {title}: {_summary(got)}" +
+              ("" if ok else f"  (expected {_summary(expected)}, ret {ret:#x})"))
 
     report("fresh region reports", [])
     pattern = list(range(0, npages, 3))
@@ -206,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_example(arguments[1], arguments[2:])
     parser = argparse.ArgumentParser(prog="python -m writewatch",
                                      description="Windows write watch on Linux.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"writewatch {ww.__version__}")
+    sub = parser.add_subparsers(dest="command")
     info = sub.add_parser("info", help="which mechanism is used here, and why")
     info.add_argument("--json", action="store_true", help="print the probe as JSON")
     info.set_defaults(run=cmd_info)
@@ -229,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     benchmarks.add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     args = parser.parse_args(arguments)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if args.command == "demo" and args.name:
         return run_example(args.name, [])
     if args.command == "demo" and args.pages < 16:
