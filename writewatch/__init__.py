@@ -19,8 +19,14 @@ fallbacks elsewhere)::
     assert (ret, count) == (0, 1) and addresses[0] == base + 3 * ww.PAGE_SIZE
     ww.VirtualFree(base, 0, ww.MEM_RELEASE)
 
-Or, from Python code, ``with ww.WatchedMemory(size) as mem: ... mem.written()``.
-This module lists every public name; docs/semantics.md states the rules.
+Or, from Python code::
+
+    with ww.WatchedMemory(1 << 20) as mem:        # backend="mprotect" to choose
+        mem.array[5 * ww.PAGE_SIZE] = 1
+        pages = mem.written(reset=True, unit="page")   # array([5], dtype=uint64)
+        ww.read_into(open("data.bin", "rb"), mem.view(0, 4096))  # on every backend
+
+This module lists every public name; README.md states the rules.
 """
 
 from writewatch.api import (

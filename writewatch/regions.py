@@ -56,7 +56,21 @@ _POSIX_PROT = {
 }
 
 
+def _named(value: int, names: dict[int, str]) -> str:
+    """A constant by its Windows name (its hex value if it has none here)."""
+    return names.get(value, f"{value:#x}")
+
+
+_STATE_NAMES = {MEM_COMMIT: "MEM_COMMIT", MEM_RESERVE: "MEM_RESERVE", MEM_FREE: "MEM_FREE"}
+_PROTECT_NAMES = {0: "0", PAGE_NOACCESS: "PAGE_NOACCESS", PAGE_READONLY: "PAGE_READONLY",
+                  PAGE_READWRITE: "PAGE_READWRITE"}
+_TYPE_NAMES = {0: "0", MEM_PRIVATE: "MEM_PRIVATE"}
+
+
 class MEMORY_BASIC_INFORMATION(NamedTuple):  # noqa: N801 - the Windows name
+    """What VirtualQuery reports, with the Windows field names; printed with
+    hex addresses and the constants' names."""
+
     BaseAddress: int
     AllocationBase: int
     AllocationProtect: int
@@ -64,6 +78,14 @@ class MEMORY_BASIC_INFORMATION(NamedTuple):  # noqa: N801 - the Windows name
     State: int
     Protect: int
     Type: int
+
+    def __repr__(self) -> str:
+        return (f"MEMORY_BASIC_INFORMATION(BaseAddress={self.BaseAddress:#x}, "
+                f"AllocationBase={self.AllocationBase:#x}, "
+                f"AllocationProtect={_named(self.AllocationProtect, _PROTECT_NAMES)}, "
+                f"RegionSize={self.RegionSize:#x}, State={_named(self.State, _STATE_NAMES)}, "
+                f"Protect={_named(self.Protect, _PROTECT_NAMES)}, "
+                f"Type={_named(self.Type, _TYPE_NAMES)})")
 
 
 class RegionInfo(NamedTuple):
@@ -276,7 +298,7 @@ def _mapping_error(exc: OSError, what: str) -> WriteWatchError:
 
 
 def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
-             backend: str = "auto") -> int:
+             backend: backends.BackendName = "auto") -> int:
     """VirtualAlloc: reserve and/or commit; returns the base of what was allocated.
 
     backend names the write-watch mechanism for a MEM_WRITE_WATCH reservation

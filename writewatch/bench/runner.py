@@ -397,7 +397,8 @@ class ApiTarget(BenchTarget):
         self.impl = backend
         whole = offset == 0 and size == reserved
         kind = ww.MEM_RESERVE | ww.MEM_WRITE_WATCH | (ww.MEM_COMMIT if whole else 0)
-        self.base = regions.allocate(0, reserved, kind, ww.PAGE_READWRITE, backend)
+        self.base = regions.allocate(0, reserved, kind, ww.PAGE_READWRITE,
+                                     backends.checked_name(backend))
         if not whole and ww.VirtualAlloc(self.base + offset, size, ww.MEM_COMMIT,
                                          ww.PAGE_READWRITE) != self.base + offset:
             ww.VirtualFree(self.base, 0, ww.MEM_RELEASE)

@@ -308,7 +308,7 @@ class WritewatchApi:
     """writewatch's Windows API with every new write-watch region on one backend."""
 
     def __init__(self, backend: str) -> None:
-        self.backend = backend
+        self.backend = backends.checked_name(backend)
 
     def VirtualAlloc(self, address: int, size: int, allocation_type: int,  # noqa: N802
                      protect: int) -> int:
