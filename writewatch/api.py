@@ -213,7 +213,7 @@ class WatchedMemory:
 
     >>> with WatchedMemory(64 * 4096) as mem:
     ...     mem.array[4096 * 3] = 1
-    ...     list(mem.written(reset=True, unit="page"))
+    ...     mem.written(reset=True, unit="page").tolist()
     [3]
 
     size is rounded up to whole pages (WatchedMemory(100) is one 4096-byte
