@@ -30,9 +30,10 @@ TESTS = Path(__file__).resolve().parent
 
 
 def run_python(code: str, timeout: float = CHILD_TIMEOUT, env: dict[str, str] | None = None,
-               report_hang: bool = False) -> subprocess.CompletedProcess[str]:
+               report_hang: bool = False,
+               cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run code (dedented) in a fresh interpreter, with tests/ importable and the
-    checkout as its directory; env adds to this process's environment. With
+    checkout (or cwd) as its directory; env adds to this process's environment. With
     report_hang, faulthandler prints every thread's traceback and exits 10 s
     before the timeout, so a deadlock fails with its tracebacks instead of
     only timing out."""
@@ -42,7 +43,8 @@ def run_python(code: str, timeout: float = CHILD_TIMEOUT, env: dict[str, str] | 
                    "exit=True)\n"
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
                           capture_output=True, text=True, timeout=timeout,
-                          cwd=TESTS.parent, env={**os.environ, **(env or {})})
+                          cwd=TESTS.parent if cwd is None else cwd,
+                          env={**os.environ, **(env or {})})
 
 
 def run_forked(body: Callable[[], Any],

@@ -180,3 +180,56 @@ def test_plot_draws_a_png(report, tmp_path):
     path = tmp_path / "bench.png"
     bench.plot(report, path)
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_targets_are_not_judged_and_say_so(report):
+    """Targets defined at full sizes would miss at --quick sizes for the size alone."""
+    text = report.tables()
+    assert "MISSED" not in text
+    assert "not judged" in text and "run without --quick" in text
+    sized = [t for t in report.targets if not t.name.startswith("no per-page")]
+    assert sized and all(t.met is None for t in sized)
+    assert bench.Config().at_full_sizes() and not bench.Config.quick().at_full_sizes()
+
+
+def test_scenarios_help_names_the_five_scenarios():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    for name in ("1 write cost", "2 GetWriteWatch cost", "3 small call",
+                 "4 Wine's microbenchmark shape", "5 reserve-heavy"):
+        assert name in text
+
+
+def test_each_backend_has_one_colour_in_every_panel(report):
+    if bench.plot_available():
+        pytest.skip("matplotlib is not installed (the optional 'plot' extra)")
+    import matplotlib.pyplot as plt
+
+    fig = bench.figure(report)
+    try:
+        colours: dict[str, set[tuple[float, ...]]] = {}
+        for ax in fig.axes:
+            for container in ax.containers:
+                label = container.get_label()
+                colours.setdefault(label, set()).update(
+                    tuple(patch.get_facecolor()) for patch in container.patches)
+        assert len(fig.axes) > 1 and len(colours) > 1
+        assert all(len(each) == 1 for each in colours.values()), colours
+        assert len({next(iter(each)) for each in colours.values()}) == len(colours)
+    finally:
+        plt.close(fig)
+
+
+def test_cli_says_where_it_wrote(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    command = [sys.executable, "-m", "writewatch", "bench", "--quick", "--scenarios", "3",
+               "--small-calls", "50", "--repetitions", "1", "--no-progress", "--json", str(out)]
+    if not bench.plot_available():
+        command += ["--plot", str(png)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, bench.BLAS_ENV: "1"})
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    if not bench.plot_available():
+        assert f"wrote {png}" in result.stdout and png.exists()

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import writewatch as ww
 from writewatch import backends
 from writewatch.__main__ import main
@@ -103,3 +105,54 @@ def test_demo_refuses_too_few_pages():
     assert "at least 16" in result.stderr
 
 
+
+
+@pytest.mark.any_backend
+def test_info_says_what_each_backend_means_for_kernel_writes():
+    result = run_cli("info")
+    assert "Kernel writes" in result.stdout
+    assert "mprotect: fail with EFAULT unless prepared" in result.stdout
+    assert "writewatch.read_into" in result.stdout
+
+
+@pytest.mark.any_backend
+def test_version_and_bare_command():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"writewatch {ww.__version__}"
+    result = run_cli()
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout and "info" in result.stdout and "demo" in result.stdout
+
+
+@pytest.mark.any_backend
+def test_info_with_an_unknown_backend_fails_and_names_the_valid_ones():
+    for args in (("info",), ("info", "--json")):
+        result = run_cli_env({"WRITEWATCH_BACKEND": "bogus"}, *args)
+        assert result.returncode != 0
+        for name in ("pagemap", "uffd", "mprotect", "auto"):
+            assert name in result.stdout + result.stderr
+
+
+@pytest.mark.any_backend
+def test_demo_summarises_long_page_lists():
+    result = run_cli("demo", "--pages", "3000")
+    assert result.returncode == 0, result.stderr
+    assert "(1000 pages)" in result.stdout and "..." in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) < 200
+
+
+@pytest.mark.any_backend
+def test_the_backend_choice_is_logged_once_without_a_doubled_prefix(tmp_path):
+    from forking import run_python
+
+    result = run_python("""
+        import logging
+        logging.basicConfig(level=logging.INFO)
+        import writewatch as ww
+        ww.WatchedMemory(4096).close()
+        ww.WatchedMemory(4096).close()
+    """, env={"WRITEWATCH_BACKEND": "auto"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "backend" in line]
+    assert len(lines) == 1 and lines[0].startswith("INFO:writewatch:using the ")
+    assert lines[0].count("writewatch") == 1

@@ -199,3 +199,84 @@ def test_demo_lists_the_examples_and_refuses_others():
     result = run("-m", "writewatch", "demo", "tetris")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+# -- your own C program against libwinshim.so
+
+OWN_PROGRAM = r"""
+#include <stdio.h>
+#include <windows.h>
+
+int main(int argc, char **argv)
+{
+    SIZE_T size = 16 * 4096;
+    char *base = VirtualAlloc(NULL, size, MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH,
+                              PAGE_READWRITE);
+    PVOID addresses[16];
+    ULONG_PTR count = 16;
+    ULONG granularity;
+    if (!base) {
+        printf("VirtualAlloc failed, error %u\n", (unsigned)GetLastError());
+        return 1;
+    }
+    base[5 * 4096] = 1;
+    if (GetWriteWatch(WRITE_WATCH_FLAG_RESET, base, size, addresses, &count, &granularity))
+        return 1;
+    printf("%s: %lu page(s), page %ld\n", argc > 1 ? argv[1] : "", (unsigned long)count,
+           count ? (long)(((char *)addresses[0] - base) / 4096) : -1L);
+    return VirtualFree(base, 0, MEM_RELEASE) ? 0 : 1;
+}
+"""
+
+
+@pytest.mark.any_backend
+def test_build_py_help_names_its_options():
+    result = run(str(EXAMPLES_DIR / "translation_layer" / "build.py"), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--flags" in result.stdout and "--run" in result.stdout
+
+
+@pytest.mark.any_backend
+def test_libwinshim_imports_the_writewatch_it_was_built_from():
+    """The embedded interpreter is the base one (not a virtual environment's),
+    whose site-packages may hold no writewatch or another one."""
+    spec = importlib.util.spec_from_file_location(
+        "translation_layer_build", EXAMPLES_DIR / "translation_layer" / "build.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    code = build.path_prelude() + "import writewatch, numpy; print(writewatch.__file__)"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    base = getattr(sys, "_base_executable", sys.executable)
+    result = subprocess.run([base, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=env, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == Path(ww.__file__).resolve()
+
+
+@needs_a_compiler
+@pytest.mark.any_backend
+def test_your_own_c_program_runs_without_pythonpath_or_ld_library_path(tmp_path):
+    source = tmp_path / "prog.c"
+    source.write_text(OWN_PROGRAM)
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "LD_LIBRARY_PATH")}
+    build_py = str(EXAMPLES_DIR / "translation_layer" / "build.py")
+    result = subprocess.run([sys.executable, build_py, "-q", "--run", str(source), "hello"],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    if "no shared libpython" in result.stderr:
+        pytest.skip("no shared libpython: a C program cannot embed Python here")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hello: 1 page(s), page 5" in result.stdout
+    flags = subprocess.run([sys.executable, build_py, "--flags"], capture_output=True,
+                           text=True, timeout=300, env=env, cwd=tmp_path)
+    assert flags.returncode == 0 and "-lwinshim" in flags.stdout and "-rpath" in flags.stdout
+    program = tmp_path / "prog"
+    compile_line = flags.stdout.split()
+    compile_line[compile_line.index("prog.c")] = str(source)
+    compile_line[compile_line.index("prog")] = str(program)
+    assert subprocess.run(compile_line, timeout=300).returncode == 0
+    result = subprocess.run([str(program), "again"], capture_output=True, text=True,
+                            timeout=60, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "again: 1 page(s), page 5" in result.stdout

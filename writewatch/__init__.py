@@ -19,8 +19,14 @@ fallbacks elsewhere)::
     assert (ret, count) == (0, 1) and addresses[0] == base + 3 * ww.PAGE_SIZE
     ww.VirtualFree(base, 0, ww.MEM_RELEASE)
 
-Or, from Python code, ``with ww.WatchedMemory(size) as mem: ... mem.written()``.
-This module lists every public name; docs/semantics.md states the rules.
+Or, from Python code::
+
+    with ww.WatchedMemory(1 << 20) as mem:        # backend="mprotect" to choose
+        mem.array[5 * ww.PAGE_SIZE] = 1
+        pages = mem.written(reset=True, unit="page")   # array([5], dtype=uint64)
+        ww.read_into(open("data.bin", "rb"), mem.view(0, 4096))  # on every backend
+
+This module lists every public name; README.md states the rules.
 """
 
 from writewatch.api import (
@@ -33,6 +39,9 @@ from writewatch.api import (
     VirtualProtect,
     VirtualQuery,
     WatchedMemory,
+    read_into,
+    recv_into,
+    region_info,
 )
 from writewatch.backends import BackendName
 from writewatch.constants import (
@@ -64,7 +73,7 @@ from writewatch.memwatch import (
     process_memwatch,
 )
 from writewatch.probe import Capabilities, probe
-from writewatch.regions import ALLOCATION_GRANULARITY, MEMORY_BASIC_INFORMATION
+from writewatch.regions import ALLOCATION_GRANULARITY, MEMORY_BASIC_INFORMATION, RegionInfo
 from writewatch.views import as_array
 from writewatch.watch import prepare_kernel_write
 
@@ -99,6 +108,7 @@ __all__ = [
     "Capabilities",
     "GetLastError",
     "GetWriteWatch",
+    "RegionInfo",
     "ResetWriteWatch",
     "SetLastError",
     "VirtualAlloc",
@@ -111,4 +121,7 @@ __all__ = [
     "prepare_kernel_write",
     "probe",
     "process_memwatch",
+    "read_into",
+    "recv_into",
+    "region_info",
 ]

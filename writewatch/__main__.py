@@ -43,6 +43,25 @@ def _chosen_backend() -> tuple[str | None, str]:
     return name, "the best one available here"
 
 
+def _kernel_writes_note(report: list[dict[str, object]]) -> str:
+    """What each available backend means for writes the kernel makes into
+    watched memory (read(2), readinto, recv_into)."""
+    plain: list[str] = []
+    prepared: list[str] = []
+    for each in report:
+        if each["available"]:
+            name = str(each["name"])
+            (prepared if backends.backend(name).kernel_writes_fault() else plain).append(name)
+    lines = ["Kernel writes (os.readv, readinto, recv_into into watched memory):"]
+    if plain:
+        lines.append(f"  {', '.join(plain)}: just work.")
+    if prepared:
+        lines.append(f"  {', '.join(prepared)}: fail with EFAULT unless prepared: use "
+                     "writewatch.read_into / recv_into (or WatchedMemory.read_into), or call "
+                     "prepare_kernel_write(address, size) first.")
+    return "\n".join(lines)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     caps = ww.probe()
     report = backends.backend_report()
@@ -52,7 +71,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps({**caps.as_dict(), "backends": report, "backend": chosen,
                           "backend_reason": why,
                           "denied": [each.as_dict() for each in denied]}, indent=2))
-        return 0
+        return 0 if chosen else 1
     print(f"writewatch {ww.__version__} on Linux {caps.kernel_release}")
     print()
     if chosen:
@@ -73,6 +92,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if chosen in sandbox.FALLBACK_MEANS:
         print(f"  The {chosen} backend is a fallback: {sandbox.FALLBACK_MEANS[chosen]}.")
     print()
+    print(_kernel_writes_note(report))
+    print()
     print("Kernel features:")
     print(f"  [{_yes(caps.userfaultfd)}] userfaultfd          {caps.userfaultfd_detail}")
     print(f"  [{_yes(caps.wp_async)}] UFFD WP_ASYNC        async write-protect (Linux 6.7)")
@@ -89,11 +110,23 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("To get what is missing:")
         for line in advice:
             print(f"  - {line}")
+    if chosen is None:
+        print(f"\nwritewatch: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _pages(addresses: np.ndarray, base: int) -> list[int]:
     return [int(a - base) // ww.PAGE_SIZE for a in addresses]
+
+
+def _summary(pages: list[int] | None, shown: int = 8) -> str:
+    """A page list as the demo prints it: whole when short, else its ends and count."""
+    if pages is None or len(pages) <= 2 * shown:
+        return str(pages)
+    head = ", ".join(map(str, pages[:shown]))
+    tail = ", ".join(map(str, pages[-shown:]))
+    return f"[{head}, ..., {tail}] ({len(pages)} pages)"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -118,8 +151,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         got = _pages(addresses[:found], base) if ret == 0 else None
         ok = ret == 0 and granularity == page and got == expected
         failures += not ok
-        print(f"  {'ok  ' if ok else 'FAIL'} {title}: {got}" +
-              ("" if ok else f"  (expected {expected}, ret {ret:#x})"))
+        print(f"  {'ok  ' if ok else 'FAIL'} {title}: {_summary(got)}" +
+              ("" if ok else f"  (expected {_summary(expected)}, ret {ret:#x})"))
 
     report("fresh region reports", [])
     pattern = list(range(0, npages, 3))
@@ -185,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_example(arguments[1], arguments[2:])
     parser = argparse.ArgumentParser(prog="python -m writewatch",
                                      description="Windows write watch on Linux.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"writewatch {ww.__version__}")
+    sub = parser.add_subparsers(dest="command")
     info = sub.add_parser("info", help="which backend is used here, and why")
     info.add_argument("--json", action="store_true", help="print the probe as JSON")
     info.set_defaults(run=cmd_info)
@@ -208,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     benchmarks.add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     args = parser.parse_args(arguments)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if args.command == "demo" and args.name:
         return run_example(args.name, [])
     if args.command == "demo" and args.pages < 16:

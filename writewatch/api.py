@@ -12,11 +12,15 @@ The Pythonic face (WatchedMemory) raises WriteWatchError, an OSError whose
 
 from __future__ import annotations
 
+import errno
 import operator
+import os
+import socket
+import sys
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +29,7 @@ from writewatch import regions, views, watch
 from writewatch.backends import BackendName
 from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
+    ERROR_NOACCESS,
     MEM_COMMIT,
     MEM_RELEASE,
     MEM_RESERVE,
@@ -35,7 +40,7 @@ from writewatch.constants import (
 )
 from writewatch.errors import WriteWatchError
 from writewatch.kernel import PAGE_SIZE
-from writewatch.regions import MEMORY_BASIC_INFORMATION
+from writewatch.regions import MEMORY_BASIC_INFORMATION, RegionInfo
 
 _last_error = threading.local()
 
@@ -119,17 +124,106 @@ def ResetWriteWatch(base: int, size: int) -> int:  # noqa: N802
     return _windows_call(WRITE_WATCH_FAILED, call)
 
 
+def region_info(address: int) -> RegionInfo | None:
+    """The VirtualAlloc region holding address: base, size, write-watch backend
+    name (None without MEM_WRITE_WATCH) and whether the kernel's own writes
+    into it need prepare_kernel_write. None (ERROR_INVALID_ADDRESS) for an
+    address writewatch did not allocate."""
+    return _windows_call(None, lambda: regions.info(address))
+
+
+class _ReadInto(Protocol):
+    def readinto(self, buffer: Any, /) -> int | None: ...
+
+
+Target = Any  # an address (with size), a numpy array, a writable buffer, a WatchedMemory
+
+
+def _target_buffer(target: Target, size: int | None) -> np.ndarray:
+    """The flat uint8 numpy view of target (first size bytes) to read into."""
+    if isinstance(target, WatchedMemory):
+        array = target.array
+    elif isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        if size is None:
+            raise TypeError("reading into an address needs a size")
+        return views.as_array(int(target), size)
+    else:
+        array = np.asarray(target)
+    if not array.flags.c_contiguous or not array.flags.writeable:
+        raise TypeError("the target must be writable contiguous memory")
+    flat = array.reshape(-1).view(np.uint8)
+    if size is not None:
+        size = operator.index(size)
+        if not 0 <= size <= flat.nbytes:
+            raise ValueError(f"size {size} does not fit the {flat.nbytes}-byte target")
+        flat = flat[:size]
+    return flat
+
+
+def _kernel_write(buffer: np.ndarray, write: Callable[[np.ndarray], int | None]) -> int:
+    """Prepare buffer's pages for a kernel write, then let write fill it."""
+    if buffer.nbytes == 0:
+        return 0
+    address = buffer.ctypes.data
+    watch.prepare_kernel_write(address, buffer.nbytes)
+    try:
+        done = write(buffer)
+    except OSError as exc:
+        if exc.errno != errno.EFAULT or isinstance(exc, WriteWatchError):
+            raise
+        raise WriteWatchError(ERROR_NOACCESS, f"the kernel could not write into "
+                              f"[{address:#x}, +{buffer.nbytes:#x}): is it all committed "
+                              "PAGE_READWRITE memory?") from exc
+    if done is None:
+        raise BlockingIOError(errno.EAGAIN, "no data ready (non-blocking source)")
+    return done
+
+
+def read_into(source: int | _ReadInto, target: Target, size: int | None = None) -> int:
+    """Read from a file descriptor or a file object (anything with readinto)
+    into watched memory, on every backend; returns the bytes read (one read,
+    as read(2) or ReadFile: fewer at end of file).
+
+    target is an address (size needed), a numpy array, a writable buffer or a
+    WatchedMemory; size limits the read to the target's first size bytes. The
+    target's pages are marked written first (prepare_kernel_write), even if the
+    read returns fewer bytes: the mprotect backend, and the uffd backend
+    without privilege, would otherwise make the kernel's write fail with EFAULT.
+    """
+    buffer = _target_buffer(target, size)
+    if isinstance(source, int):
+        return _kernel_write(buffer, lambda b: os.readv(source, [b.data]))
+    return _kernel_write(buffer, source.readinto)
+
+
+def recv_into(sock: socket.socket, target: Target, size: int | None = None,
+              flags: int = 0) -> int:
+    """sock.recv_into into watched memory, on every backend (read_into says
+    how target and size are given); returns the bytes received."""
+    buffer = _target_buffer(target, size)
+    return _kernel_write(buffer, lambda b: sock.recv_into(b.data, b.nbytes, flags))
+
+
+WrittenUnit = Literal["address", "offset", "page"]
+_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+
 class WatchedMemory:
     """A write-watched block of memory for Python code.
 
     >>> with WatchedMemory(64 * 4096) as mem:
     ...     mem.array[4096 * 3] = 1
-    ...     [hex(a - mem.address) for a in mem.written(reset=True)]
-    ['0x3000']
+    ...     mem.written(reset=True, unit="page").tolist()
+    [3]
+
+    size is rounded up to whole pages (WatchedMemory(100) is one 4096-byte
+    page); .size is the rounded size and .address the first byte. The block
+    is a buffer: np.asarray(mem) is its uint8 view (.array), len(mem) its size,
+    and memoryview(mem) works on Python 3.12+ (memoryview(mem.array) on any).
 
     The reservation is committed whole (read-write) unless commit=False; then
     commit() the parts to use. backend picks the write-watch backend ("auto":
-    the best this machine has).
+    the best this machine has); .backend names the one it got.
     """
 
     def __init__(self, size: int, *, commit: bool = True, protect: int = PAGE_READWRITE,
@@ -137,16 +231,27 @@ class WatchedMemory:
         allocation_type = MEM_RESERVE | MEM_WRITE_WATCH | (MEM_COMMIT if commit else 0)
         self.address = regions.allocate(0, size, allocation_type, protect, backend)
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        name = regions.info(self.address).backend
+        assert name is not None
+        self.backend: str = name
         self._array: np.ndarray | None = None
         self._closed = False
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.size:#x} bytes"
-        return f"<WatchedMemory at {self.address:#x}, {state}>"
+        return f"<WatchedMemory at {self.address:#x}, {state}, backend {self.backend}>"
 
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("the memory was freed")
+
+    @property
+    def kernel_writes_fault(self) -> bool:
+        """Whether the kernel's own writes into this block (os.readv,
+        readinto, recv_into) fail with EFAULT unless prepared: read_into and
+        recv_into prepare; otherwise call prepare_kernel_write first."""
+        self._check_open()
+        return regions.info(self.address).kernel_writes_fault
 
     @property
     def array(self) -> np.ndarray:
@@ -155,6 +260,21 @@ class WatchedMemory:
         if self._array is None:
             self._array = views.as_array(self.address, self.size)
         return self._array
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
+        array = self.array
+        if dtype is not None and np.dtype(dtype) != array.dtype:
+            if copy is False:
+                raise ValueError("a view of the block is uint8; converting needs a copy")
+            return array.astype(dtype)
+        return array.copy() if copy else array
+
+    if sys.version_info >= (3, 12):
+        def __buffer__(self, flags: int) -> memoryview:
+            return memoryview(self.array)
 
     def _span(self, offset: int, size: int | None) -> tuple[int, int]:
         """Absolute (address, size) of [offset, offset+size) of the block,
@@ -176,20 +296,44 @@ class WatchedMemory:
         """Commit [offset, offset+size) of the block (a commit=False block)."""
         regions.allocate(*self._span(offset, size), MEM_COMMIT, protect)
 
-    def written(self, reset: bool = False,
-                out: npt.NDArray[np.uintp] | None = None) -> npt.NDArray[np.uintp]:
-        """Addresses of the pages written since the last reset, ascending.
+    def read_into(self, source: int | _ReadInto, offset: int = 0,
+                  size: int | None = None) -> int:
+        """Read from a file descriptor or file object into [offset,
+        offset+size) of the block (size None: to its end), on every backend;
+        returns the bytes read (writewatch.read_into)."""
+        return read_into(source, *self._span(offset, size))
 
-        With out, at most len(out) addresses are returned (a view of out) and,
+    def recv_into(self, sock: socket.socket, offset: int = 0, size: int | None = None,
+                  flags: int = 0) -> int:
+        """sock.recv_into into [offset, offset+size) of the block, on every
+        backend; returns the bytes received."""
+        return recv_into(sock, *self._span(offset, size), flags)
+
+    def written(self, reset: bool = False, *, out: npt.NDArray[np.uintp] | None = None,
+                unit: WrittenUnit = "address") -> npt.NDArray[np.uintp]:
+        """The pages written since the last reset, ascending, as a uintp array
+        of their addresses (unit="address"), byte offsets from .address
+        ("offset") or page indices ("page": offset // PAGE_SIZE, ready to
+        index an array of pages). The conversion is done in place, vectorized.
+
+        With out, at most len(out) pages are returned (a view of out) and,
         with reset, only those pages are reset."""
         self._check_open()
+        if not isinstance(reset, (bool, np.bool_)):
+            raise TypeError(f"reset must be a bool, not {type(reset).__name__}")
+        if unit not in ("address", "offset", "page"):
+            raise ValueError(f"unit must be 'address', 'offset' or 'page', not {unit!r}")
         if out is None:
             out = np.empty(regions.committed_size(self.address) // PAGE_SIZE, np.uintp)
             if len(out) == 0:
                 return out
-        found = watch.get_write_watch(WRITE_WATCH_FLAG_RESET if reset else 0,
-                                    self.address, self.size, out)
-        return out[:found]
+        found = out[:watch.get_write_watch(WRITE_WATCH_FLAG_RESET if reset else 0,
+                                           self.address, self.size, out)]
+        if unit != "address":
+            np.subtract(found, np.uintp(self.address), out=found)
+            if unit == "page":
+                np.right_shift(found, np.uintp(_PAGE_SHIFT), out=found)
+        return found
 
     def reset(self) -> None:
         """Mark every page unwritten."""
@@ -209,4 +353,3 @@ class WatchedMemory:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-

@@ -34,6 +34,7 @@ class Capabilities:
     uffd_features: int = 0
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field by name (what `python -m writewatch info --json` prints)."""
         return asdict(self)
 
 

@@ -56,7 +56,21 @@ _POSIX_PROT = {
 }
 
 
+def _named(value: int, names: dict[int, str]) -> str:
+    """A constant by its Windows name (its hex value if it has none here)."""
+    return names.get(value, f"{value:#x}")
+
+
+_STATE_NAMES = {MEM_COMMIT: "MEM_COMMIT", MEM_RESERVE: "MEM_RESERVE", MEM_FREE: "MEM_FREE"}
+_PROTECT_NAMES = {0: "0", PAGE_NOACCESS: "PAGE_NOACCESS", PAGE_READONLY: "PAGE_READONLY",
+                  PAGE_READWRITE: "PAGE_READWRITE"}
+_TYPE_NAMES = {0: "0", MEM_PRIVATE: "MEM_PRIVATE"}
+
+
 class MEMORY_BASIC_INFORMATION(NamedTuple):  # noqa: N801 - the Windows name
+    """What VirtualQuery reports, with the Windows field names; printed with
+    hex addresses and the constants' names."""
+
     BaseAddress: int
     AllocationBase: int
     AllocationProtect: int
@@ -64,6 +78,32 @@ class MEMORY_BASIC_INFORMATION(NamedTuple):  # noqa: N801 - the Windows name
     State: int
     Protect: int
     Type: int
+
+    def __repr__(self) -> str:
+        return (f"MEMORY_BASIC_INFORMATION(BaseAddress={self.BaseAddress:#x}, "
+                f"AllocationBase={self.AllocationBase:#x}, "
+                f"AllocationProtect={_named(self.AllocationProtect, _PROTECT_NAMES)}, "
+                f"RegionSize={self.RegionSize:#x}, State={_named(self.State, _STATE_NAMES)}, "
+                f"Protect={_named(self.Protect, _PROTECT_NAMES)}, "
+                f"Type={_named(self.Type, _TYPE_NAMES)})")
+
+
+class RegionInfo(NamedTuple):
+    """What writewatch knows of the VirtualAlloc region holding an address.
+
+    backend is the write-watch backend's name (None for a region without
+    MEM_WRITE_WATCH); kernel_writes_fault says whether the kernel's own writes
+    into it (read(2), readinto, recv_into) fail with EFAULT unless
+    prepare_kernel_write comes first (writewatch.read_into and recv_into do)."""
+
+    base: int
+    size: int
+    backend: str | None
+    kernel_writes_fault: bool
+
+    def __repr__(self) -> str:
+        return (f"RegionInfo(base={self.base:#x}, size={self.size:#x}, "
+                f"backend={self.backend!r}, kernel_writes_fault={self.kernel_writes_fault})")
 
 
 class Mapping:
@@ -83,12 +123,13 @@ class Mapping:
 class Region:
     """One VirtualAlloc reservation."""
 
-    __slots__ = ("_scan_spans", "allocation_protect", "base", "epoch", "lock", "mapping",
-                 "pages", "size", "watcher", "write_watch")
+    __slots__ = ("_scan_spans", "allocation_protect", "backend", "base", "epoch", "lock",
+                 "mapping", "pages", "size", "watcher", "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
-                 watcher: kernel.Watcher | None) -> None:
+                 watcher: kernel.Watcher | None, backend: kernel.Backend | None = None) -> None:
         self.base = base
+        self.backend = backend
         self.size = size
         self.allocation_protect = allocation_protect
         self.watcher = watcher
@@ -257,7 +298,7 @@ def _mapping_error(exc: OSError, what: str) -> WriteWatchError:
 
 
 def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
-             backend: str = "auto") -> int:
+             backend: backends.BackendName = "auto") -> int:
     """VirtualAlloc: reserve and/or commit; returns the base of what was allocated.
 
     backend names the write-watch backend of a MEM_WRITE_WATCH reservation
@@ -338,7 +379,7 @@ def _reserve(address: int, size: int, protect: int, write_watch: bool,
             watcher.detach()
         kernel.unmap(base, length)
         raise _mapping_error(exc, "cannot index the reservation") from exc
-    region = Region(base, length, protect, watcher)
+    region = Region(base, length, protect, watcher, backend)
     _table.insert(region)
     return region
 
@@ -518,3 +559,14 @@ def committed_size(address: Any) -> int:
         raise WriteWatchError(ERROR_INVALID_ADDRESS, f"{address:#x} is not allocated")
     with region.lock:
         return sum(end - start for start, end in region.committed_spans(region.base, region.end))
+
+
+def info(address: Any) -> RegionInfo:
+    """The region that contains address: its bounds and write-watch backend."""
+    address = uint(address, "address")
+    region = _table.find(address)
+    if region is None or region.released:
+        raise WriteWatchError(ERROR_INVALID_ADDRESS, f"{address:#x} is not allocated")
+    backend = region.backend
+    return RegionInfo(region.base, region.size, None if backend is None else backend.name,
+                      backend is not None and backend.kernel_writes_fault())

@@ -1,13 +1,23 @@
 """Compile the translation layer at run time: libwinshim.so (the Windows memory
 functions, on writewatch) and the ported Windows program against it.
 
-    python examples/translation_layer/build.py     # prints where the files are
+    python examples/translation_layer/build.py          # prints where the files are
+    python examples/translation_layer/build.py --flags  # flags for your own C program
+    python examples/translation_layer/build.py --run prog.c [ARGS...]  # build it, run it
 
 libwinshim.so is made with cffi's embedding mode: cffi writes C functions with
 the Windows signatures whose bodies call into Python (winshim_glue.py, frozen
 into the library), and gcc compiles that. The library does not link libpython
 itself, so it can be loaded into a running Python (the differential tester
 does, with ctypes) and into a C program linked with libpython.
+
+The directories this interpreter imports writewatch, numpy and cffi from are
+baked into the library's start-up code, so a C program linked with it finds
+them without PYTHONPATH, ahead of any other writewatch the embedded
+interpreter's own site-packages may hold (PYTHONPATH, when set, still comes
+first), and the
+library and libpython are found through the program's rpath, without
+LD_LIBRARY_PATH.
 
 Builds are cached under build/<hash of the inputs>/, so only the first run
 pays for the compiler (where this checkout cannot be written, another user's or
@@ -18,12 +28,14 @@ step that keeps concurrent builds apart.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,10 +171,46 @@ def _python_link_flags() -> list[str] | None:
     return [f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}"]
 
 
+def _import_paths() -> list[str]:
+    """Where this interpreter imports what the glue needs from: the library
+    appends them to sys.path when it starts Python."""
+    import cffi
+    import numpy
+
+    import writewatch
+
+    paths: list[str] = []
+    for module in (writewatch, numpy, cffi):
+        path = str(Path(module.__file__ or ".").resolve().parent.parent)
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def path_prelude() -> str:
+    """Python code putting the import paths on sys.path right after the
+    PYTHONPATH entries: ahead of the embedded interpreter's own site-packages,
+    which may hold another writewatch."""
+    return ("import os as _os, sys as _sys\n"
+            "_first = [_p for _p in _os.environ.get('PYTHONPATH', '').split(_os.pathsep) if _p]\n"
+            "_at = 0\n"
+            "while _at < len(_sys.path) and (_sys.path[_at] in _first or not _sys.path[_at]):\n"
+            "    _at += 1\n"
+            f"_sys.path[_at:_at] = [_p for _p in {_import_paths()!r} if _p not in _first]\n"
+            "del _os, _sys, _first, _at\n")
+
+
+def _init_code() -> str:
+    """The embedded interpreter's start-up code: the import paths, then the glue."""
+    return path_prelude() + GLUE_SOURCE.read_text()
+
+
 def _inputs_digest() -> str:
-    """The build directory's name: a hash of the inputs, this Python and cffi."""
+    """The build directory's name: a hash of the inputs, where writewatch, numpy
+    and cffi are imported from, this Python and cffi."""
     files = (INCLUDE / "windows.h", PROGRAM_SOURCE, GLUE_SOURCE, Path(__file__))
-    return inputs_digest(*(path.read_bytes() for path in files), sys.version, sys.executable)
+    return inputs_digest(repr(_import_paths()), *(path.read_bytes() for path in files),
+                         sys.version, sys.executable)
 
 
 def _run(command: list[str], verbose: bool) -> None:
@@ -180,7 +228,7 @@ def _compile(work: Path, verbose: bool) -> None:
     ffibuilder.cdef(_TYPES + _C_IMPLEMENTED)
     ffibuilder.embedding_api(_PYTHON_IMPLEMENTED)
     ffibuilder.set_source("_winshim", _C_SOURCE)
-    ffibuilder.embedding_init_code(GLUE_SOURCE.read_text())
+    ffibuilder.embedding_init_code(_init_code())
     c_file = work / "_winshim.c"
     with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
         ffibuilder.emit_c_code(str(c_file))  # it prints "generating ..."
@@ -226,8 +274,61 @@ def build(root: Path | None = None, verbose: bool = False) -> Built:
                  target / "libport.so")
 
 
-if __name__ == "__main__":
-    built = build(verbose=True)
+def c_flags(built: Built) -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for a C program of your own that calls the
+    Windows functions through libwinshim.so. Raises RuntimeError when this
+    Python has no shared libpython to link against."""
+    python_link = _python_link_flags()
+    if python_link is None:
+        raise RuntimeError("this Python has no shared libpython: a C program cannot embed it; "
+                           "build your code as a shared library and load it from Python, as "
+                           "run.py does with libport.so")
+    directory = str(built.library.parent)
+    return ([f"-I{INCLUDE}"],
+            [f"-L{directory}", "-lwinshim", f"-Wl,-rpath,{directory}", *python_link])
+
+
+def build_and_run(source: Path, arguments: list[str], verbose: bool = False) -> int:
+    """Compile source against libwinshim.so, run it with arguments, return its
+    exit status."""
+    compile_flags, link_flags = c_flags(build(verbose=verbose))
+    with tempfile.TemporaryDirectory(prefix="winshim-run-") as work:
+        program = Path(work) / source.stem
+        _run([os.environ.get("CC", "gcc"), "-O2", *compile_flags, str(source), "-o",
+              str(program), *link_flags], verbose)
+        return subprocess.call([str(program), *arguments])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="build.py", description="Compile libwinshim.so (the Windows memory functions on "
+        "writewatch) and write_watch_port.c against it; print where they are.")
+    parser.add_argument("--flags", action="store_true",
+                        help="print the gcc flags that compile and link your own C program "
+                             "against libwinshim.so (no PYTHONPATH or LD_LIBRARY_PATH needed)")
+    parser.add_argument("--run", metavar="PROG.c", type=Path,
+                        help="compile PROG.c against libwinshim.so and run it; arguments "
+                             "after it go to the program")
+    parser.add_argument("-q", "--quiet", action="store_true", help="do not echo compiler commands")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.run is None:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.run is not None:
+            return build_and_run(args.run, rest, verbose=not args.quiet)
+        built = build(verbose=not (args.quiet or args.flags))
+        if args.flags:
+            compile_flags, link_flags = c_flags(built)
+            print(f"gcc {' '.join(compile_flags)} prog.c -o prog {' '.join(link_flags)}")
+            return 0
+    except RuntimeError as exc:
+        print(f"build.py: {exc}", file=sys.stderr)
+        return 2
     print(f"library: {built.library}")
     print(f"program: {built.program or '(no shared libpython: use the library form)'}")
     print(f"program as a library: {built.program_library}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

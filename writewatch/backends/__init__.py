@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from writewatch import kernel
 from writewatch.backends.mprotect import MprotectBackend
@@ -78,6 +78,14 @@ def backend_report() -> list[dict[str, Any]]:
 def _unknown(name: str, where: str) -> ValueError:
     return ValueError(f"{where}{name!r} names no backend; choose one of "
                       f"{', '.join(backend_names())} or auto")
+
+
+def checked_name(name: str) -> BackendName:
+    """name as a BackendName, for names read at run time (ValueError if it
+    names no backend)."""
+    if name != "auto" and name not in _backends:
+        raise _unknown(name, "")
+    return cast(BackendName, name)
 
 
 def requested_backend() -> str:

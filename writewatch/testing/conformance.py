@@ -64,7 +64,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -307,8 +307,8 @@ def _kernel_write_memory(address: int, data: bytes) -> int:
 class WritewatchApi:
     """writewatch's Windows API with every new write-watch region on one backend."""
 
-    def __init__(self, backend: BackendName) -> None:
-        self.backend: BackendName = backend
+    def __init__(self, backend: str) -> None:
+        self.backend: BackendName = backends.checked_name(backend)
 
     def VirtualAlloc(self, address: int, size: int, allocation_type: int,  # noqa: N802
                      protect: int) -> int:
@@ -524,8 +524,7 @@ def resolve(spec: str) -> Implementation:
         return Implementation("model", ReferenceModel)
     if spec in backends.backend_names():
         reason = backends.backend_status()[spec]
-        name = cast(BackendName, spec)  # checked just above
-        return Implementation(spec, lambda: WritewatchApi(name), unavailable=reason)
+        return Implementation(spec, lambda: WritewatchApi(spec), unavailable=reason)
     if spec.startswith("lib:") or spec.endswith(".so") or ".so." in spec:
         path = spec.removeprefix("lib:")
         if "/" not in path:
