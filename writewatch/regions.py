@@ -38,6 +38,8 @@ from writewatch.constants import (
     PAGE_NOACCESS,
     PAGE_READONLY,
     PAGE_READWRITE,
+    allocation_type_name,
+    protection_name,
 )
 from writewatch.errors import WriteWatchError, uint
 from writewatch.kernel import page_ceil, page_floor
@@ -246,8 +248,8 @@ def _check_protect(protect: Any) -> int:
     protect = uint(protect, "protect")
     if protect not in _POSIX_PROT:
         raise WriteWatchError(ERROR_INVALID_PARAMETER,
-                              f"protection {protect:#x} is not PAGE_NOACCESS, PAGE_READONLY "
-                              "or PAGE_READWRITE")
+                              f"protection {protection_name(protect)} is not supported "
+                              "(only PAGE_NOACCESS, PAGE_READONLY and PAGE_READWRITE are)")
     return protect
 
 
@@ -266,9 +268,10 @@ def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
     size = uint(size, "size")
     allocation_type = uint(allocation_type, "allocation_type")
     protect = _check_protect(protect)
-    if allocation_type & ~(MEM_COMMIT | MEM_RESERVE | MEM_WRITE_WATCH):
-        raise WriteWatchError(ERROR_INVALID_PARAMETER,
-                              f"unsupported allocation type bits {allocation_type:#x}")
+    unsupported = allocation_type & ~(MEM_COMMIT | MEM_RESERVE | MEM_WRITE_WATCH)
+    if unsupported:
+        raise WriteWatchError(ERROR_INVALID_PARAMETER, f"allocation type "
+                              f"{allocation_type_name(unsupported)} is not supported")
     if not allocation_type & (MEM_COMMIT | MEM_RESERVE):
         raise WriteWatchError(ERROR_INVALID_PARAMETER,
                               "allocation type needs MEM_RESERVE or MEM_COMMIT")
@@ -388,7 +391,8 @@ def free(address: Any, size: Any, free_type: Any) -> None:
     free_type = uint(free_type, "free_type")
     if free_type not in (MEM_DECOMMIT, MEM_RELEASE):
         raise WriteWatchError(ERROR_INVALID_PARAMETER,
-                              "free_type must be MEM_DECOMMIT or MEM_RELEASE")
+                              f"free type {allocation_type_name(free_type)} is not "
+                              "MEM_DECOMMIT or MEM_RELEASE")
     region = _table.find(address)
     if region is None:
         raise WriteWatchError(ERROR_INVALID_ADDRESS, f"{address:#x} is not allocated")

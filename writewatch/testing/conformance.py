@@ -69,7 +69,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from writewatch import api, backends, regions, watch
+from writewatch import api, backends, watch
 from writewatch.constants import (
     ERROR_NOT_ENOUGH_MEMORY,
     MEM_COMMIT,
@@ -83,7 +83,6 @@ from writewatch.constants import (
     WRITE_WATCH_FAILED,
     WRITE_WATCH_FLAG_RESET,
 )
-from writewatch.errors import WriteWatchError
 from writewatch.kernel import PAGE_SIZE
 from writewatch.regions import ALLOCATION_GRANULARITY
 from writewatch.testing.winmodel import (
@@ -312,11 +311,8 @@ class WritewatchApi:
 
     def VirtualAlloc(self, address: int, size: int, allocation_type: int,  # noqa: N802
                      protect: int) -> int:
-        try:
-            return regions.allocate(address, size, allocation_type, protect, self.backend)
-        except WriteWatchError as exc:
-            api.SetLastError(exc.winerror)
-            return 0
+        return api.VirtualAlloc(address, size, allocation_type, protect,
+                                backend=self.backend)  # type: ignore[arg-type]
 
     def VirtualFree(self, address: int, size: int, free_type: int) -> bool:  # noqa: N802
         return api.VirtualFree(address, size, free_type)
