@@ -75,6 +75,16 @@ class KeepsDirtyStateOnDecommit(ReferenceModel):
         region.dirty = kept
 
 
+class MarksOnlyWhatArrives(ReferenceModel):
+    """A kernel read marks only the pages its data lands in (rule 14 broken:
+    Wine's uffd-async path without preparing the buffer)."""
+
+    def kernel_write(self, address, data, size):
+        self._touch(address, size, writable=True)
+        self.model.write(address, data)
+        return len(data)
+
+
 def planted(cls: type[ReferenceModel]) -> Implementation:
     return Implementation(cls.__name__, cls)
 
@@ -249,6 +259,23 @@ def test_capped_reset_bug_is_found_with_a_short_trace():
     divergences, _ = conformance.run_trace(found.trace, MODEL,
                                            [planted(ResetsPagesItDidNotReturn)])
     assert divergences and divergences[0].step == len(found.trace) - 1
+
+
+def test_traces_include_short_and_empty_kernel_reads():
+    writes = [op for seed in range(200)
+              for op in conformance.TraceGenerator(seed).trace(60)
+              if isinstance(op, conformance.Write) and op.by_kernel]
+    delivered = {"full" if op.delivered is None else "none" if op.delivered == 0 else "short"
+                 for op in writes}
+    assert delivered == {"full", "none", "short"}
+
+
+def test_read_marking_only_what_arrives_is_found():
+    (verdict,) = conformance.compare([MODEL, planted(MarksOnlyWhatArrives)], traces=200)
+    found = verdict.divergence
+    assert found is not None
+    reads = [op for op in found.trace if isinstance(op, conformance.Write) and op.by_kernel]
+    assert reads and reads[-1].delivered is not None
 
 
 def test_decommit_bug_is_found_with_a_short_trace():

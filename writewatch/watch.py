@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import index, regions
-from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS
+from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS, PAGE_READWRITE
 from writewatch.errors import WriteWatchError, uint
 from writewatch.kernel import page_ceil, page_floor
 
@@ -136,12 +136,15 @@ def reset_write_watch(base: Any, size: Any) -> None:
 
 def prepare_kernel_write(address: Any, size: Any) -> None:
     """Call before the kernel writes into [address, address+size) of a
-    write-watch region (os.readv, readinto, recv_into into a view): the pages
-    are marked written and made writable, so that the kernel's write succeeds
-    on every backend. Needed by the mprotect backend (armed pages are
-    read-only and the kernel does not fault into a signal handler) and by the
-    uffd backend without privilege; harmless elsewhere. Memory outside
-    write-watch regions is left alone."""
+    write-watch region (os.readv, readinto, recv_into into a view), as Windows'
+    ReadFile does once its handle is valid: every committed read-write page of
+    the range is marked written, on every backend and whatever the kernel then
+    delivers (docs/semantics.md rule 14: a read marks its whole buffer), and
+    made writable so that the kernel's write succeeds (the mprotect backend,
+    and the uffd backend without privilege, need that). The memory's contents
+    are left alone, even while other threads write to it. A reset between this
+    call and the kernel's write re-arms the pages: call it again. Memory
+    outside write-watch regions is left alone."""
     address = uint(address, "address")
     size = uint(size, "size")
     if size == 0:
@@ -154,5 +157,8 @@ def prepare_kernel_write(address: Any, size: Any) -> None:
         if region.released:
             return
         region.sync_after_fork()
-        for start, end in region.committed_spans(first, last):
-            region.watcher.prepare_kernel_write(start, end - start)
+        # Only writable pages: the kernel cannot write the others (its write
+        # fails, as ReadFile's does on Windows) and nothing marks them.
+        for start, end, protect in region.spans(first, last):
+            if protect == PAGE_READWRITE:
+                region.watcher.prepare_kernel_write(start, end - start)

@@ -124,5 +124,11 @@ class _PagemapWatcher(kernel.Watcher):
     def native_handle(self) -> tuple[int, int]:
         return lib.WW_INDEX_PAGEMAP, self.backend.pagemap_fd
 
-    # prepare_kernel_write: nothing to do, the kernel resolves async write-protect
-    # faults of its own writes too.
+    def prepare_kernel_write(self, start: int, length: int) -> None:
+        # The kernel resolves async write-protect faults of its own writes, but
+        # only for the bytes it writes; a read marks its whole buffer (rule 14).
+        # MADV_POPULATE_WRITE write-faults every page without changing a byte:
+        # the fault clears the uffd-wp bit (or the marker of an unpopulated
+        # page), so the page reads as written.
+        check(lib.ww_madvise(start, length, kernel.MADV_POPULATE_WRITE),
+              "madvise(MADV_POPULATE_WRITE)")

@@ -416,6 +416,20 @@ class WinModel:
             data = data[len(chunk):]
             offset += len(chunk)
 
+    def read_into(self, address: int, size: int, data: bytes) -> None:
+        """ReadFile (or read(2)) into the buffer [address, address+size) that
+        delivers data (at most size bytes, maybe none): the whole buffer is
+        marked written as the read is issued, however many bytes arrive
+        (docs/semantics.md rule 14); then data lands at its start. The caller
+        checked that the buffer is writable (view())."""
+        assert len(data) <= size
+        region = self.find(address)
+        assert region is not None and address + size <= region.end
+        if region.write_watch and size:
+            region.dirty.update(region.pages(page_floor(address), page_ceil(address + size)))
+        if data:
+            self.write(address, data)
+
     def read(self, address: int, length: int) -> bytes:
         """A read through a readable view (the caller checked view())."""
         region = self.find(address)
