@@ -40,11 +40,14 @@ def add(base: int, size: int, watcher: kernel.Watcher | None) -> None:
     check(lib.ww_index_add(base, size, kind, handle), "write-watch index")
 
 
-def update(base: int, watcher: kernel.Watcher, spans: kernel.Spans) -> None:
-    """Tell the index a reservation's committed spans (and, after fork, its new
-    handle)."""
-    check(lib.ww_index_update(base, watcher.native_handle()[1], spans.array, spans.count),
-          "write-watch index")
+def update(base: int, watcher: kernel.Watcher | None, spans: kernel.Spans,
+           writable: kernel.Spans) -> None:
+    """Tell the index a reservation's committed spans, its committed
+    read-write spans (where GetWriteWatch's output array may lie) and, after
+    fork, its new handle."""
+    handle = -1 if watcher is None else watcher.native_handle()[1]
+    check(lib.ww_index_update(base, handle, spans.array, spans.count, writable.array,
+                              writable.count), "write-watch index")
 
 
 def remove(base: int) -> None:
@@ -85,7 +88,8 @@ def reset_write_watch(base: int, size: int) -> None:
 def output_writable(out: np.ndarray, count: int) -> bool:
     """Can count 64-bit entries be stored at the start of out? False when out
     lies in memory writewatch manages that was made read-only, inaccessible or
-    decommitted after the array was made (numpy still calls it writable)."""
+    decommitted after the array was made (numpy still calls it writable).
+    Asking writes nothing (so marks no watched page written)."""
     return lib.ww_output_check(_from_buffer(_UINT64S, out), count * 8) == 0
 
 

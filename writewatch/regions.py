@@ -85,8 +85,8 @@ class Mapping:
 class Region:
     """One VirtualAlloc reservation."""
 
-    __slots__ = ("_scan_spans", "allocation_protect", "base", "epoch", "lock", "mapping",
-                 "pages", "size", "watcher", "write_watch")
+    __slots__ = ("_scan_spans", "_writable_spans", "allocation_protect", "base", "epoch", "lock",
+                 "mapping", "pages", "size", "watcher", "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
                  watcher: kernel.Watcher | None) -> None:
@@ -100,6 +100,7 @@ class Region:
         self.pages = PageRuns(size // PAGE_SIZE)
         self.epoch = kernel.process_epoch()
         self._scan_spans: kernel.Spans | None = None
+        self._writable_spans: kernel.Spans | None = None
 
     @property
     def end(self) -> int:
@@ -137,9 +138,21 @@ class Region:
     def assign(self, first: int, last: int, value: int) -> None:
         self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
                           value)
-        self._scan_spans = None
-        if self.watcher is not None:
-            index.update(self.base, self.watcher, self.scan_spans())
+        self._scan_spans = self._writable_spans = None
+        self._update_index()
+
+    def writable_spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Address spans of the committed read-write pages in [first, last): the
+        pages the kernel may write for a caller (prepare_kernel_write) and
+        where GetWriteWatch's output array may lie."""
+        return [(start, end) for start, end, value in self.spans(first, last)
+                if value == PAGE_READWRITE]
+
+    def _update_index(self) -> None:
+        """Tell the native index the committed and read-write spans. Lock held."""
+        if self._writable_spans is None:
+            self._writable_spans = kernel.Spans(self.writable_spans(self.base, self.end))
+        index.update(self.base, self.watcher, self.scan_spans(), self._writable_spans)
 
     def scan_spans(self) -> kernel.Spans:
         """The committed spans as the kernel layer scans them, rebuilt only when
@@ -158,7 +171,7 @@ class Region:
             for start, end, value in self.spans(self.base, self.end):
                 if value != RESERVED:
                     self.watcher.watch(start, end - start, _POSIX_PROT[value], clean=False)
-        index.update(self.base, self.watcher, self.scan_spans())
+        self._update_index()
         self.epoch = kernel.process_epoch()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import index, regions
-from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS, PAGE_READWRITE
+from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS
 from writewatch.errors import WriteWatchError, uint
 from writewatch.kernel import page_ceil, page_floor
 
@@ -159,6 +159,5 @@ def prepare_kernel_write(address: Any, size: Any) -> None:
         region.sync_after_fork()
         # Only writable pages: the kernel cannot write the others (its write
         # fails, as ReadFile's does on Windows) and nothing marks them.
-        for start, end, protect in region.spans(first, last):
-            if protect == PAGE_READWRITE:
-                region.watcher.prepare_kernel_write(start, end - start)
+        for start, end in region.writable_spans(first, last):
+            region.watcher.prepare_kernel_write(start, end - start)

@@ -186,7 +186,8 @@ int ww_touch_for_write(uint64_t start, uint64_t length);
 
 int ww_index_add(uint64_t base, uint64_t length, int kind, int handle);
 int ww_index_remove(uint64_t base);
-int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count);
+int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count,
+                    const uint64_t *writable_bounds, uint64_t writable_count);
 int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                  uint64_t *out, uint64_t capacity);
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
