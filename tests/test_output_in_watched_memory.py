@@ -50,7 +50,7 @@ def test_refused_array_marks_nothing(watched):
     out = ww.as_array(region.base + 8 * P, 8 * P, np.uintp)
     region.view()[2 * P] = 1
     assert ww.VirtualProtect(region.base + 15 * P, P, ww.PAGE_READONLY)[0]
-    ret, count, _ = ww.GetWriteWatch(0, region.base, 8 * P, out)
+    ret, _, _ = ww.GetWriteWatch(0, region.base, 8 * P, out)
     assert ret == ww.WRITE_WATCH_FAILED and ww.GetLastError() == ww.ERROR_NOACCESS
     assert region.written() == [2]
     # A capacity that stays clear of the read-only page is fine.

@@ -21,6 +21,7 @@ REFUSED_NOT_WATCHED = lib.WW_REFUSED_NOT_WATCHED
 REFUSED_LEAVES_REGION = lib.WW_REFUSED_LEAVES_REGION
 REFUSED_OUTPUT = lib.WW_REFUSED_OUTPUT
 REFUSED_STALE = lib.WW_REFUSED_STALE
+REFUSED_LATCHED = lib.WW_REFUSED_LATCHED
 _REFUSED_BASE = lib.WW_REFUSED_BASE
 _ERRNO_BASE = lib.WW_INDEX_ERRNO_BASE
 
@@ -48,6 +49,13 @@ def update(base: int, watcher: kernel.Watcher | None, spans: kernel.Spans,
     handle = -1 if watcher is None else watcher.native_handle()[1]
     check(lib.ww_index_update(base, handle, spans.array, spans.count, writable.array,
                               writable.count), "write-watch index")
+
+
+def set_latched(base: int, latched: bool) -> None:
+    """Mark a reservation as having latched pages (docs/semantics.md rule 11):
+    the index then refuses its GetWriteWatch and ResetWriteWatch with
+    REFUSED_LATCHED, for watch.py to serve."""
+    check(lib.ww_index_set_latched(base, int(latched)), "write-watch index")
 
 
 def remove(base: int) -> None:

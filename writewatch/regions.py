@@ -22,6 +22,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from writewatch import backends, index, kernel
 from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
@@ -85,8 +87,8 @@ class Mapping:
 class Region:
     """One VirtualAlloc reservation."""
 
-    __slots__ = ("_scan_spans", "_writable_spans", "allocation_protect", "base", "epoch", "lock",
-                 "mapping", "pages", "size", "watcher", "write_watch")
+    __slots__ = ("_scan_spans", "_writable_spans", "allocation_protect", "base", "epoch",
+                 "latched", "lock", "mapping", "pages", "size", "watcher", "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
                  watcher: kernel.Watcher | None) -> None:
@@ -101,6 +103,9 @@ class Region:
         self.epoch = kernel.process_epoch()
         self._scan_spans: kernel.Spans | None = None
         self._writable_spans: kernel.Spans | None = None
+        # Pages a VirtualProtect latched (docs/semantics.md rule 11) as runs of
+        # 1, or None while there are none (the common case, which costs nothing).
+        self.latched: PageRuns | None = None
 
     @property
     def end(self) -> int:
@@ -148,6 +153,88 @@ class Region:
         return [(start, end) for start, end, value in self.spans(first, last)
                 if value == PAGE_READWRITE]
 
+    # -- the VirtualProtect latch (docs/semantics.md rule 11). Latched pages are
+    # written pages that a decommit keeps written until a reset: while
+    # committed the backend holds their written state, once decommitted only
+    # self.latched does. While any exist the index refuses this region's
+    # GetWriteWatch/ResetWriteWatch and watch.py serves them through walk()
+    # and reset(). Lock held for all of these.
+
+    def latched_spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Address spans of the latched pages in [first, last)."""
+        if self.latched is None:
+            return []
+        base = self.base
+        return [(base + start * PAGE_SIZE, base + end * PAGE_SIZE)
+                for start, end, value in self.latched.runs((first - base) // PAGE_SIZE,
+                                                           (last - base) // PAGE_SIZE)
+                if value]
+
+    def _set_latched(self, first: int, last: int, latched: bool) -> None:
+        if self.latched is None:
+            if not latched:
+                return
+            self.latched = PageRuns(self.size // PAGE_SIZE)
+            index.set_latched(self.base, True)
+        self.latched.assign((first - self.base) // PAGE_SIZE,
+                            (last - self.base) // PAGE_SIZE, int(latched))
+        if not any(self.latched.values):
+            self.latched = None
+            index.set_latched(self.base, False)
+
+    def latch_written(self, first: int, last: int) -> None:
+        """VirtualProtect over [first, last) (all committed): latch the pages
+        written now. One scan without reset; nothing more unless some are."""
+        assert self.watcher is not None
+        npages = (last - first) // PAGE_SIZE
+        found = np.empty(npages, np.uintp)
+        n = self.watcher.get_write_watch(kernel.Spans([(first, last)]), first, last, False,
+                                         found, npages)
+        for start, end in _address_runs(found[:n]):
+            self._set_latched(start, end, True)
+
+    def walk(self, first: int, last: int, reset: bool, capacity: int) -> np.ndarray:
+        """GetWriteWatch over [first, last) of a region with latched pages: the
+        written committed pages (the backend's scan) and the latched
+        decommitted ones, ascending, at most capacity; with reset, exactly the
+        reported pages are reset and unlatched (rule 9)."""
+        assert self.watcher is not None
+        room = min(capacity, (last - first) // PAGE_SIZE)
+        found = np.empty(room, np.uintp)
+        count = 0
+        for start, end, value in list(self.spans(first, last)):
+            if count == room:
+                break
+            if value == RESERVED:
+                for span_start, span_end in self.latched_spans(start, end):
+                    n = min((span_end - span_start) // PAGE_SIZE, room - count)
+                    found[count:count + n] = np.arange(span_start, span_start + n * PAGE_SIZE,
+                                                       PAGE_SIZE, dtype=np.uintp)
+                    count += n
+                    if reset:
+                        self._set_latched(span_start, span_start + n * PAGE_SIZE, False)
+                    if count == room:
+                        break
+                continue
+            n = self.watcher.get_write_watch(kernel.Spans([(start, end)]), start, end, reset,
+                                             found[count:], room - count)
+            if reset and n:
+                # The walk passed [start, walked); every latched page there was
+                # written, so was reported and reset.
+                walked = end if count + n < room else int(found[count + n - 1]) + PAGE_SIZE
+                self._set_latched(start, walked, False)
+            count += n
+        return found[:count]
+
+    def reset(self, first: int, last: int) -> None:
+        """ResetWriteWatch over [first, last) of a region with latched pages."""
+        assert self.watcher is not None
+        for start, end in self.committed_spans(first, last):
+            npages = (end - start) // PAGE_SIZE
+            self.watcher.get_write_watch(kernel.Spans([(start, end)]), start, end, True,
+                                         np.empty(npages, np.uintp), npages)
+        self._set_latched(first, last, False)
+
     def _update_index(self) -> None:
         """Tell the native index the committed and read-write spans. Lock held."""
         if self._writable_spans is None:
@@ -173,6 +260,16 @@ class Region:
                     self.watcher.watch(start, end - start, _POSIX_PROT[value], clean=False)
         self._update_index()
         self.epoch = kernel.process_epoch()
+
+
+def _address_runs(addresses: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending page addresses as [start, end) spans of consecutive pages."""
+    if len(addresses) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(addresses) != PAGE_SIZE) + 1
+    starts = addresses[np.r_[0, breaks]]
+    ends = addresses[np.r_[breaks - 1, len(addresses) - 1]] + PAGE_SIZE
+    return [(int(start), int(end)) for start, end in zip(starts, ends, strict=True)]
 
 
 class _Table:
@@ -376,7 +473,11 @@ def _commit(region: Region, first: int, last: int, protect: int) -> None:
                 # committed ones only change protection and keep their state.
                 for start, end, value in list(region.spans(first, last)):
                     if value == RESERVED:
-                        watcher.watch(start, end - start, prot)
+                        # A latched page decommitted and committed again is
+                        # still written (rule 11).
+                        latched = region.latched_spans(start, end)
+                        for span_start, span_end, clean in _split(start, end, latched):
+                            watcher.watch(span_start, span_end - span_start, prot, clean=clean)
                     else:
                         watcher.protect(start, end - start, prot)
                     done.append((start, end, value))
@@ -385,6 +486,19 @@ def _commit(region: Region, first: int, last: int, protect: int) -> None:
                 _undo_commit(watcher, done)
             raise _mapping_error(exc, "cannot commit") from exc
         region.assign(first, last, protect)
+
+
+def _split(start: int, end: int,
+           spans: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
+    """[start, end) cut at the given spans inside it: (start, end, outside)."""
+    at = start
+    for span_start, span_end in spans:
+        if at < span_start:
+            yield at, span_start, True
+        yield span_start, span_end, False
+        at = span_end
+    if at < end:
+        yield at, end, True
 
 
 def _undo_commit(watcher: kernel.Watcher, done: list[tuple[int, int, int]]) -> None:
@@ -496,6 +610,7 @@ def set_protection(address: Any, size: Any, new_protect: Any) -> int:
                 kernel.protect(first, last - first, _POSIX_PROT[new_protect])
             else:
                 region.watcher.protect(first, last - first, _POSIX_PROT[new_protect])
+                region.latch_written(first, last)
         except OSError as exc:
             raise _mapping_error(exc, "cannot change protection") from exc
         region.assign(first, last, new_protect)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import index, regions
-from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS
+from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS, WRITE_WATCH_FLAG_RESET
 from writewatch.errors import WriteWatchError, uint
 from writewatch.kernel import page_ceil, page_floor
 
@@ -109,16 +109,36 @@ def _get_write_watch_checked(flags: Any, base: Any, size: Any, addresses: Any,
     if not addresses.flags.writeable:
         raise WriteWatchError(ERROR_NOACCESS, "the addresses array is read-only")
     flags, base, size = uint(flags, "flags"), uint(base, "base"), uint(size, "size")
-    try:
-        return index.get_write_watch(flags, base, size, addresses, count)
-    except index.RefusedError as refused:
-        if refused.reason != index.REFUSED_STALE:
-            raise _refusal(refused.reason, base, size) from None
-    _refresh_after_fork(base)
-    try:
-        return index.get_write_watch(flags, base, size, addresses, count)
-    except index.RefusedError as refused:
-        raise _refusal(refused.reason, base, size) from None
+    for attempt in range(2):
+        try:
+            return index.get_write_watch(flags, base, size, addresses, count)
+        except index.RefusedError as refused:
+            if refused.reason == index.REFUSED_LATCHED:
+                return _get_latched(flags, base, size, addresses, count)
+            if refused.reason != index.REFUSED_STALE or attempt:
+                raise _refusal(refused.reason, base, size) from None
+        _refresh_after_fork(base)
+    raise AssertionError("unreachable")
+
+
+def _latched_region(base: int, size: int) -> regions.Region:
+    """The region the index refused as latched (it checked the range)."""
+    region = regions.find(page_floor(base))
+    if region is None or region.released:
+        raise _refusal(index.REFUSED_NOT_WATCHED, base, size)
+    return region
+
+
+def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count: int) -> int:
+    """GetWriteWatch on a region with latched pages (docs/semantics.md rule 11),
+    which the index leaves to the region's own walk."""
+    first, last = page_floor(base), page_ceil(base + size)
+    region = _latched_region(base, size)
+    with region.lock:
+        region.sync_after_fork()
+        found = region.walk(first, last, bool(flags & WRITE_WATCH_FLAG_RESET), count)
+    addresses[:len(found)] = found
+    return len(found)
 
 
 def reset_write_watch(base: Any, size: Any) -> None:
@@ -129,6 +149,12 @@ def reset_write_watch(base: Any, size: Any) -> None:
             index.reset_write_watch(base, size)
             return
         except index.RefusedError as refused:
+            if refused.reason == index.REFUSED_LATCHED:
+                region = _latched_region(base, size)
+                with region.lock:
+                    region.sync_after_fork()
+                    region.reset(page_floor(base), page_ceil(base + size))
+                return
             if refused.reason != index.REFUSED_STALE or attempt:
                 raise _refusal(refused.reason, base, size) from None
         _refresh_after_fork(base)

@@ -36,6 +36,7 @@ struct index_entry {
     int kind;   /* WW_INDEX_PLAIN, WW_WW_PAGE_SIZEMAP or WW_INDEX_TRACKED */
     int handle; /* the pagemap descriptor, or the tracking slot */
     uint64_t epoch;
+    int latched; /* a VirtualProtect latched written pages: Python walks the region */
     struct index_spans *spans;    /* committed */
     struct index_spans *writable; /* committed read-write: where an output array may lie */
 };
@@ -198,6 +199,19 @@ int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t 
     return 0;
 }
 
+/* Set while the region has latched pages (docs/semantics.md rule 11):
+ * GetWriteWatch and ResetWriteWatch on it are then refused with
+ * WW_REFUSED_LATCHED, after every other check, and regions.py serves them. */
+int ww_index_set_latched(uint64_t base, int latched)
+{
+    pthread_mutex_lock(&index_mutex);
+    struct index_entry *entry = find_locked(base);
+    if (entry)
+        __atomic_store_n(&entry->latched, latched, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&index_mutex);
+    return entry ? 0 : -EINVAL;
+}
+
 /* The first entry that ends after address, or table->count. */
 static uint64_t first_ending_after(const struct index_table *table, uint64_t address)
 {
@@ -326,6 +340,8 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
         : OUTPUT_REFUSED;
     if (result == 0 && output == OUTPUT_REFUSED)
         result = REFUSED(WW_REFUSED_OUTPUT);
+    if (result == 0 && __atomic_load_n(&entry->latched, __ATOMIC_SEQ_CST))
+        result = REFUSED(WW_REFUSED_LATCHED);
     if (result == 0) {
         /* An output array in managed memory gets the addresses only after the
          * scan, and only as many entries as were found: it is written like any
@@ -367,6 +383,8 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
     __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
     struct index_table *table = __atomic_load_n(&index_table, __ATOMIC_SEQ_CST);
     int64_t result = watched_range(table, 0, base, size, &entry, &first, &last);
+    if (result == 0 && __atomic_load_n(&entry->latched, __ATOMIC_SEQ_CST))
+        result = REFUSED(WW_REFUSED_LATCHED);
     if (result == 0) {
         struct index_spans *spans = __atomic_load_n(&entry->spans, __ATOMIC_SEQ_CST);
         int handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
