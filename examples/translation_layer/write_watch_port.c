@@ -188,6 +188,40 @@ static void check_api(void)
         VirtualFree(mem, 0, MEM_RELEASE);
     }
 
+    /* rule 11's exception (Wine lacks it): VirtualProtect latches the pages
+     * written at that moment; a decommit keeps them written, a reset does not */
+    mem = VirtualAlloc(NULL, 16 * page, MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH,
+                       PAGE_READWRITE);
+    ok(mem != NULL, "latch region failed, error %u", GetLastError());
+    if (mem) {
+        mem[3 * page] = 1;
+        ok(VirtualProtect(mem, 6 * page, PAGE_READWRITE, &old), "protect RW to RW");
+        mem[5 * page] = 1;
+        n = written(0, mem, 16 * page, addresses, 16);
+        ok(n == 2, "latch: %ld pages before the decommit, not 2", n);
+        ok(VirtualFree(mem, 16 * page, MEM_DECOMMIT), "decommit");
+        n = written(0, mem, 16 * page, addresses, 16);
+        ok(n == 1 && addresses[0] == mem + 3 * page, "latched page 3 lost by decommit: %ld", n);
+        ok(VirtualAlloc(mem, 16 * page, MEM_COMMIT, PAGE_READWRITE) == mem, "recommit");
+        mem[2 * page] = mem[4 * page] = mem[6 * page] = 1;
+        n = written(WRITE_WATCH_FLAG_RESET, mem, 16 * page, addresses, 16);
+        ok(n == 4 && addresses[1] == mem + 3 * page, "latch after recommit: %ld pages", n);
+        ok(VirtualFree(mem, 16 * page, MEM_DECOMMIT), "decommit");
+        n = written(0, mem, 16 * page, addresses, 16);
+        ok(n == 0, "a reset clears the latch: %ld pages after decommit", n);
+        VirtualFree(mem, 0, MEM_RELEASE);
+    }
+    mem = VirtualAlloc(NULL, 16 * page, MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH,
+                       PAGE_NOACCESS);
+    if (mem) {
+        ok(VirtualProtect(mem, 6 * page, PAGE_READWRITE, &old), "protect NA to RW");
+        mem[3 * page] = mem[5 * page] = 1;
+        ok(VirtualFree(mem, 16 * page, MEM_DECOMMIT), "decommit");
+        n = written(0, mem, 16 * page, addresses, 16);
+        ok(n == 0, "writes after VirtualProtect are not latched: %ld pages", n);
+        VirtualFree(mem, 0, MEM_RELEASE);
+    }
+
     /* item 13: every other page of 2048 */
     mem = VirtualAlloc(NULL, 2048 * page, MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH,
                        PAGE_READWRITE);
