@@ -75,6 +75,24 @@ class KeepsDirtyStateOnDecommit(ReferenceModel):
         region.dirty = kept
 
 
+class MarksOnlyWhatArrives(ReferenceModel):
+    """A kernel read marks only the pages its data lands in (rule 14 broken:
+    Wine's uffd-async path without preparing the buffer)."""
+
+    def kernel_write(self, address, data, size):
+        self._touch(address, size, writable=True)
+        self.model.write(address, data)
+        return len(data)
+
+
+class IgnoresTheLatch(ReferenceModel):
+    """Decommit clears latched pages too (rule 11's exception missing, as in Wine)."""
+
+    def _decommit(self, region, first, last):
+        region.latched.difference_update(region.pages(first, last))
+        super()._decommit(region, first, last)
+
+
 def planted(cls: type[ReferenceModel]) -> Implementation:
     return Implementation(cls.__name__, cls)
 
@@ -121,11 +139,18 @@ class TestModel:
         self.model.write(base + 5 * P, b"y")
         self.model.VirtualProtect(base + 2 * P, 6 * P, ww.PAGE_NOACCESS)
         assert self.pages(base) == [4, 5]
+        # Rule 11: that VirtualProtect latched pages 4 and 5, so a decommit
+        # keeps them written (as Wine test_write_watch's ending shows).
+        assert self.model.VirtualFree(base + 5 * P, P, ww.MEM_DECOMMIT)
+        assert self.pages(base) == [4, 5]
+        assert self.model.VirtualAlloc(base + 5 * P, P, ww.MEM_COMMIT, ww.PAGE_READWRITE)
+        assert self.pages(base) == [4, 5]
+        assert self.model.read(base + 5 * P, 1) == b"\0"
+        # A reset clears the latch: decommitting a page written afterwards clears it.
+        assert self.model.ResetWriteWatch(base + 5 * P, P) == 0
+        self.model.write(base + 5 * P, b"z")
         assert self.model.VirtualFree(base + 5 * P, P, ww.MEM_DECOMMIT)
         assert self.pages(base) == [4]
-        assert self.model.VirtualAlloc(base + 5 * P, P, ww.MEM_COMMIT, ww.PAGE_READWRITE)
-        assert self.pages(base) == [4]
-        assert self.model.read(base + 5 * P, 1) == b"\0"
 
     def test_item_13_every_other_page_of_2048(self):
         base = self.model.VirtualAlloc(0, 2048 * P, WATCHED, ww.PAGE_READWRITE)
@@ -257,6 +282,31 @@ def test_capped_reset_bug_is_found_with_a_short_trace():
     divergences, _ = conformance.run_trace(found.trace, MODEL,
                                            [planted(ResetsPagesItDidNotReturn)])
     assert divergences and divergences[0].step == len(found.trace) - 1
+
+
+def test_traces_include_short_and_empty_kernel_reads():
+    writes = [op for seed in range(200)
+              for op in conformance.TraceGenerator(seed).trace(60)
+              if isinstance(op, conformance.Write) and op.by_kernel]
+    delivered = {"full" if op.delivered is None else "none" if op.delivered == 0 else "short"
+                 for op in writes}
+    assert delivered == {"full", "none", "short"}
+
+
+def test_read_marking_only_what_arrives_is_found():
+    (verdict,) = conformance.compare([MODEL, planted(MarksOnlyWhatArrives)], traces=200)
+    found = verdict.divergence
+    assert found is not None
+    reads = [op for op in found.trace if isinstance(op, conformance.Write) and op.by_kernel]
+    assert reads and reads[-1].delivered is not None
+
+
+def test_missing_latch_is_found():
+    (verdict,) = conformance.compare([MODEL, planted(IgnoresTheLatch)], traces=200)
+    found = verdict.divergence
+    assert found is not None
+    assert any(isinstance(op, conformance.Protect) for op in found.trace)
+    assert any(isinstance(op, conformance.Free) for op in found.trace)
 
 
 def test_decommit_bug_is_found_with_a_short_trace():

@@ -131,7 +131,7 @@ def test_translation_layer_runs_the_windows_program_on_each_backend():
     out = result.stdout
     for name in HERE:
         assert f"== write_watch_port on the {name} backend" in out
-    assert out.count("API checks: 41 of 41 passed") == len(HERE)
+    assert out.count("API checks: 68 of 68 passed") == len(HERE)
     assert out.count("snapshot equals the heap after every frame: yes") == len(HERE)
     differential = out.split("== differential test", 1)[1]
     assert differential.count("agrees") == len(HERE)
@@ -146,7 +146,7 @@ def test_translation_layer_hosted_in_python_without_a_program():
                  "--backend", HERE[-1], "--traces", "5")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "as a library hosted by Python" in result.stdout
-    assert "API checks: 41 of 41 passed" in result.stdout
+    assert "API checks: 68 of 68 passed" in result.stdout
 
 
 @needs_a_compiler

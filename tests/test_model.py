@@ -2,10 +2,11 @@
 writewatch and the pure-Python reference model in writewatch/testing/winmodel.py
 side by side through random sequences of VirtualAlloc (reserve, commit,
 write-watch or not, bad flags), writes through numpy views (single bytes,
-ranges straddling pages), VirtualProtect, VirtualFree (decommit, release),
-VirtualQuery, GetWriteWatch (random sub-ranges, capacities, counts, with and
-without RESET) and ResetWriteWatch, and asserts that every return value,
-count, address, last error and byte agrees. After every step, every
+ranges straddling pages), VirtualProtect (also over written pages, which
+latches them, rule 11, often followed by a decommit), VirtualFree (decommit,
+release), VirtualQuery, GetWriteWatch (random sub-ranges, capacities, counts,
+with and without RESET) and ResetWriteWatch, and asserts that every return
+value, count, address, last error and byte agrees. After every step, every
 write-watch region's dirty pages (GetWriteWatch without RESET) and every
 readable byte must match the model.
 
@@ -242,6 +243,33 @@ class WriteWatchMachine(RuleBasedStateMachine):
         assert got == expect.value, describe(expect)
         if not expect.ok:
             assert error == expect.error
+
+    def written_pages(self) -> list[tuple[Region, int]]:
+        return [(region, i) for region in self.regions() for i in sorted(region.dirty)
+                if i in region.state]
+
+    @precondition(lambda self: self.written_pages())
+    @rule(data=st.data())
+    def protect_written_pages(self, data):
+        """VirtualProtect over a run of committed pages holding a written one
+        (docs/semantics.md rule 11: it latches them), then, often, a decommit
+        around it, which the latch must survive."""
+        region, page = data.draw(st.sampled_from(self.written_pages()), label="written page")
+        first = page
+        while first > 0 and first - 1 in region.state:
+            first -= 1
+        run = range(data.draw(st.integers(first, page), label="first"),
+                    data.draw(st.integers(page + 1, region.run_end(page)), label="end"))
+        protect = data.draw(st.sampled_from(PROTECTIONS), label="protect")
+        address, size = region.base + run.start * P, len(run) * P
+        got = ww.VirtualProtect(address, size, protect)
+        assert got == self.model.virtual_protect(address, size, protect).value
+        if data.draw(st.booleans(), label="decommit?"):
+            address = region.base + data.draw(st.integers(0, page), label="from") * P
+            size = region.base + data.draw(st.integers(page + 1, region.npages),
+                                           label="to") * P - address
+            got = ww.VirtualFree(address, size, ww.MEM_DECOMMIT)
+            assert got == self.model.virtual_free(address, size, ww.MEM_DECOMMIT).value
 
     @precondition(lambda self: self.model.regions)
     @rule(data=st.data())

@@ -13,6 +13,7 @@ The Pythonic face (WatchedMemory) raises WriteWatchError, an OSError whose
 from __future__ import annotations
 
 import errno
+import logging
 import operator
 import os
 import socket
@@ -43,6 +44,7 @@ from writewatch.kernel import PAGE_SIZE
 from writewatch.regions import MEMORY_BASIC_INFORMATION, RegionInfo
 
 _last_error = threading.local()
+log = logging.getLogger("writewatch")
 
 T = TypeVar("T")
 
@@ -53,16 +55,35 @@ def GetLastError() -> int:  # noqa: N802 - Windows names
 
 
 def SetLastError(code: int) -> None:  # noqa: N802
-    """Set the calling thread's last error code, as GetLastError will return it."""
+    """Set the calling thread's last error code, as GetLastError will return it
+    (and forget the reason last_error_reason gave)."""
     _last_error.code = code
+    _last_error.reason = ""
 
 
-def _windows_call(failed: T, call: Callable[[], T]) -> T:
+def last_error_reason() -> str:
+    """Why the calling thread's last failed Windows-shaped call failed, in
+    words ("size is 0", "allocation type MEM_TOP_DOWN is not supported"): the
+    reason behind GetLastError()'s code. "" when the last error was set by
+    SetLastError or no call has failed in this thread. Not a Windows function:
+    Windows keeps only the code."""
+    return getattr(_last_error, "reason", "")
+
+
+def _failed(function: str, exc: WriteWatchError) -> None:
+    """Record a failure Windows reports: the code for GetLastError, the reason
+    for last_error_reason, and a DEBUG line on the writewatch logger."""
+    _last_error.code = exc.winerror
+    _last_error.reason = exc.strerror or ""
+    log.debug("%s failed with %d: %s", function, exc.winerror, _last_error.reason)
+
+
+def _windows_call(function: str, failed: T, call: Callable[[], T]) -> T:
     """The one place where a failure Windows reports becomes a return value."""
     try:
         return call()
     except WriteWatchError as exc:
-        SetLastError(exc.winerror)
+        _failed(function, exc)
         return failed
 
 
@@ -73,8 +94,8 @@ def VirtualAlloc(address: int, size: int, allocation_type: int,  # noqa: N802
     backend picks the write-watch backend of a MEM_WRITE_WATCH reservation
     ("auto": WRITEWATCH_BACKEND, or the best this machine runs); a backend this
     machine cannot run fails with ERROR_NOT_SUPPORTED."""
-    return _windows_call(0, lambda: regions.allocate(address, size, allocation_type, protect,
-                                                     backend))
+    return _windows_call("VirtualAlloc", 0, lambda: regions.allocate(
+        address, size, allocation_type, protect, backend))
 
 
 def VirtualFree(address: int, size: int, free_type: int) -> bool:  # noqa: N802
@@ -82,20 +103,20 @@ def VirtualFree(address: int, size: int, free_type: int) -> bool:  # noqa: N802
     def call() -> bool:
         regions.free(address, size, free_type)
         return True
-    return _windows_call(False, call)
+    return _windows_call("VirtualFree", False, call)
 
 
 def VirtualProtect(address: int, size: int,  # noqa: N802
                    new_protect: int) -> tuple[bool, int]:
     """Change the protection of committed pages: (True, old protection of the
     first page), or (False, 0) on failure."""
-    return _windows_call((False, 0),
+    return _windows_call("VirtualProtect", (False, 0),
                          lambda: (True, regions.set_protection(address, size, new_protect)))
 
 
 def VirtualQuery(address: int) -> MEMORY_BASIC_INFORMATION | None:  # noqa: N802
     """What is at address (None on failure, as Windows returns 0)."""
-    return _windows_call(None, lambda: regions.query(address))
+    return _windows_call("VirtualQuery", None, lambda: regions.query(address))
 
 
 def GetWriteWatch(flags: int, base: int, size: int,  # noqa: N802
@@ -110,7 +131,7 @@ def GetWriteWatch(flags: int, base: int, size: int,  # noqa: N802
     try:
         return 0, watch.get_write_watch(flags, base, size, addresses, count), PAGE_SIZE
     except WriteWatchError as exc:
-        SetLastError(exc.winerror)
+        _failed("GetWriteWatch", exc)
         if count is None:
             count = 0 if addresses is None else len(addresses)
         return WRITE_WATCH_FAILED, count, 0
@@ -121,7 +142,7 @@ def ResetWriteWatch(base: int, size: int) -> int:  # noqa: N802
     def call() -> int:
         watch.reset_write_watch(base, size)
         return 0
-    return _windows_call(WRITE_WATCH_FAILED, call)
+    return _windows_call("ResetWriteWatch", WRITE_WATCH_FAILED, call)
 
 
 def region_info(address: int) -> RegionInfo | None:
@@ -129,7 +150,7 @@ def region_info(address: int) -> RegionInfo | None:
     name (None without MEM_WRITE_WATCH) and whether the kernel's own writes
     into it need prepare_kernel_write. None (ERROR_INVALID_ADDRESS) for an
     address writewatch did not allocate."""
-    return _windows_call(None, lambda: regions.info(address))
+    return _windows_call("region_info", None, lambda: regions.info(address))
 
 
 class _ReadInto(Protocol):

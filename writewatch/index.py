@@ -21,6 +21,7 @@ REFUSED_NOT_WATCHED = lib.WW_REFUSED_NOT_WATCHED
 REFUSED_LEAVES_REGION = lib.WW_REFUSED_LEAVES_REGION
 REFUSED_OUTPUT = lib.WW_REFUSED_OUTPUT
 REFUSED_STALE = lib.WW_REFUSED_STALE
+REFUSED_LATCHED = lib.WW_REFUSED_LATCHED
 _REFUSED_BASE = lib.WW_REFUSED_BASE
 _ERRNO_BASE = lib.WW_INDEX_ERRNO_BASE
 
@@ -40,11 +41,21 @@ def add(base: int, size: int, watcher: kernel.Watcher | None) -> None:
     check(lib.ww_index_add(base, size, kind, handle), "write-watch index")
 
 
-def update(base: int, watcher: kernel.Watcher, spans: kernel.Spans) -> None:
-    """Tell the index a reservation's committed spans (and, after fork, its new
-    handle)."""
-    check(lib.ww_index_update(base, watcher.native_handle()[1], spans.array, spans.count),
-          "write-watch index")
+def update(base: int, watcher: kernel.Watcher | None, spans: kernel.Spans,
+           writable: kernel.Spans) -> None:
+    """Tell the index a reservation's committed spans, its committed
+    read-write spans (where GetWriteWatch's output array may lie) and, after
+    fork, its new handle."""
+    handle = -1 if watcher is None else watcher.native_handle()[1]
+    check(lib.ww_index_update(base, handle, spans.array, spans.count, writable.array,
+                              writable.count), "write-watch index")
+
+
+def set_latched(base: int, latched: bool) -> None:
+    """Mark a reservation as having latched pages (docs/semantics.md rule 11):
+    the index then refuses its GetWriteWatch and ResetWriteWatch with
+    REFUSED_LATCHED, for watch.py to serve."""
+    check(lib.ww_index_set_latched(base, int(latched)), "write-watch index")
 
 
 def remove(base: int) -> None:
@@ -85,7 +96,8 @@ def reset_write_watch(base: int, size: int) -> None:
 def output_writable(out: np.ndarray, count: int) -> bool:
     """Can count 64-bit entries be stored at the start of out? False when out
     lies in memory writewatch manages that was made read-only, inaccessible or
-    decommitted after the array was made (numpy still calls it writable)."""
+    decommitted after the array was made (numpy still calls it writable).
+    Asking writes nothing (so marks no watched page written)."""
     return lib.ww_output_check(_from_buffer(_UINT64S, out), count * 8) == 0
 
 

@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 try:
     from writewatch._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - only in a tree that was never built
@@ -238,12 +240,25 @@ class Spans:
         self.array = ffi.new("uint64_t[]", [bound for span in spans for bound in span] or [0])
 
 
+def output_pointer(out: np.ndarray, capacity: int) -> Any:
+    """A uint64_t* to out, a contiguous 64-bit array holding at least capacity
+    entries (BufferError if it is not contiguous)."""
+    if not 0 <= capacity <= len(out) or out.itemsize != 8:
+        raise ValueError("capacity outside the 64-bit output array")
+    try:
+        # Writability is the caller's check: asking cffi for it costs twice as much.
+        return ffi.from_buffer("uint64_t[]", out)
+    except TypeError as exc:  # cffi's word for a non-contiguous buffer
+        raise BufferError(str(exc)) from None
+
+
 class Watcher:
     """A backend's write-watch state for one reservation.
 
     regions.py calls it with page-aligned spans inside the reservation, holding
-    the region's lock. Scans are not its job: native/index.c reads and resets
-    the written state through native_handle().
+    the region's lock. GetWriteWatch and ResetWriteWatch normally run in
+    native/index.c, through native_handle(); get_write_watch serves the calls
+    the index hands back (a region with latched pages).
     """
 
     survives_fork = False  # does tracking go on unaided in a forked child?
@@ -260,6 +275,14 @@ class Watcher:
 
     def protect(self, start: int, length: int, prot: int) -> None:
         """Change the protection of watched pages, keeping their written state."""
+        raise NotImplementedError
+
+    def get_write_watch(self, spans: Spans, first: int, last: int, reset: bool,
+                        out: np.ndarray, capacity: int) -> int:
+        """Write the addresses of the written pages of spans inside [first, last)
+        into out[:capacity] (a contiguous 64-bit numpy array), ascending; with
+        reset, re-arm exactly the reported pages in the same step. Stops when
+        capacity entries are written. Returns the number written."""
         raise NotImplementedError
 
     def prepare_kernel_write(self, start: int, length: int) -> None:

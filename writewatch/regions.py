@@ -22,6 +22,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from writewatch import backends, index, kernel
 from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
@@ -38,6 +40,8 @@ from writewatch.constants import (
     PAGE_NOACCESS,
     PAGE_READONLY,
     PAGE_READWRITE,
+    allocation_type_name,
+    protection_name,
 )
 from writewatch.errors import WriteWatchError, uint
 from writewatch.kernel import page_ceil, page_floor
@@ -123,8 +127,9 @@ class Mapping:
 class Region:
     """One VirtualAlloc reservation."""
 
-    __slots__ = ("_scan_spans", "allocation_protect", "backend", "base", "epoch", "lock",
-                 "mapping", "pages", "size", "watcher", "write_watch")
+    __slots__ = ("_scan_spans", "_writable_spans", "allocation_protect", "backend", "base",
+                 "epoch", "latched", "lock", "mapping", "pages", "size", "watcher",
+                 "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
                  watcher: kernel.Watcher | None, backend: kernel.Backend | None = None) -> None:
@@ -139,6 +144,10 @@ class Region:
         self.pages = PageRuns(size // PAGE_SIZE)
         self.epoch = kernel.process_epoch()
         self._scan_spans: kernel.Spans | None = None
+        self._writable_spans: kernel.Spans | None = None
+        # Pages a VirtualProtect latched (docs/semantics.md rule 11) as runs of
+        # 1, or None while there are none (the common case, which costs nothing).
+        self.latched: PageRuns | None = None
 
     @property
     def end(self) -> int:
@@ -176,9 +185,103 @@ class Region:
     def assign(self, first: int, last: int, value: int) -> None:
         self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
                           value)
-        self._scan_spans = None
-        if self.watcher is not None:
-            index.update(self.base, self.watcher, self.scan_spans())
+        self._scan_spans = self._writable_spans = None
+        self._update_index()
+
+    def writable_spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Address spans of the committed read-write pages in [first, last): the
+        pages the kernel may write for a caller (prepare_kernel_write) and
+        where GetWriteWatch's output array may lie."""
+        return [(start, end) for start, end, value in self.spans(first, last)
+                if value == PAGE_READWRITE]
+
+    # -- the VirtualProtect latch (docs/semantics.md rule 11). Latched pages are
+    # written pages that a decommit keeps written until a reset: while
+    # committed the backend holds their written state, once decommitted only
+    # self.latched does. While any exist the index refuses this region's
+    # GetWriteWatch/ResetWriteWatch and watch.py serves them through walk()
+    # and reset(). Lock held for all of these.
+
+    def latched_spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Address spans of the latched pages in [first, last)."""
+        if self.latched is None:
+            return []
+        base = self.base
+        return [(base + start * PAGE_SIZE, base + end * PAGE_SIZE)
+                for start, end, value in self.latched.runs((first - base) // PAGE_SIZE,
+                                                           (last - base) // PAGE_SIZE)
+                if value]
+
+    def _set_latched(self, first: int, last: int, latched: bool) -> None:
+        if self.latched is None:
+            if not latched:
+                return
+            self.latched = PageRuns(self.size // PAGE_SIZE)
+            index.set_latched(self.base, True)
+        self.latched.assign((first - self.base) // PAGE_SIZE,
+                            (last - self.base) // PAGE_SIZE, int(latched))
+        if not any(self.latched.values):
+            self.latched = None
+            index.set_latched(self.base, False)
+
+    def latch_written(self, first: int, last: int) -> None:
+        """VirtualProtect over [first, last) (all committed): latch the pages
+        written now. One scan without reset; nothing more unless some are."""
+        assert self.watcher is not None
+        npages = (last - first) // PAGE_SIZE
+        found = np.empty(npages, np.uintp)
+        n = self.watcher.get_write_watch(kernel.Spans([(first, last)]), first, last, False,
+                                         found, npages)
+        for start, end in _address_runs(found[:n]):
+            self._set_latched(start, end, True)
+
+    def walk(self, first: int, last: int, reset: bool, capacity: int) -> np.ndarray:
+        """GetWriteWatch over [first, last) of a region with latched pages: the
+        written committed pages (the backend's scan) and the latched
+        decommitted ones, ascending, at most capacity; with reset, exactly the
+        reported pages are reset and unlatched (rule 9)."""
+        assert self.watcher is not None
+        room = min(capacity, (last - first) // PAGE_SIZE)
+        found = np.empty(room, np.uintp)
+        count = 0
+        for start, end, value in list(self.spans(first, last)):
+            if count == room:
+                break
+            if value == RESERVED:
+                for span_start, span_end in self.latched_spans(start, end):
+                    n = min((span_end - span_start) // PAGE_SIZE, room - count)
+                    found[count:count + n] = np.arange(span_start, span_start + n * PAGE_SIZE,
+                                                       PAGE_SIZE, dtype=np.uintp)
+                    count += n
+                    if reset:
+                        self._set_latched(span_start, span_start + n * PAGE_SIZE, False)
+                    if count == room:
+                        break
+                continue
+            n = self.watcher.get_write_watch(kernel.Spans([(start, end)]), start, end, reset,
+                                             found[count:], room - count)
+            if reset and n:
+                # The walk passed [start, walked); every latched page there was
+                # written, so was reported and reset.
+                walked = end if count + n < room else int(found[count + n - 1]) + PAGE_SIZE
+                self._set_latched(start, walked, False)
+            count += n
+        return found[:count]
+
+    def reset(self, first: int, last: int) -> None:
+        """ResetWriteWatch over [first, last) of a region with latched pages."""
+        assert self.watcher is not None
+        for start, end in self.committed_spans(first, last):
+            npages = (end - start) // PAGE_SIZE
+            self.watcher.get_write_watch(kernel.Spans([(start, end)]), start, end, True,
+                                         np.empty(npages, np.uintp), npages)
+        self._set_latched(first, last, False)
+
+    def _update_index(self) -> None:
+        """Tell the native index the committed and read-write spans. Lock held."""
+        if self._writable_spans is None:
+            self._writable_spans = kernel.Spans(self.writable_spans(self.base, self.end))
+        index.update(self.base, self.watcher, self.scan_spans(), self._writable_spans)
 
     def scan_spans(self) -> kernel.Spans:
         """The committed spans as the kernel layer scans them, rebuilt only when
@@ -197,8 +300,18 @@ class Region:
             for start, end, value in self.spans(self.base, self.end):
                 if value != RESERVED:
                     self.watcher.watch(start, end - start, _POSIX_PROT[value], clean=False)
-        index.update(self.base, self.watcher, self.scan_spans())
+        self._update_index()
         self.epoch = kernel.process_epoch()
+
+
+def _address_runs(addresses: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending page addresses as [start, end) spans of consecutive pages."""
+    if len(addresses) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(addresses) != PAGE_SIZE) + 1
+    starts = addresses[np.r_[0, breaks]]
+    ends = addresses[np.r_[breaks - 1, len(addresses) - 1]] + PAGE_SIZE
+    return [(int(start), int(end)) for start, end in zip(starts, ends, strict=True)]
 
 
 class _Table:
@@ -287,8 +400,8 @@ def _check_protect(protect: Any) -> int:
     protect = uint(protect, "protect")
     if protect not in _POSIX_PROT:
         raise WriteWatchError(ERROR_INVALID_PARAMETER,
-                              f"protection {protect:#x} is not PAGE_NOACCESS, PAGE_READONLY "
-                              "or PAGE_READWRITE")
+                              f"protection {protection_name(protect)} is not supported "
+                              "(only PAGE_NOACCESS, PAGE_READONLY and PAGE_READWRITE are)")
     return protect
 
 
@@ -307,9 +420,10 @@ def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
     size = uint(size, "size")
     allocation_type = uint(allocation_type, "allocation_type")
     protect = _check_protect(protect)
-    if allocation_type & ~(MEM_COMMIT | MEM_RESERVE | MEM_WRITE_WATCH):
-        raise WriteWatchError(ERROR_INVALID_PARAMETER,
-                              f"unsupported allocation type bits {allocation_type:#x}")
+    unsupported = allocation_type & ~(MEM_COMMIT | MEM_RESERVE | MEM_WRITE_WATCH)
+    if unsupported:
+        raise WriteWatchError(ERROR_INVALID_PARAMETER, f"allocation type "
+                              f"{allocation_type_name(unsupported)} is not supported")
     if not allocation_type & (MEM_COMMIT | MEM_RESERVE):
         raise WriteWatchError(ERROR_INVALID_PARAMETER,
                               "allocation type needs MEM_RESERVE or MEM_COMMIT")
@@ -401,7 +515,11 @@ def _commit(region: Region, first: int, last: int, protect: int) -> None:
                 # committed ones only change protection and keep their state.
                 for start, end, value in list(region.spans(first, last)):
                     if value == RESERVED:
-                        watcher.watch(start, end - start, prot)
+                        # A latched page decommitted and committed again is
+                        # still written (rule 11).
+                        latched = region.latched_spans(start, end)
+                        for span_start, span_end, clean in _split(start, end, latched):
+                            watcher.watch(span_start, span_end - span_start, prot, clean=clean)
                     else:
                         watcher.protect(start, end - start, prot)
                     done.append((start, end, value))
@@ -410,6 +528,19 @@ def _commit(region: Region, first: int, last: int, protect: int) -> None:
                 _undo_commit(watcher, done)
             raise _mapping_error(exc, "cannot commit") from exc
         region.assign(first, last, protect)
+
+
+def _split(start: int, end: int,
+           spans: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
+    """[start, end) cut at the given spans inside it: (start, end, outside)."""
+    at = start
+    for span_start, span_end in spans:
+        if at < span_start:
+            yield at, span_start, True
+        yield span_start, span_end, False
+        at = span_end
+    if at < end:
+        yield at, end, True
 
 
 def _undo_commit(watcher: kernel.Watcher, done: list[tuple[int, int, int]]) -> None:
@@ -429,7 +560,8 @@ def free(address: Any, size: Any, free_type: Any) -> None:
     free_type = uint(free_type, "free_type")
     if free_type not in (MEM_DECOMMIT, MEM_RELEASE):
         raise WriteWatchError(ERROR_INVALID_PARAMETER,
-                              "free_type must be MEM_DECOMMIT or MEM_RELEASE")
+                              f"free type {allocation_type_name(free_type)} is not "
+                              "MEM_DECOMMIT or MEM_RELEASE")
     region = _table.find(address)
     if region is None:
         raise WriteWatchError(ERROR_INVALID_ADDRESS, f"{address:#x} is not allocated")
@@ -520,6 +652,7 @@ def set_protection(address: Any, size: Any, new_protect: Any) -> int:
                 kernel.protect(first, last - first, _POSIX_PROT[new_protect])
             else:
                 region.watcher.protect(first, last - first, _POSIX_PROT[new_protect])
+                region.latch_written(first, last)
         except OSError as exc:
             raise _mapping_error(exc, "cannot change protection") from exc
         region.assign(first, last, new_protect)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import index, regions
-from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS
+from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS, WRITE_WATCH_FLAG_RESET
 from writewatch.errors import WriteWatchError, uint
 from writewatch.kernel import page_ceil, page_floor
 
@@ -109,16 +109,36 @@ def _get_write_watch_checked(flags: Any, base: Any, size: Any, addresses: Any,
     if not addresses.flags.writeable:
         raise WriteWatchError(ERROR_NOACCESS, "the addresses array is read-only")
     flags, base, size = uint(flags, "flags"), uint(base, "base"), uint(size, "size")
-    try:
-        return index.get_write_watch(flags, base, size, addresses, count)
-    except index.RefusedError as refused:
-        if refused.reason != index.REFUSED_STALE:
-            raise _refusal(refused.reason, base, size) from None
-    _refresh_after_fork(base)
-    try:
-        return index.get_write_watch(flags, base, size, addresses, count)
-    except index.RefusedError as refused:
-        raise _refusal(refused.reason, base, size) from None
+    for attempt in range(2):
+        try:
+            return index.get_write_watch(flags, base, size, addresses, count)
+        except index.RefusedError as refused:
+            if refused.reason == index.REFUSED_LATCHED:
+                return _get_latched(flags, base, size, addresses, count)
+            if refused.reason != index.REFUSED_STALE or attempt:
+                raise _refusal(refused.reason, base, size) from None
+        _refresh_after_fork(base)
+    raise AssertionError("unreachable")
+
+
+def _latched_region(base: int, size: int) -> regions.Region:
+    """The region the index refused as latched (it checked the range)."""
+    region = regions.find(page_floor(base))
+    if region is None or region.released:
+        raise _refusal(index.REFUSED_NOT_WATCHED, base, size)
+    return region
+
+
+def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count: int) -> int:
+    """GetWriteWatch on a region with latched pages (docs/semantics.md rule 11),
+    which the index leaves to the region's own walk."""
+    first, last = page_floor(base), page_ceil(base + size)
+    region = _latched_region(base, size)
+    with region.lock:
+        region.sync_after_fork()
+        found = region.walk(first, last, bool(flags & WRITE_WATCH_FLAG_RESET), count)
+    addresses[:len(found)] = found
+    return len(found)
 
 
 def reset_write_watch(base: Any, size: Any) -> None:
@@ -129,6 +149,12 @@ def reset_write_watch(base: Any, size: Any) -> None:
             index.reset_write_watch(base, size)
             return
         except index.RefusedError as refused:
+            if refused.reason == index.REFUSED_LATCHED:
+                region = _latched_region(base, size)
+                with region.lock:
+                    region.sync_after_fork()
+                    region.reset(page_floor(base), page_ceil(base + size))
+                return
             if refused.reason != index.REFUSED_STALE or attempt:
                 raise _refusal(refused.reason, base, size) from None
         _refresh_after_fork(base)
@@ -136,12 +162,15 @@ def reset_write_watch(base: Any, size: Any) -> None:
 
 def prepare_kernel_write(address: Any, size: Any) -> None:
     """Call before the kernel writes into [address, address+size) of a
-    write-watch region (os.readv, readinto, recv_into into a view): the pages
-    are marked written and made writable, so that the kernel's write succeeds
-    on every backend. Needed by the mprotect backend (armed pages are
-    read-only and the kernel does not fault into a signal handler) and by the
-    uffd backend without privilege; harmless elsewhere. Memory outside
-    write-watch regions is left alone."""
+    write-watch region (os.readv, readinto, recv_into into a view), as Windows'
+    ReadFile does once its handle is valid: every committed read-write page of
+    the range is marked written, on every backend and whatever the kernel then
+    delivers (docs/semantics.md rule 14: a read marks its whole buffer), and
+    made writable so that the kernel's write succeeds (the mprotect backend,
+    and the uffd backend without privilege, need that). The memory's contents
+    are left alone, even while other threads write to it. A reset between this
+    call and the kernel's write re-arms the pages: call it again. Memory
+    outside write-watch regions is left alone."""
     address = uint(address, "address")
     size = uint(size, "size")
     if size == 0:
@@ -154,5 +183,7 @@ def prepare_kernel_write(address: Any, size: Any) -> None:
         if region.released:
             return
         region.sync_after_fork()
-        for start, end in region.committed_spans(first, last):
+        # Only writable pages: the kernel cannot write the others (its write
+        # fails, as ReadFile's does on Windows) and nothing marks them.
+        for start, end in region.writable_spans(first, last):
             region.watcher.prepare_kernel_write(start, end - start)

@@ -58,6 +58,17 @@ _TYPES = """
     typedef void *PVOID;
     typedef void *LPVOID;
     typedef DWORD *PDWORD;
+    typedef const void *LPCVOID;
+    typedef struct {
+        PVOID BaseAddress;
+        PVOID AllocationBase;
+        DWORD AllocationProtect;
+        uint16_t PartitionId;
+        SIZE_T RegionSize;
+        DWORD State;
+        DWORD Protect;
+        DWORD Type;
+    } MEMORY_BASIC_INFORMATION;
 """
 # Implemented in Python (winshim_glue.py), called by the exported C wrappers.
 _PYTHON_IMPLEMENTED = """
@@ -69,6 +80,8 @@ _PYTHON_IMPLEMENTED = """
     UINT winshim_GetWriteWatch(DWORD flags, PVOID base, SIZE_T size, PVOID *addresses,
                                ULONG_PTR *count, ULONG *granularity);
     UINT winshim_ResetWriteWatch(LPVOID base, SIZE_T size);
+    SIZE_T winshim_VirtualQuery(LPCVOID address, MEMORY_BASIC_INFORMATION *info,
+                                SIZE_T length);
     void winshim_PrepareKernelWrite(PVOID address, SIZE_T size);
 """
 # Implemented in C: the last error lives in C, per thread, as on Windows (C code
@@ -100,6 +113,7 @@ BOOL winshim_VirtualFree(LPVOID, SIZE_T, DWORD);
 BOOL winshim_VirtualProtect(LPVOID, SIZE_T, DWORD, PDWORD);
 UINT winshim_GetWriteWatch(DWORD, PVOID, SIZE_T, PVOID *, ULONG_PTR *, ULONG *);
 UINT winshim_ResetWriteWatch(LPVOID, SIZE_T);
+SIZE_T winshim_VirtualQuery(LPCVOID, PMEMORY_BASIC_INFORMATION, SIZE_T);
 void winshim_PrepareKernelWrite(PVOID, SIZE_T);
 
 static int not_ready(void)
@@ -144,6 +158,13 @@ CFFI_DLLEXPORT UINT WINAPI ResetWriteWatch(LPVOID base, SIZE_T size)
 {
     UINT result = winshim_ResetWriteWatch(base, size);
     return python_ready || !not_ready() ? result : ~0u;
+}
+
+CFFI_DLLEXPORT SIZE_T WINAPI VirtualQuery(LPCVOID address, PMEMORY_BASIC_INFORMATION info,
+                                          SIZE_T length)
+{
+    SIZE_T result = winshim_VirtualQuery(address, info, length);
+    return python_ready || !not_ready() ? result : 0;
 }
 
 CFFI_DLLEXPORT void WINAPI PrepareKernelWrite(PVOID address, SIZE_T size)

@@ -21,6 +21,7 @@ from _winshim import ffi, lib  # the module cffi makes of libwinshim.so itself
 import writewatch as ww
 
 _POINTER_SIZE = ffi.sizeof("PVOID")
+_ERROR_BAD_LENGTH = 24  # VirtualQuery's answer to a buffer too small (winerror.h)
 
 
 def _address(pointer):
@@ -90,6 +91,25 @@ def winshim_ResetWriteWatch(base, size):  # noqa: N802
     if ret != 0:
         return _failed_with(ww.GetLastError(), ret)
     return 0
+
+
+@ffi.def_extern(error=0, onerror=_on_python_error)
+def winshim_VirtualQuery(address, info, length):  # noqa: N802
+    """The size of what it stored in *info, or 0 on failure."""
+    if info == ffi.NULL or length < ffi.sizeof("MEMORY_BASIC_INFORMATION"):
+        return _failed_with(_ERROR_BAD_LENGTH, 0)
+    found = ww.VirtualQuery(_address(address))
+    if found is None:
+        return _failed_with(ww.GetLastError(), 0)
+    info.BaseAddress = ffi.cast("PVOID", found.BaseAddress)
+    info.AllocationBase = ffi.cast("PVOID", found.AllocationBase)
+    info.AllocationProtect = found.AllocationProtect
+    info.PartitionId = 0
+    info.RegionSize = found.RegionSize
+    info.State = found.State
+    info.Protect = found.Protect
+    info.Type = found.Type
+    return ffi.sizeof("MEMORY_BASIC_INFORMATION")
 
 
 @ffi.def_extern(onerror=_on_python_error)

@@ -2,7 +2,8 @@
  * Linux against libwinshim.so (see run.py).
  *
  * Part 1 checks the API the way Wine's conformance tests do (docs/semantics.md
- * rules 1-13, 15, 16). Part 2 is the work such code exists for: an
+ * rules 1-13, 15, 16), and what a layer's ReadFile must do for write watch
+ * (rule 14). Part 2 is the work such code exists for: an
  * incremental save state. A heap is written frame after frame; after each
  * frame GetWriteWatch(WRITE_WATCH_FLAG_RESET) with a fixed-size address array
  * (called again while it comes back full) names the pages to copy into the
@@ -14,9 +15,12 @@
  */
 #include <windows.h>
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 
 static int checks, failures;
 
@@ -184,6 +188,40 @@ static void check_api(void)
         VirtualFree(mem, 0, MEM_RELEASE);
     }
 
+    /* rule 11's exception (Wine lacks it): VirtualProtect latches the pages
+     * written at that moment; a decommit keeps them written, a reset does not */
+    mem = VirtualAlloc(NULL, 16 * page, MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH,
+                       PAGE_READWRITE);
+    ok(mem != NULL, "latch region failed, error %u", GetLastError());
+    if (mem) {
+        mem[3 * page] = 1;
+        ok(VirtualProtect(mem, 6 * page, PAGE_READWRITE, &old), "protect RW to RW");
+        mem[5 * page] = 1;
+        n = written(0, mem, 16 * page, addresses, 16);
+        ok(n == 2, "latch: %ld pages before the decommit, not 2", n);
+        ok(VirtualFree(mem, 16 * page, MEM_DECOMMIT), "decommit");
+        n = written(0, mem, 16 * page, addresses, 16);
+        ok(n == 1 && addresses[0] == mem + 3 * page, "latched page 3 lost by decommit: %ld", n);
+        ok(VirtualAlloc(mem, 16 * page, MEM_COMMIT, PAGE_READWRITE) == mem, "recommit");
+        mem[2 * page] = mem[4 * page] = mem[6 * page] = 1;
+        n = written(WRITE_WATCH_FLAG_RESET, mem, 16 * page, addresses, 16);
+        ok(n == 4 && addresses[1] == mem + 3 * page, "latch after recommit: %ld pages", n);
+        ok(VirtualFree(mem, 16 * page, MEM_DECOMMIT), "decommit");
+        n = written(0, mem, 16 * page, addresses, 16);
+        ok(n == 0, "a reset clears the latch: %ld pages after decommit", n);
+        VirtualFree(mem, 0, MEM_RELEASE);
+    }
+    mem = VirtualAlloc(NULL, 16 * page, MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH,
+                       PAGE_NOACCESS);
+    if (mem) {
+        ok(VirtualProtect(mem, 6 * page, PAGE_READWRITE, &old), "protect NA to RW");
+        mem[3 * page] = mem[5 * page] = 1;
+        ok(VirtualFree(mem, 16 * page, MEM_DECOMMIT), "decommit");
+        n = written(0, mem, 16 * page, addresses, 16);
+        ok(n == 0, "writes after VirtualProtect are not latched: %ld pages", n);
+        VirtualFree(mem, 0, MEM_RELEASE);
+    }
+
     /* item 13: every other page of 2048 */
     mem = VirtualAlloc(NULL, 2048 * page, MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH,
                        PAGE_READWRITE);
@@ -199,6 +237,134 @@ static void check_api(void)
         ok(written(0, mem, 2048 * page, addresses, 1024) == 0, "not reset");
         VirtualFree(mem, 0, MEM_RELEASE);
     }
+}
+
+/* ---- What a translation layer's ReadFile does (a file descriptor stands for
+ * the HANDLE). Windows marks the read's whole buffer written once the handle
+ * is valid, however many bytes arrive (docs/semantics.md rule 14), and the
+ * system writes the OVERLAPPED structure too. ---- */
+
+/* Memory VirtualAlloc made must be committed read-write (Windows fails the
+ * read with ERROR_NOACCESS otherwise); other memory is the kernel's to check. */
+static int layer_buffer_writable(char *buffer, SIZE_T size)
+{
+    char *end = buffer + size;
+    while (buffer < end) {
+        MEMORY_BASIC_INFORMATION info;
+        if (!VirtualQuery(buffer, &info, sizeof info))
+            return 1;
+        if (info.State != MEM_FREE && (info.State != MEM_COMMIT || info.Protect != PAGE_READWRITE))
+            return 0;
+        buffer = (char *)info.BaseAddress + info.RegionSize;
+    }
+    return 1;
+}
+
+static BOOL layer_ReadFile(int fd, void *buffer, DWORD size, DWORD *done, OVERLAPPED *overlapped)
+{
+    if (fcntl(fd, F_GETFL) < 0) { /* 1. the handle: nothing is marked for a bad one */
+        SetLastError(ERROR_INVALID_HANDLE);
+        return FALSE;
+    }
+    if (!layer_buffer_writable(buffer, size)) { /* 2. the buffer */
+        SetLastError(ERROR_NOACCESS);
+        return FALSE;
+    }
+    PrepareKernelWrite(buffer, size); /* 3. all of it is written, whatever arrives */
+    if (overlapped) {
+        overlapped->Internal = STATUS_PENDING;
+        overlapped->InternalHigh = 0;
+    }
+    ssize_t n = read(fd, buffer, size);
+    if (n < 0 && errno == EAGAIN && overlapped) {
+        SetLastError(ERROR_IO_PENDING);
+        return FALSE;
+    }
+    if (n < 0) {
+        SetLastError(ERROR_INVALID_PARAMETER);
+        return FALSE;
+    }
+    if (done)
+        *done = (DWORD)n;
+    if (overlapped) {
+        overlapped->Internal = 0;
+        overlapped->InternalHigh = (ULONG_PTR)n;
+    }
+    return TRUE;
+}
+
+/* A pending read completes (what GetOverlappedResult waits for): only the
+ * bytes that arrive are written now. A reset may have come since ReadFile
+ * prepared the buffer, so they are prepared again. */
+static BOOL layer_complete_read(int fd, void *buffer, DWORD size, OVERLAPPED *overlapped)
+{
+    int available = 0;
+    if (ioctl(fd, FIONREAD, &available) < 0 || available <= 0)
+        return FALSE;
+    if ((DWORD)available > size)
+        available = (int)size;
+    PrepareKernelWrite(buffer, (SIZE_T)available);
+    ssize_t n = read(fd, buffer, (size_t)available);
+    if (n < 0)
+        return FALSE;
+    overlapped->Internal = 0;
+    overlapped->InternalHigh = (ULONG_PTR)n;
+    return TRUE;
+}
+
+static void check_reads(void)
+{
+    PVOID addresses[16];
+    OVERLAPPED aside;
+    DWORD got = 0;
+    long n;
+    char *mem = VirtualAlloc(NULL, 16 * page, MEM_RESERVE | MEM_COMMIT | MEM_WRITE_WATCH,
+                             PAGE_READWRITE);
+    char path[] = "/tmp/winshim-read-XXXXXX";
+    int fd = mkstemp(path), pipe_ends[2] = {-1, -1};
+    ok(mem != NULL && fd >= 0, "read setup failed");
+    if (!mem || fd < 0)
+        return;
+    unlink(path);
+    char *contents = calloc(1, 2 * page + 3);
+    ok(contents && write(fd, contents, 2 * page + 3) == (ssize_t)(2 * page + 3), "file");
+    free(contents);
+    lseek(fd, 0, SEEK_SET);
+
+    ok(layer_ReadFile(fd, mem, 16 * page, &got, NULL) && got == 2 * page + 3, "short read");
+    n = written(WRITE_WATCH_FLAG_RESET, mem, 16 * page, addresses, 16);
+    ok(n == 16, "16-page read of a file of 2 pages + 3 bytes: %ld pages, not 16", n);
+    ok(layer_ReadFile(fd, mem, 16 * page, &got, NULL) && got == 0, "read at end of file");
+    n = written(WRITE_WATCH_FLAG_RESET, mem, 16 * page, addresses, 16);
+    ok(n == 16, "read at end of file: %ld pages, not 16", n);
+    close(fd);
+    SetLastError(0);
+    ok(!layer_ReadFile(fd, mem, 16 * page, &got, NULL) && GetLastError() == ERROR_INVALID_HANDLE,
+       "read on an invalid handle: error %u", GetLastError());
+    n = written(0, mem, 16 * page, addresses, 16);
+    ok(n == 0, "read on an invalid handle: %ld pages, not 0", n);
+
+    ok(pipe(pipe_ends) == 0 && fcntl(pipe_ends[0], F_SETFL, O_NONBLOCK) == 0, "pipe");
+    SetLastError(0);
+    ok(!layer_ReadFile(pipe_ends[0], mem, 16 * page, NULL, &aside) &&
+       GetLastError() == ERROR_IO_PENDING, "pending read: error %u", GetLastError());
+    n = written(WRITE_WATCH_FLAG_RESET, mem, 16 * page, addresses, 16);
+    ok(n == 16, "pending pipe read, just issued: %ld pages, not 16", n);
+    ok(write(pipe_ends[1], "abc", 3) == 3 && layer_complete_read(pipe_ends[0], mem + page + 5,
+                                                                 15 * page - 5, &aside) &&
+       aside.InternalHigh == 3, "pending read completes");
+    n = written(WRITE_WATCH_FLAG_RESET, mem, 16 * page, addresses, 16);
+    ok(n == 1 && addresses[0] == mem + page, "completed read: %ld pages, not 1 (page 1)", n);
+
+    OVERLAPPED *inside = (OVERLAPPED *)(mem + 16 * page - sizeof *inside);
+    ok(!layer_ReadFile(pipe_ends[0], mem, 1, NULL, inside) && GetLastError() == ERROR_IO_PENDING,
+       "pending 1-byte read");
+    n = written(0, mem, 16 * page, addresses, 16);
+    ok(n == 2 && addresses[0] == mem && addresses[1] == mem + 15 * page,
+       "OVERLAPPED in the region's last page: %ld pages, not 2", n);
+    close(pipe_ends[0]);
+    close(pipe_ends[1]);
+    VirtualFree(mem, 0, MEM_RELEASE);
 }
 
 /* A small, fast, reproducible generator (the same numbers on every backend). */
@@ -313,6 +479,7 @@ int main(int argc, char **argv)
     GetSystemInfo(&info);
     page = info.dwPageSize;
     check_api();
+    check_reads();
     printf("  API checks: %d of %d passed\n", checks - failures, checks);
     fflush(stdout);
     bad_snapshots = small ? save_states(1 << 20, 30, 4) : save_states(64 << 20, 300, 16);

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+import numpy as np
+
 from writewatch import kernel
 from writewatch.kernel import check, lib, oserror
 
@@ -22,6 +24,12 @@ class TrackedWatcher(kernel.Watcher):
 
     def protect(self, start: int, length: int, prot: int) -> None:
         check(lib.ww_track_protect(self.slot, start, length, prot), "mprotect")
+
+    def get_write_watch(self, spans: kernel.Spans, first: int, last: int, reset: bool,
+                        out: np.ndarray, capacity: int) -> int:
+        return check(lib.ww_track_get_write_watch(
+            self.slot, spans.array, spans.count, first, last, reset,
+            kernel.output_pointer(out, capacity), capacity), "GetWriteWatch scan")
 
     def prepare_kernel_write(self, start: int, length: int) -> None:
         check(lib.ww_track_prepare_write(self.slot, start, length), "prepare_kernel_write")

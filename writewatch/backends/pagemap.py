@@ -12,6 +12,8 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from writewatch import kernel
 
 if TYPE_CHECKING:
@@ -113,8 +115,20 @@ class _PagemapWatcher(kernel.Watcher):
         # The write-protect bit survives mprotect, so the written state does too.
         kernel.protect(start, length, prot)
 
+    def get_write_watch(self, spans: kernel.Spans, first: int, last: int, reset: bool,
+                        out: np.ndarray, capacity: int) -> int:
+        return check(lib.ww_pagemap_get_write_watch(
+            self.backend.pagemap_fd, spans.array, spans.count, first, last, reset,
+            kernel.output_pointer(out, capacity), capacity), "PAGEMAP_SCAN")
+
     def native_handle(self) -> tuple[int, int]:
         return lib.WW_INDEX_PAGEMAP, self.backend.pagemap_fd
 
-    # prepare_kernel_write: nothing to do, the kernel resolves async write-protect
-    # faults of its own writes too.
+    def prepare_kernel_write(self, start: int, length: int) -> None:
+        # The kernel resolves async write-protect faults of its own writes, but
+        # only for the bytes it writes; a read marks its whole buffer (rule 14).
+        # MADV_POPULATE_WRITE write-faults every page without changing a byte:
+        # the fault clears the uffd-wp bit (or the marker of an unpopulated
+        # page), so the page reads as written.
+        check(lib.ww_madvise(start, length, kernel.MADV_POPULATE_WRITE),
+              "madvise(MADV_POPULATE_WRITE)")

@@ -184,13 +184,16 @@ int ww_touch_for_write(uint64_t start, uint64_t length);
 #define WW_REFUSED_LEAVES_REGION 4  /* the range, rounded out to pages, leaves it */
 #define WW_REFUSED_OUTPUT 5         /* the output array lies in memory that cannot be written */
 #define WW_REFUSED_STALE 6          /* a forked child must refresh the region first */
+#define WW_REFUSED_LATCHED 7        /* the region has latched pages: regions.py walks it */
 #define WW_INDEX_ERRNO_BASE 100000
 
 int ww_index_add(uint64_t base, uint64_t length, int kind, int handle);
 int ww_index_remove(uint64_t base);
-int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count);
+int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count,
+                    const uint64_t *writable_bounds, uint64_t writable_count);
 int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                  uint64_t *out, uint64_t capacity);
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
+int ww_index_set_latched(uint64_t base, int latched);
 int ww_output_check(const void *out, uint64_t size);
 void ww_index_after_fork_child(void);

@@ -20,7 +20,7 @@
  * address range once another region may have been made there.
  */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE /* process_vm_readv */
+#define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <pthread.h>
@@ -28,8 +28,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#include <sys/uio.h>
 
 #include "abi.h"
 
@@ -44,7 +42,9 @@ struct index_entry {
     int kind;   /* WW_INDEX_PLAIN, WW_WW_PAGE_SIZEMAP or WW_INDEX_TRACKED */
     int handle; /* the pagemap descriptor, or the tracking slot */
     uint64_t epoch;
-    struct index_spans *spans;
+    int latched; /* a VirtualProtect latched written pages: Python walks the region */
+    struct index_spans *spans;    /* committed */
+    struct index_spans *writable; /* committed read-write: where an output array may lie */
     int users; /* calls scanning this region now */
 };
 
@@ -98,9 +98,11 @@ int ww_index_add(uint64_t base, uint64_t length, int kind, int handle)
 {
     struct index_entry *entry = calloc(1, sizeof *entry);
     struct index_spans *spans = calloc(1, sizeof *spans);
-    if (!entry || !spans) {
+    struct index_spans *writable = calloc(1, sizeof *writable);
+    if (!entry || !spans || !writable) {
         free(entry);
         free(spans);
+        free(writable);
         return -ENOMEM;
     }
     entry->base = base;
@@ -108,6 +110,7 @@ int ww_index_add(uint64_t base, uint64_t length, int kind, int handle)
     entry->kind = kind;
     entry->handle = handle;
     entry->spans = spans;
+    entry->writable = writable;
     pthread_mutex_lock(&index_mutex);
     entry->epoch = index_epoch;
     struct index_table *old = index_table;
@@ -117,6 +120,7 @@ int ww_index_add(uint64_t base, uint64_t length, int kind, int handle)
         pthread_mutex_unlock(&index_mutex);
         free(entry);
         free(spans);
+        free(writable);
         return -ENOMEM;
     }
     uint64_t at = 0;
@@ -161,34 +165,64 @@ int ww_index_remove(uint64_t base)
         sched_yield();
     pthread_mutex_lock(&index_mutex);
     retire(entry->spans);
+    retire(entry->writable);
     retire(entry);
     pthread_mutex_unlock(&index_mutex);
     return 0;
 }
 
-/* Replace a region's committed spans (and its handle, which changes after
- * fork), marking it current for this process. */
-int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count)
+static struct index_spans *spans_copy(const uint64_t *bounds, uint64_t count)
 {
     struct index_spans *spans = malloc(sizeof *spans + 2 * count * sizeof spans->bounds[0]);
-    if (!spans)
+    if (spans) {
+        spans->count = count;
+        memcpy(spans->bounds, bounds, 2 * count * sizeof spans->bounds[0]);
+    }
+    return spans;
+}
+
+/* Replace a region's committed and committed read-write spans (and its
+ * handle, which changes after fork), marking it current for this process. */
+int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count,
+                    const uint64_t *writable_bounds, uint64_t writable_count)
+{
+    struct index_spans *spans = spans_copy(bounds, count);
+    struct index_spans *writable = spans_copy(writable_bounds, writable_count);
+    if (!spans || !writable) {
+        free(spans);
+        free(writable);
         return -ENOMEM;
-    spans->count = count;
-    memcpy(spans->bounds, bounds, 2 * count * sizeof spans->bounds[0]);
+    }
     pthread_mutex_lock(&index_mutex);
     struct index_entry *entry = find_locked(base);
     if (!entry) {
         pthread_mutex_unlock(&index_mutex);
         free(spans);
+        free(writable);
         return -EINVAL;
     }
-    struct index_spans *old = entry->spans;
+    struct index_spans *old = entry->spans, *old_writable = entry->writable;
     __atomic_store_n(&entry->handle, handle, __ATOMIC_SEQ_CST);
     __atomic_store_n(&entry->spans, spans, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&entry->writable, writable, __ATOMIC_SEQ_CST);
     __atomic_store_n(&entry->epoch, index_epoch, __ATOMIC_SEQ_CST);
     retire(old);
+    retire(old_writable);
     pthread_mutex_unlock(&index_mutex);
     return 0;
+}
+
+/* Set while the region has latched pages (docs/semantics.md rule 11):
+ * GetWriteWatch and ResetWriteWatch on it are then refused with
+ * WW_REFUSED_LATCHED, after every other check, and regions.py serves them. */
+int ww_index_set_latched(uint64_t base, int latched)
+{
+    pthread_mutex_lock(&index_mutex);
+    struct index_entry *entry = find_locked(base);
+    if (entry)
+        __atomic_store_n(&entry->latched, latched, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&index_mutex);
+    return entry ? 0 : -EINVAL;
 }
 
 /* The first entry that ends after address, or table->count. */
@@ -205,61 +239,55 @@ static uint64_t first_ending_after(const struct index_table *table, uint64_t add
     return lo;
 }
 
-/* Can the kernel read and write [start, start+size)? It answers with EFAULT
- * where a store of ours would crash: copy the bytes out and back in place. */
-static int kernel_can_write(uint64_t start, uint64_t size)
+/* Does spans (ascending, disjoint, adjacent ones merged) cover [start, end)? */
+static int covered(const struct index_spans *spans, uint64_t start, uint64_t end)
 {
-    char chunk[WW_PAGE_SIZE];
-    pid_t self = getpid();
-    for (uint64_t done = 0; done < size;) {
-        size_t n = size - done < sizeof chunk ? size - done : sizeof chunk;
-        struct iovec local = { chunk, n };
-        struct iovec remote = { (void *)(uintptr_t)(start + done), n };
-        ssize_t got = process_vm_readv(self, &local, 1, &remote, 1, 0);
-        if (got < 0 && (errno == ENOSYS || errno == EPERM))
-            return 1; /* no way to ask here: trust the caller, as before */
-        if (got != (ssize_t)n || process_vm_writev(self, &local, 1, &remote, 1, 0) != got)
+    for (uint64_t i = 0; i < spans->count && start < end; i++) {
+        if (spans->bounds[2 * i + 1] <= start)
+            continue;
+        if (spans->bounds[2 * i] > start)
             return 0;
-        done += n;
+        start = spans->bounds[2 * i + 1];
     }
-    return 1;
+    return start >= end;
 }
+
+enum { OUTPUT_UNMANAGED, OUTPUT_MANAGED, OUTPUT_REFUSED };
 
 /*
  * An output buffer inside memory writewatch manages may have been made
  * read-only, inaccessible or decommitted after numpy's view of it was taken:
  * numpy still calls it writable, and a store would kill the process. Windows
- * answers ERROR_NOACCESS there. Armed pages of the tracking backends are made
- * writable first (they are about to be written anyway). Memory writewatch
- * does not manage is numpy's to vouch for. Reader count held.
+ * answers ERROR_NOACCESS there. The answer comes from the index's read-write
+ * spans, without touching the buffer: a probe that wrote every page would
+ * mark every page of a watched buffer written. Memory writewatch does not
+ * manage is numpy's to vouch for. Reader count held.
  */
-static int output_ok(const struct index_table *table, uint64_t out, uint64_t size)
+static int output_check(const struct index_table *table, uint64_t out, uint64_t size)
 {
     if (!table || size == 0)
-        return 1;
+        return OUTPUT_UNMANAGED;
     uint64_t end = out + size;
-    int managed = 0;
+    int managed = OUTPUT_UNMANAGED;
     for (uint64_t i = first_ending_after(table, out);
          i < table->count && table->entries[i]->base < end; i++) {
         const struct index_entry *entry = table->entries[i];
-        managed = 1;
-        if (entry->kind == WW_INDEX_TRACKED) {
-            uint64_t first = (out > entry->base ? out : entry->base) & ~(uint64_t)(WW_PAGE_SIZE - 1);
-            uint64_t last = ((end < entry->end ? end : entry->end) + WW_PAGE_SIZE - 1)
-                            & ~(uint64_t)(WW_PAGE_SIZE - 1);
-            ww_track_prepare_write(entry->handle, first, last - first);
-        }
+        uint64_t first = out > entry->base ? out : entry->base;
+        uint64_t last = end < entry->end ? end : entry->end;
+        if (!covered(__atomic_load_n(&entry->writable, __ATOMIC_SEQ_CST), first, last))
+            return OUTPUT_REFUSED;
+        managed = OUTPUT_MANAGED;
     }
-    return !managed || kernel_can_write(out, size);
+    return managed;
 }
 
 int ww_output_check(const void *out, uint64_t size)
 {
     __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
-    int ok = output_ok(__atomic_load_n(&index_table, __ATOMIC_SEQ_CST),
-                       (uint64_t)(uintptr_t)out, size);
+    int verdict = output_check(__atomic_load_n(&index_table, __ATOMIC_SEQ_CST),
+                               (uint64_t)(uintptr_t)out, size);
     __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
-    return ok ? 0 : -EFAULT;
+    return verdict == OUTPUT_REFUSED ? -EFAULT : 0;
 }
 
 #define REFUSED(reason) (-(int64_t)(WW_REFUSED_BASE + (reason)))
@@ -321,21 +349,45 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
     __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
     struct index_table *table = __atomic_load_n(&index_table, __ATOMIC_SEQ_CST);
     int64_t result = watched_range(table, flags, base, size, &entry, &first, &last);
+    int counted = result == 0; /* watched_range counted this call in entry->users */
+    int output = result == 0
+        ? output_check(table, (uint64_t)(uintptr_t)out, capacity * sizeof *out)
+        : OUTPUT_REFUSED;
+    if (result == 0 && output == OUTPUT_REFUSED)
+        result = REFUSED(WW_REFUSED_OUTPUT);
+    if (result == 0 && __atomic_load_n(&entry->latched, __ATOMIC_SEQ_CST))
+        result = REFUSED(WW_REFUSED_LATCHED);
     if (result == 0) {
-        if (!output_ok(table, (uint64_t)(uintptr_t)out, capacity * sizeof *out)) {
-            result = REFUSED(WW_REFUSED_OUTPUT);
+        /* An output array in managed memory gets the addresses only after the
+         * scan, and only as many entries as were found: it is written like any
+         * memory, so exactly the pages that receive an address read written
+         * (from this call on: a scan that wrote as it went could report and
+         * reset its own stores). */
+        uint64_t room = capacity, pages = (last - first) / WW_PAGE_SIZE, *dest = out;
+        if (output == OUTPUT_MANAGED) {
+            room = capacity < pages ? capacity : pages;
+            dest = malloc((room ? room : 1) * sizeof *dest);
+        }
+        if (!dest) {
+            result = -WW_INDEX_ERRNO_BASE - ENOMEM;
         } else {
             struct index_spans *spans = __atomic_load_n(&entry->spans, __ATOMIC_SEQ_CST);
             int handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
             int64_t n = entry->kind == WW_INDEX_PAGEMAP
                 ? ww_pagemap_get_write_watch(handle, spans->bounds, spans->count, first, last,
-                                             (int)flags, out, capacity)
+                                             (int)flags, dest, room)
                 : ww_track_get_write_watch(handle, spans->bounds, spans->count, first, last,
-                                           (int)flags, out, capacity);
+                                           (int)flags, dest, room);
+            if (dest != out) {
+                if (n > 0)
+                    memcpy(out, dest, (uint64_t)n * sizeof *out);
+                free(dest);
+            }
             result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : n;
         }
-        __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
     }
+    if (counted)
+        __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
     __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
     return result;
 }
@@ -348,6 +400,9 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
     __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
     struct index_table *table = __atomic_load_n(&index_table, __ATOMIC_SEQ_CST);
     int64_t result = watched_range(table, 0, base, size, &entry, &first, &last);
+    int counted = result == 0; /* watched_range counted this call in entry->users */
+    if (result == 0 && __atomic_load_n(&entry->latched, __ATOMIC_SEQ_CST))
+        result = REFUSED(WW_REFUSED_LATCHED);
     if (result == 0) {
         struct index_spans *spans = __atomic_load_n(&entry->spans, __ATOMIC_SEQ_CST);
         int handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
@@ -356,8 +411,9 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
             : ww_track_get_write_watch(handle, spans->bounds, spans->count, first, last, 1,
                                        NULL, (last - first) / WW_PAGE_SIZE);
         result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : 0;
-        __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
     }
+    if (counted)
+        __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
     __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
     return result;
 }

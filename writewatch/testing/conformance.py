@@ -23,7 +23,7 @@ An implementation is named by:
   or other callable without those methods is called to make a fresh instance
   per trace. Memory is written and read at the returned addresses with ctypes,
   unless the object has write(address, data), read(address, length) and
-  kernel_write(address, data) methods (a simulation without real memory).
+  kernel_write(address, data, size) methods (a simulation without real memory).
 - ``lib:PATH`` (or a path ending in .so): a shared library exporting the
   Windows signatures: ``LPVOID VirtualAlloc(LPVOID, SIZE_T, DWORD, DWORD)``,
   ``BOOL VirtualFree(LPVOID, SIZE_T, DWORD)``, ``UINT GetWriteWatch(DWORD,
@@ -31,11 +31,13 @@ An implementation is named by:
   SIZE_T)``, ``DWORD GetLastError(void)`` and optionally ``BOOL
   VirtualProtect(LPVOID, SIZE_T, DWORD, PDWORD)`` and ``void
   PrepareKernelWrite(PVOID, SIZE_T)``. The tester makes the kernel write into
-  watched memory itself (read(2) from a pipe, docs/semantics.md rule 14); an
-  implementation whose pages are read-only while armed (mprotect) makes such a
-  write fail with EFAULT unless it is told first, as a layer does inside its own
-  ReadFile: PrepareKernelWrite (or a Python object's prepare_kernel_write
-  method) is called before each such write when it exists.
+  watched memory itself (read(2) from a pipe into a buffer, which may deliver
+  fewer bytes than the buffer holds, or none: docs/semantics.md rule 14 says
+  the whole buffer is marked written all the same); an implementation whose
+  pages are read-only while armed (mprotect) makes such a write fail with
+  EFAULT unless it is told first, as a layer does inside its own ReadFile:
+  PrepareKernelWrite (or a Python object's prepare_kernel_write method) is
+  called over the whole buffer before each such read when it exists.
 
 The first implementation named is the reference the others are compared with
 (``model`` when none is named). Every call's outcome is compared: return value,
@@ -127,9 +129,10 @@ class WindowsApi(Protocol):
 
     def read(self, address: int, length: int) -> bytes: ...
 
-    def kernel_write(self, address: int, data: bytes) -> int:
-        """Have the kernel write data at address (read(2) from a pipe); returns
-        the number of bytes written, raises OSError if the kernel fails."""
+    def kernel_write(self, address: int, data: bytes, size: int) -> int:
+        """Have the kernel read into the size-byte buffer at address from a pipe
+        holding data (at most size bytes, maybe none: read(2) then returns 0);
+        returns the number of bytes read, raises OSError if the kernel fails."""
         ...
 
     def close(self) -> None:
@@ -272,8 +275,9 @@ class ReferenceModel:
         self._touch(address, length, writable=False)
         return self.model.read(address, length)
 
-    def kernel_write(self, address: int, data: bytes) -> int:
-        self.write(address, data)  # item 14: the kernel's writes count too
+    def kernel_write(self, address: int, data: bytes, size: int) -> int:
+        self._touch(address, size, writable=True)
+        self.model.read_into(address, size, data)  # rule 14: the whole buffer
         return len(data)
 
     def close(self) -> None:
@@ -292,16 +296,20 @@ def _read_memory(address: int, length: int) -> bytes:
     return ctypes.string_at(address, length)
 
 
-def _kernel_write_memory(address: int, data: bytes) -> int:
-    """read(2) from a pipe into the memory: the kernel does the writing."""
-    target = (ctypes.c_char * len(data)).from_address(address)
+def _kernel_write_memory(address: int, data: bytes, size: int) -> int:
+    """read(2) of size bytes from a pipe holding data into the memory: the
+    kernel does the writing (data may be shorter, or empty: end of file)."""
+    target = (ctypes.c_char * size).from_address(address)
     read_end, write_end = os.pipe()
     try:
         os.write(write_end, data)
+        os.close(write_end)
+        write_end = -1
         return os.readv(read_end, [memoryview(target).cast("B")])
     finally:
         os.close(read_end)
-        os.close(write_end)
+        if write_end >= 0:
+            os.close(write_end)
 
 
 class WritewatchApi:
@@ -338,11 +346,11 @@ class WritewatchApi:
     def read(self, address: int, length: int) -> bytes:
         return _read_memory(address, length)
 
-    def kernel_write(self, address: int, data: bytes) -> int:
-        # writewatch asks to be told before the kernel writes into watched
-        # memory (the mprotect backend needs it); see prepare_kernel_write.
-        watch.prepare_kernel_write(address, len(data))
-        return _kernel_write_memory(address, data)
+    def kernel_write(self, address: int, data: bytes, size: int) -> int:
+        # As ReadFile does: the whole buffer is marked (rule 14), and made
+        # writable for the kernel (the mprotect backend needs it).
+        watch.prepare_kernel_write(address, size)
+        return _kernel_write_memory(address, data, size)
 
     def close(self) -> None:
         pass
@@ -392,14 +400,14 @@ class PythonObjectApi:
         own = getattr(self.target, "read", None)
         return bytes(own(address, length)) if own else _read_memory(address, length)
 
-    def kernel_write(self, address: int, data: bytes) -> int:
+    def kernel_write(self, address: int, data: bytes, size: int) -> int:
         own = getattr(self.target, "kernel_write", None)
         if own:
-            return int(own(address, data))
+            return int(own(address, data, size))
         prepare = getattr(self.target, "prepare_kernel_write", None)
         if prepare:
-            prepare(address, len(data))
-        return _kernel_write_memory(address, data)
+            prepare(address, size)
+        return _kernel_write_memory(address, data, size)
 
     def close(self) -> None:
         own = getattr(self.target, "close", None)
@@ -479,10 +487,10 @@ class SharedLibraryApi:
     def read(self, address: int, length: int) -> bytes:
         return _read_memory(address, length)
 
-    def kernel_write(self, address: int, data: bytes) -> int:
+    def kernel_write(self, address: int, data: bytes, size: int) -> int:
         if self._prepare_kernel_write is not None:
-            self._prepare_kernel_write(address, len(data))
-        return _kernel_write_memory(address, data)
+            self._prepare_kernel_write(address, size)
+        return _kernel_write_memory(address, data, size)
 
     def close(self) -> None:
         pass
@@ -629,11 +637,17 @@ class Write:
     length: int
     value: int
     by_kernel: bool = False
+    delivered: int | None = None  # a kernel read: bytes the pipe holds (None: length)
+
+    @property
+    def data(self) -> bytes:
+        return bytes([self.value]) * (self.length if self.delivered is None
+                                      else self.delivered)
 
     def describe(self) -> str:
         if self.by_kernel:
             return (f"read(pipe, {_at(self.slot, self.offset)}, {self.length})"
-                    f"  /* the kernel writes {self.value:#04x} bytes */")
+                    f"  /* the kernel writes {len(self.data)} bytes of {self.value:#04x} */")
         return f"memset({_at(self.slot, self.offset)}, {self.value:#04x}, {self.length})"
 
 
@@ -747,10 +761,10 @@ class Session:
             ok, old = windows.VirtualProtect(base + op.offset, op.size, op.protect)
             return f"ok, old {_protection_name(old)}" if ok else self.failure()
         if isinstance(op, Write):
-            data = bytes([op.value]) * op.length
+            data = op.data
             if op.by_kernel:
                 try:
-                    done = windows.kernel_write(base + op.offset, data)
+                    done = windows.kernel_write(base + op.offset, data, op.length)
                 except OSError as exc:
                     return f"the kernel's write failed: {exc.strerror or exc}"
                 return f"the kernel wrote {done} bytes"
@@ -809,6 +823,9 @@ class TraceGenerator:
 
     def __init__(self, seed: int, max_slots: int = 3, with_protect: bool = True) -> None:
         self.rng = random.Random(seed)
+        # How much a kernel read delivers is drawn apart, so that traces made
+        # before reads could come up short stay the same call for call.
+        self.read_rng = random.Random(seed ^ 0x5EED)
         self.max_slots = max_slots
         self.with_protect = with_protect
 
@@ -932,7 +949,14 @@ class TraceGenerator:
         else:
             offset = rng.randrange(start, end)
             length = rng.randint(1, min(end - offset, 3 * P))
-        return Write(slot, offset, length, rng.randrange(1, 256), by_kernel=rng.random() < 0.1)
+        value = rng.randrange(1, 256)
+        if rng.random() >= 0.1:
+            return Write(slot, offset, length, value)
+        # A kernel read into the buffer: it may deliver all of it, part, or nothing.
+        roll = self.read_rng.random()
+        delivered = (None if roll < 0.5 else 0 if roll < 0.7
+                     else self.read_rng.randrange(length))
+        return Write(slot, offset, length, value, by_kernel=True, delivered=delivered)
 
     def _get(self, slot: int, region: Region) -> GetWatch:
         rng = self.rng
@@ -1047,11 +1071,15 @@ def _simpler(op: Op) -> Iterator[Op]:
     """Variants of op that are easier to read, to try while shrinking."""
     if isinstance(op, Write):
         if op.by_kernel:
-            yield replace(op, by_kernel=False)
+            if op.delivered is None:
+                yield replace(op, by_kernel=False)
+            else:
+                yield replace(op, delivered=None)
         if op.length > 1:
-            yield replace(op, length=1)
-            yield replace(op, offset=op.offset + op.length - 1, length=1)
-            yield replace(op, length=op.length // 2)
+            for offset, length in ((op.offset, 1), (op.offset + op.length - 1, 1),
+                                   (op.offset, op.length // 2)):
+                delivered = None if op.delivered is None else min(op.delivered, length)
+                yield replace(op, offset=offset, length=length, delivered=delivered)
     if isinstance(op, (Commit, Free, Protect, ResetWatch, GetWatch)) and op.size % P:
         yield replace(op, size=page_ceil(op.size))
         if op.size > P:

@@ -105,7 +105,9 @@ class Region:
     """One reservation. Sparse, so that a reservation of terabytes costs what
     its committed pages cost: `state` maps each committed page to its
     protection (a page absent from it is reserved), `dirty` holds the written
-    committed pages, `content` the pages holding anything but zeros."""
+    committed pages, `content` the pages holding anything but zeros, `latched`
+    the written pages a VirtualProtect latched (docs/semantics.md rule 11):
+    written, and kept written by a decommit until a reset."""
 
     base: int
     npages: int
@@ -114,6 +116,7 @@ class Region:
     state: dict[int, int] = field(default_factory=dict)
     dirty: set[int] = field(default_factory=set)
     content: dict[int, bytearray] = field(default_factory=dict)
+    latched: set[int] = field(default_factory=set)
 
     @property
     def size(self) -> int:
@@ -147,22 +150,36 @@ class Region:
 
     def decommit(self, first: int, last: int) -> None:
         """Item 11: the pages of [first, last) become reserved and lose their
-        dirty state and contents (cost: committed, dirty and written pages)."""
+        dirty state, unless latched, and their contents (cost: committed, dirty
+        and written pages)."""
         pages = self.pages(first, last)
         for i in self.committed_in(pages):
             del self.state[i]
-        self.dirty.difference_update([i for i in self.dirty if i in pages])
+        self.dirty.difference_update([i for i in self.dirty
+                                      if i in pages and i not in self.latched])
         for i in [i for i in self.content if i in pages]:
             del self.content[i]
 
     def report_and_reset(self, pages: range, capacity: int, reset: bool) -> list[int]:
-        """Items 5 and 9: the written committed pages among pages, ascending;
-        the walk stops when capacity are found, and a reset covers exactly the
-        pages reported."""
-        reported = sorted(i for i in self.dirty if i in pages and i in self.state)[:capacity]
+        """Items 5 and 9: the written pages among pages (committed, or latched
+        and decommitted: rule 11), ascending; the walk stops when capacity are
+        found, and a reset covers exactly the pages reported (and unlatches
+        them)."""
+        reported = sorted(i for i in self.dirty
+                          if i in pages and (i in self.state or i in self.latched))[:capacity]
         if reset:
             self.dirty.difference_update(reported)
+            self.latched.difference_update(reported)
         return reported
+
+    def reset(self, pages: range) -> None:
+        """ResetWriteWatch over pages: clean, and no longer latched."""
+        self.dirty.difference_update([i for i in self.dirty if i in pages])
+        self.latched.difference_update([i for i in self.latched if i in pages])
+
+    def latch(self, pages: range) -> None:
+        """VirtualProtect over pages latches those written now (rule 11)."""
+        self.latched.update(i for i in self.dirty if i in pages)
 
     def committed_pages(self) -> list[int]:
         return sorted(self.state)
@@ -330,7 +347,7 @@ class WinModel:
         """(True, old protection of the first page). Checks: arguments out of
         range, an unknown protection, size 0 -> 87; a range not inside one
         reservation or not all committed -> 487. Dirty state is untouched
-        (item 10)."""
+        (item 10), and the pages written now are latched (rule 11)."""
         def body() -> tuple[bool, int]:
             self._uint(address)
             self._uint(size)
@@ -348,6 +365,7 @@ class WinModel:
             old = region.state[pages[0]]
             for i in pages:
                 region.state[i] = new_protect
+            region.latch(pages)
             return True, old
 
         return self._run((False, 0), body)
@@ -416,6 +434,20 @@ class WinModel:
             data = data[len(chunk):]
             offset += len(chunk)
 
+    def read_into(self, address: int, size: int, data: bytes) -> None:
+        """ReadFile (or read(2)) into the buffer [address, address+size) that
+        delivers data (at most size bytes, maybe none): the whole buffer is
+        marked written as the read is issued, however many bytes arrive
+        (docs/semantics.md rule 14); then data lands at its start. The caller
+        checked that the buffer is writable (view())."""
+        assert len(data) <= size
+        region = self.find(address)
+        assert region is not None and address + size <= region.end
+        if region.write_watch and size:
+            region.dirty.update(region.pages(page_floor(address), page_ceil(address + size)))
+        if data:
+            self.write(address, data)
+
     def read(self, address: int, length: int) -> bytes:
         """A read through a readable view (the caller checked view())."""
         region = self.find(address)
@@ -476,8 +508,7 @@ class WinModel:
             self._uint(base)
             self._uint(size)
             region, first, last = self._watched_range(base, size)
-            pages = region.pages(first, last)
-            region.dirty.difference_update([i for i in region.dirty if i in pages])
+            region.reset(region.pages(first, last))
             return 0
 
         return self._run(WRITE_WATCH_FAILED, body)

@@ -30,6 +30,7 @@ typedef size_t SIZE_T;
 typedef void *PVOID;
 typedef void *LPVOID;
 typedef DWORD *PDWORD;
+typedef const void *LPCVOID;
 
 #define TRUE 1
 #define FALSE 0
@@ -46,12 +47,39 @@ typedef DWORD *PDWORD;
 
 #define WRITE_WATCH_FLAG_RESET 0x01
 
+#define MEM_FREE 0x00010000
+#define MEM_PRIVATE 0x00020000
+
 #define ERROR_SUCCESS 0
+#define ERROR_INVALID_HANDLE 6
+#define ERROR_HANDLE_EOF 38
+#define ERROR_IO_PENDING 997
 #define ERROR_NOT_ENOUGH_MEMORY 8
 #define ERROR_NOT_SUPPORTED 50
 #define ERROR_INVALID_PARAMETER 87
 #define ERROR_INVALID_ADDRESS 487
 #define ERROR_NOACCESS 998
+
+typedef struct {
+    PVOID BaseAddress;
+    PVOID AllocationBase;
+    DWORD AllocationProtect;
+    uint16_t PartitionId;
+    SIZE_T RegionSize;
+    DWORD State;
+    DWORD Protect;
+    DWORD Type;
+} MEMORY_BASIC_INFORMATION, *PMEMORY_BASIC_INFORMATION;
+
+typedef void *HANDLE;
+typedef struct {
+    ULONG_PTR Internal; /* the status: STATUS_PENDING until the read completes */
+    ULONG_PTR InternalHigh; /* the bytes transferred */
+    DWORD Offset;
+    DWORD OffsetHigh;
+    HANDLE hEvent;
+} OVERLAPPED, *LPOVERLAPPED;
+#define STATUS_PENDING 0x103
 
 /* Implemented by libwinshim.so (writewatch underneath). */
 LPVOID WINAPI VirtualAlloc(LPVOID address, SIZE_T size, DWORD allocation_type, DWORD protect);
@@ -60,13 +88,17 @@ BOOL WINAPI VirtualProtect(LPVOID address, SIZE_T size, DWORD new_protect, PDWOR
 UINT WINAPI GetWriteWatch(DWORD flags, PVOID base, SIZE_T size, PVOID *addresses,
                           ULONG_PTR *count, ULONG *granularity);
 UINT WINAPI ResetWriteWatch(LPVOID base, SIZE_T size);
+SIZE_T WINAPI VirtualQuery(LPCVOID address, PMEMORY_BASIC_INFORMATION info, SIZE_T length);
 DWORD WINAPI GetLastError(void);
 void WINAPI SetLastError(DWORD code);
 
 /* Not Windows: call before the kernel writes into watched memory (read(2),
- * recv(2) into a VirtualAlloc buffer). A layer calls it inside its own ReadFile,
- * the way Wine unprotects before its system calls: with the mprotect backend
- * armed pages are read-only and the kernel's write would fail with EFAULT. */
+ * recv(2) into a VirtualAlloc buffer). A layer calls it inside its own ReadFile
+ * over the whole buffer, once the handle is known to be valid: it marks every
+ * page written, as Windows does however many bytes arrive, and makes the pages
+ * writable for the kernel (with the mprotect backend armed pages are read-only
+ * and the kernel's write would fail with EFAULT). A reset between this call and
+ * the kernel's write re-arms the pages: call it again. */
 void WINAPI PrepareKernelWrite(PVOID address, SIZE_T size);
 
 /* Small helpers Windows programs take for granted, done with POSIX here. */
