@@ -13,10 +13,14 @@ child's tracebacks.
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
 from forking import run_python
+
+import writewatch as ww
+from writewatch import regions
 
 LOST_WRITES_AFTER_RELEASE = """
 import json, threading
@@ -178,3 +182,24 @@ def test_native_writers_racing_a_release_neither_crash_nor_hang(write_watch_back
                         report_hang=True)
     assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
     assert json.loads(result.stdout)["writes"] > 0
+
+
+def test_dropped_watched_memory_is_released_when_collected(write_watch_backend):
+    """A WatchedMemory dropped without close() or a with block is released
+    when collected, as an mmap or a file is (20,000 of them once held 20 GB of
+    address space, and the fallbacks refused the 16,385th), while a view made
+    from it keeps its memory mapped and writable."""
+    before = len(regions.live_regions())
+    for _ in range(20_000):
+        mem = ww.WatchedMemory(ww.PAGE_SIZE)
+        mem.array[0] = 1
+    del mem
+    gc.collect()
+    assert len(regions.live_regions()) == before
+    mem = ww.WatchedMemory(ww.PAGE_SIZE)
+    view = mem.view()
+    del mem
+    gc.collect()
+    assert len(regions.live_regions()) == before
+    view[0] = 1  # still mapped, no longer watched
+    assert view[0] == 1

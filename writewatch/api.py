@@ -12,6 +12,7 @@ The Pythonic face (WatchedMemory) raises WriteWatchError, an OSError whose
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import operator
@@ -19,6 +20,7 @@ import os
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, Protocol, TypeVar
@@ -229,6 +231,13 @@ WrittenUnit = Literal["address", "offset", "page"]
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 
+def _release_quietly(region: regions.Region) -> None:
+    """Release a collected WatchedMemory's region, unless the Windows face
+    released it already (then a later region may own the address)."""
+    with contextlib.suppress(WriteWatchError):
+        regions.release_region(region)
+
+
 class WatchedMemory:
     """A write-watched block of memory for Python code.
 
@@ -244,7 +253,9 @@ class WatchedMemory:
 
     The reservation is committed whole (read-write) unless commit=False; then
     commit() the parts to use. backend picks the write-watch backend ("auto":
-    the best this machine has); .backend names the one it got.
+    the best this machine has); .backend names the one it got. close() (or the
+    with block) releases it; a block dropped without either is released when
+    collected, and views made from it keep its memory mapped meanwhile.
     """
 
     def __init__(self, size: int, *, commit: bool = True, protect: int = PAGE_READWRITE,
@@ -257,6 +268,10 @@ class WatchedMemory:
         self.backend: str = name
         self._array: np.ndarray | None = None
         self._closed = False
+        # Released when collected, like an mmap or a file, if never closed.
+        region = regions.find(self.address)
+        assert region is not None
+        self._finalizer = weakref.finalize(self, _release_quietly, region)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.size:#x} bytes"
@@ -366,6 +381,7 @@ class WatchedMemory:
         if not self._closed:
             self._closed = True
             self._array = None
+            self._finalizer.detach()
             regions.free(self.address, 0, MEM_RELEASE)
 
     def __enter__(self) -> WatchedMemory:

@@ -186,7 +186,10 @@ FALLBACK_MEANS = {
             "fail with EFAULT unless prepare_kernel_write comes first",
     "mprotect": "watched pages are read-only until written: each first write costs a "
                 "SIGSEGV and an mprotect, and kernel writes into watched memory (read(2) "
-                "and friends) fail with EFAULT unless prepare_kernel_write comes first",
+                "and friends) fail with EFAULT unless prepare_kernel_write comes first; "
+                "a thread that blocks SIGSEGV (as many native worker threads block every "
+                "signal) dies on its first write to a watched page, so such threads need "
+                "the uffd or pagemap backend, or SIGSEGV unblocked",
 }
 
 
