@@ -1,6 +1,7 @@
-"""Failures keep their reason (issue 12, item 4): last_error_reason() words the
-calling thread's last failure, the writewatch logger says it at DEBUG, and every
-flag a porter may pass and be refused is exported and named in the reason."""
+"""Failures keep their reason: last_error_reason() words the calling thread's
+last failure (docs/semantics.md rule 15 lists them), the writewatch logger
+says it at DEBUG, and every flag a porter may pass and be refused is exported
+and named in the reason."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""GetWriteWatch's addresses array may lie in watched memory (issue 12, item 3):
-checking that it can be written marks nothing, and afterwards only the pages
-the call stored addresses into read as written."""
+"""GetWriteWatch's addresses array may lie in watched memory: checking that it
+can be written (docs/semantics.md rule 15) marks nothing, and afterwards only
+the pages the call stored addresses into read as written."""
 
 from __future__ import annotations
 

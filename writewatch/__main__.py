@@ -207,7 +207,7 @@ def run_example(name: str, example_args: Sequence[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks against the raw kernel and the slow methods (writewatch/bench.py)."""
+    """Benchmarks against the raw kernel and the slow methods (writewatch/bench/)."""
     return benchmarks.main(args)
 
 
