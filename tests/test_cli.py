@@ -39,6 +39,33 @@ def test_info_names_the_mechanism_and_each_feature():
         assert f"{mark} {name:<9} {reason or ''}" in result.stdout
 
 
+def test_info_and_probe_name_the_kernel_features_each_backend_relies_on():
+    """Each feature a backend requires is present wherever that backend is
+    available, and info lists every feature with its role and Linux version."""
+    caps = ww.probe()
+    status = backends.backend_status()
+    names = {feature.name for feature in caps.features}
+    assert {"userfaultfd", "UFFD WP_ASYNC", "UFFD WP_UNPOPULATED", "PAGEMAP_SCAN",
+            "UFFD write-protect", "MADV_POPULATE_WRITE", "PAGE_IS_SOFT_DIRTY category"} <= names
+    for feature in caps.features:
+        for backend in feature.required_by:
+            if not status[backend]:
+                assert feature.present, f"{backend} runs here without {feature.name}"
+    by_name = {feature.name: feature for feature in caps.features}
+    assert by_name["UFFD WP_ASYNC"].present == caps.wp_async
+    assert by_name["UFFD WP_UNPOPULATED"].present == caps.wp_unpopulated
+    assert by_name["PAGEMAP_SCAN"].present == caps.pagemap_scan
+    with open("/proc/sys/vm/max_map_count") as f:
+        assert caps.max_map_count == int(f.read())
+    result = run_cli("info")
+    for feature in caps.features:
+        mark = "[yes]" if feature.present else "[no ]"
+        assert f"{mark} {feature.name:<28} Linux {feature.since:<5} {feature.role}" \
+            in result.stdout
+    reported = json.loads(run_cli("info", "--json").stdout)
+    assert [each["name"] for each in reported["features"]] == [f.name for f in caps.features]
+
+
 def test_output_into_a_closed_pipe_ends_quietly():
     """`python -m writewatch info | head -1`: no traceback when the reader leaves."""
     read_end, write_end = os.pipe()

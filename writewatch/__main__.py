@@ -94,16 +94,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     print()
     print(_kernel_writes_note(report))
     print()
-    print("Kernel features:")
-    print(f"  [{_yes(caps.userfaultfd)}] userfaultfd          {caps.userfaultfd_detail}")
-    print(f"  [{_yes(caps.wp_async)}] UFFD WP_ASYNC        async write-protect (Linux 6.7)")
-    print(f"  [{_yes(caps.wp_unpopulated)}] UFFD WP_UNPOPULATED  protect never-touched pages "
-          "(Linux 6.7)")
-    print(f"  [{_yes(caps.pagemap_scan)}] PAGEMAP_SCAN         {caps.pagemap_scan_detail}")
-    print(f"  [{_yes(caps.soft_dirty)}] soft-dirty           {caps.soft_dirty_detail}; "
-          "not used: it clears only whole processes, with no atomic get-and-clear")
+    print("Kernel features each backend relies on:")
+    for feature in caps.features:
+        print(f"  [{_yes(feature.present)}] {feature.name:<28} Linux {feature.since:<5} "
+              f"{feature.role}: {feature.purpose}")
+    print(f"  [{_yes(caps.soft_dirty)}] soft-dirty bits              "
+          f"{caps.soft_dirty_detail}; not used: it clears only whole processes, with no "
+          "atomic get-and-clear")
     print(f"  vm.unprivileged_userfaultfd = {caps.unprivileged_userfaultfd}, "
-          f"seccomp mode = {caps.seccomp_mode}")
+          f"seccomp mode = {caps.seccomp_mode}, vm.max_map_count = {caps.max_map_count} "
+          "(the mprotect backend splits a mapping at each armed/unarmed boundary)")
     advice = _advice(caps)
     if advice:
         print()
