@@ -158,6 +158,17 @@ static struct track_range *range_enter(int slot)
     return r;
 }
 
+/* range_enter for [start, start+length) inside the range (NULL, uncounted, if not). */
+static struct track_range *range_enter_span(int slot, uint64_t start, uint64_t length)
+{
+    struct track_range *r = range_enter(slot);
+    if (r && (start < r->start || start + length > r->end)) {
+        range_exit();
+        return NULL;
+    }
+    return r;
+}
+
 static uint8_t prot_bits(int prot)
 {
     return (prot & PROT_READ ? WW_PAGE_READ : 0) | (prot & PROT_WRITE ? WW_PAGE_WRITE : 0);
@@ -354,13 +365,9 @@ int ww_track_state(int slot, uint64_t address)
 
 int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clean)
 {
-    struct track_range *r = range_enter(slot);
+    struct track_range *r = range_enter_span(slot, start, length);
     if (!r)
         return -EINVAL;
-    if (start < r->start || start + length > r->end) {
-        range_exit();
-        return -EINVAL;
-    }
     uint8_t bits = prot_bits(prot) | WW_PAGE_WATCHED;
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     int result = 0;
@@ -392,13 +399,9 @@ int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clea
  */
 int ww_track_unwatch(int slot, uint64_t start, uint64_t length)
 {
-    struct track_range *r = range_enter(slot);
+    struct track_range *r = range_enter_span(slot, start, length);
     if (!r)
         return -EINVAL;
-    if (start < r->start || start + length > r->end) {
-        range_exit();
-        return -EINVAL;
-    }
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     int result = 0;
     range_lock(r);
@@ -425,13 +428,9 @@ int ww_track_unwatch(int slot, uint64_t start, uint64_t length)
 
 int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot)
 {
-    struct track_range *r = range_enter(slot);
+    struct track_range *r = range_enter_span(slot, start, length);
     if (!r)
         return -EINVAL;
-    if (start < r->start || start + length > r->end) {
-        range_exit();
-        return -EINVAL;
-    }
     uint8_t bits = prot_bits(prot) | WW_PAGE_WATCHED;
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     int result;
@@ -616,13 +615,9 @@ int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspan
  */
 int ww_track_prepare_write(int slot, uint64_t start, uint64_t length)
 {
-    struct track_range *r = range_enter(slot);
+    struct track_range *r = range_enter_span(slot, start, length);
     if (!r)
         return -EINVAL;
-    if (start < r->start || start + length > r->end) {
-        range_exit();
-        return -EINVAL;
-    }
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     uint64_t run = TRACK_NO_RUN;
     int result = 0;
