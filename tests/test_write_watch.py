@@ -220,7 +220,7 @@ def test_item17_reset_flag_is_one_atomic_step(watched):
     assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [5]
 
 
-# -- rule 15: parameter errors, in Wine's order
+# -- rule 15: parameter errors, in the order rule 15 fixes
 
 
 def test_item15_count_zero_fails_87(watched):

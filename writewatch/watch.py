@@ -70,8 +70,8 @@ def get_write_watch(flags: Any, base: Any, size: Any, addresses: Any,
     WRITE_WATCH_FLAG_RESET exactly the returned pages are reset, atomically
     with the read (a write racing the call is reported now or next time).
 
-    count=None means len(addresses). Checks in Wine's order (docs/semantics.md
-    rule 15): count 0 -> ERROR_INVALID_PARAMETER; no array (or one too short or
+    count=None means len(addresses). Checks in the order of docs/semantics.md
+    rule 15: count 0 -> ERROR_INVALID_PARAMETER; no array (or one too short or
     read-only) -> ERROR_NOACCESS; then flags, size 0 and the range, which the
     native index checks. This is the per-frame call of a game loop, so the
     common case runs few Python operations and one native call."""

@@ -293,9 +293,9 @@ int ww_output_check(const void *out, uint64_t size)
 #define REFUSED(reason) (-(int64_t)(WW_REFUSED_BASE + (reason)))
 
 /*
- * Windows' checks on a GetWriteWatch/ResetWriteWatch range, in Wine's order
- * after the output array's: flags, size 0, then the write-watch region holding
- * the range rounded out to pages. Reader count held. On success *entry is the
+ * Windows' checks on a GetWriteWatch/ResetWriteWatch range, in the order of
+ * docs/semantics.md rule 15 after the output array's: flags, size 0, then the
+ * write-watch region holding the range rounded out to pages. Reader count held. On success *entry is the
  * region's entry and [*first, *last) the page-aligned range.
  */
 static int64_t watched_range(const struct index_table *table, uint64_t flags, uint64_t base,

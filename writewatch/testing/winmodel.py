@@ -473,7 +473,7 @@ class WinModel:
                         count: int | None, writable: bool = True) -> Expect:
         """GetWriteWatch with an addresses array of `capacity` entries (None: no
         array) and `count` (None: the array's length). The value is
-        (ret, count, granularity, addresses reported). Checks in Wine's order
+        (ret, count, granularity, addresses reported). Checks in the order of rule 15
         (item 15): count 0 -> 87; no array -> 998; count past the array or a
         read-only array -> 998; flags other than 0/1 -> 87; size 0 -> 87; a
         range that leaves the write-watch region once rounded out to pages, or a
