@@ -45,7 +45,7 @@ import numpy as np
 import writewatch as ww
 
 FIELDS = 8
-REFERENCE_FIELDS = 6  # fields 0-5 hold references, 6-7 scalars
+POINTER_FIELDS = 6  # fields 0-5 hold references, 6-7 scalars
 PAYLOAD = 6
 NULL = -1
 OBJECT_BYTES = FIELDS * 4
@@ -148,7 +148,7 @@ class Heap:
         for child, column in ((2 * local + 1, 0), (2 * local + 2, 1)):
             inside = child < np.minimum(structure, used - start)
             objects[index[inside], column] = (start + child)[inside]
-        for column in range(2, REFERENCE_FIELDS):
+        for column in range(2, POINTER_FIELDS):
             linked = rng.random(used) < 0.1
             near = np.clip(index + rng.integers(-structure, structure, used), 0, used - 1)
             far = rng.integers(0, used, used)
@@ -171,7 +171,7 @@ class Heap:
             return NULL
         obj = int(self.free_list[self.next_free])
         self.next_free += 1
-        self.objects[obj, :REFERENCE_FIELDS] = NULL
+        self.objects[obj, :POINTER_FIELDS] = NULL
         self.objects[obj, PAYLOAD:] = 0
         self.allocated[obj] = True
         self.marked[obj] = self.marking  # allocated black while a cycle runs
@@ -188,7 +188,7 @@ class Heap:
             source = registers[rng.randrange(nregs)]
             if roll < 0.45:  # load: follow a reference, or start again from a root
                 if source != NULL and rng.random() < 0.85:
-                    loaded = int(objects[source, rng.randrange(REFERENCE_FIELDS)])
+                    loaded = int(objects[source, rng.randrange(POINTER_FIELDS)])
                     if loaded != NULL and not self.allocated[loaded]:
                         raise UseAfterFreeError(f"the mutator reached freed object {loaded}")
                     registers[target] = loaded if loaded != NULL else source
@@ -197,16 +197,16 @@ class Heap:
                     root = rng.randrange(self.hot_roots if hot else len(roots))
                     registers[target] = roots[root]
             elif roll < 0.55:  # move a reference: re-parent a subtree, unlink the old edge
-                holder, from_field = registers[target], rng.randrange(REFERENCE_FIELDS)
+                holder, from_field = registers[target], rng.randrange(POINTER_FIELDS)
                 if holder != NULL and source != NULL:
                     moved = int(objects[holder, from_field])
-                    objects[source, rng.randrange(REFERENCE_FIELDS)] = moved
+                    objects[source, rng.randrange(POINTER_FIELDS)] = moved
                     objects[holder, from_field] = NULL
             elif roll < 0.75:  # store a reference (sometimes null) into an object
                 holder = registers[target]
                 if holder != NULL:
                     value = NULL if rng.random() < 0.25 else source
-                    objects[holder, rng.randrange(REFERENCE_FIELDS)] = value
+                    objects[holder, rng.randrange(POINTER_FIELDS)] = value
             elif roll < 0.92:  # a scalar update: dirties the page, adds no reference
                 holder = registers[target]
                 if holder != NULL:
@@ -236,7 +236,7 @@ class Heap:
             gray.push(objects)
 
     def scan(self, objects: np.ndarray, gray: GrayStack) -> None:
-        children = self.objects[objects, :REFERENCE_FIELDS].ravel()
+        children = self.objects[objects, :POINTER_FIELDS].ravel()
         self.shade(children[children != NULL].astype(np.int64), gray)
 
     def written_pages(self, report: CycleReport) -> np.ndarray:
@@ -274,7 +274,7 @@ class Heap:
         frontier = self.root_set()
         seen[frontier] = True
         while frontier.size:
-            children = self.objects[frontier, :REFERENCE_FIELDS].ravel()
+            children = self.objects[frontier, :POINTER_FIELDS].ravel()
             children = children[children != NULL]
             fresh = np.unique(children[~seen[children]])
             seen[fresh] = True
