@@ -41,14 +41,18 @@ def add(base: int, size: int, watcher: kernel.Watcher | None) -> None:
     check(lib.ww_index_add(base, size, kind, handle), "write-watch index")
 
 
-def update(base: int, watcher: kernel.Watcher | None, spans: kernel.Spans,
-           writable: kernel.Spans) -> None:
-    """Tell the index a reservation's committed spans, its committed
-    read-write spans (where GetWriteWatch's output array may lie) and, after
-    fork, its new handle."""
+def update(base: int, watcher: kernel.Watcher | None, spans: kernel.Spans) -> None:
+    """Tell the index a reservation's committed spans and, after fork, its new
+    handle."""
     handle = -1 if watcher is None else watcher.native_handle()[1]
-    check(lib.ww_index_update(base, handle, spans.array, spans.count, writable.array,
-                              writable.count), "write-watch index")
+    check(lib.ww_index_update(base, handle, spans.array, spans.count), "write-watch index")
+
+
+def set_writable(base: int, first: int, last: int, writable: bool) -> None:
+    """Mark pages [first, last) of a reservation committed read-write (where
+    GetWriteWatch's output array may lie) or not. The index changes only
+    around that range: the cost does not grow with the region's runs."""
+    check(lib.ww_index_set_writable(base, first, last, int(writable)), "write-watch index")
 
 
 def set_latched(base: int, latched: bool) -> None:

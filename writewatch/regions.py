@@ -127,7 +127,7 @@ class Mapping:
 class Region:
     """One VirtualAlloc reservation."""
 
-    __slots__ = ("_scan_spans", "_writable_spans", "allocation_protect", "backend", "base",
+    __slots__ = ("_scan_spans", "allocation_protect", "backend", "base",
                  "epoch", "latched", "lock", "mapping", "pages", "size", "watcher",
                  "write_watch")
 
@@ -144,7 +144,6 @@ class Region:
         self.pages = PageRuns(size // PAGE_SIZE)
         self.epoch = kernel.process_epoch()
         self._scan_spans: kernel.Spans | None = None
-        self._writable_spans: kernel.Spans | None = None
         # Pages a VirtualProtect latched (docs/semantics.md rule 11) as runs of
         # 1, or None while there are none (the common case, which costs nothing).
         self.latched: PageRuns | None = None
@@ -182,11 +181,17 @@ class Region:
     def reserved_spans(self, first: int, last: int) -> list[tuple[int, int]]:
         return [(s, e) for s, e, value in self.spans(first, last) if value == RESERVED]
 
-    def assign(self, first: int, last: int, value: int) -> None:
+    def assign(self, first: int, last: int, value: int, *, commit_changes: bool = True) -> None:
+        """Give pages [first, last) the value and tell the index. A protection
+        change of committed pages (commit_changes False) leaves the committed
+        spans as they are: only the read-write spans around the range change,
+        so its cost does not grow with the region's runs."""
         self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
                           value)
-        self._scan_spans = self._writable_spans = None
-        self._update_index()
+        index.set_writable(self.base, first, last, value == PAGE_READWRITE)
+        if commit_changes:
+            self._scan_spans = None
+            self._update_index()
 
     def writable_spans(self, first: int, last: int) -> list[tuple[int, int]]:
         """Address spans of the committed read-write pages in [first, last): the
@@ -278,10 +283,9 @@ class Region:
         self._set_latched(first, last, False)
 
     def _update_index(self) -> None:
-        """Tell the native index the committed and read-write spans. Lock held."""
-        if self._writable_spans is None:
-            self._writable_spans = kernel.Spans(self.writable_spans(self.base, self.end))
-        index.update(self.base, self.watcher, self.scan_spans(), self._writable_spans)
+        """Tell the native index the committed spans (and the handle). Lock held.
+        The read-write spans are kept there by assign, range by range."""
+        index.update(self.base, self.watcher, self.scan_spans())
 
     def scan_spans(self) -> kernel.Spans:
         """The committed spans as the kernel layer scans them, rebuilt only when
@@ -655,7 +659,8 @@ def set_protection(address: Any, size: Any, new_protect: Any) -> int:
                 region.latch_written(first, last)
         except OSError as exc:
             raise _mapping_error(exc, "cannot change protection") from exc
-        region.assign(first, last, new_protect)
+        # The range is all committed: only protections change.
+        region.assign(first, last, new_protect, commit_changes=False)
     return old
 
 

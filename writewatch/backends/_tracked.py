@@ -14,31 +14,32 @@ from writewatch.kernel import check, lib, oserror
 
 class TrackedWatcher(kernel.Watcher):
     def __init__(self, base: int, size: int, mode: int) -> None:
-        self.slot = check(lib.ww_track_attach(base, size, mode), "write-watch range table")
+        # An opaque 64-bit handle (no cap on how many ranges there are).
+        self.handle = check(lib.ww_track_attach(base, size, mode), "write-watch range table")
 
     def watch(self, start: int, length: int, prot: int, *, clean: bool = True) -> None:
-        check(lib.ww_track_watch(self.slot, start, length, prot, clean), "watch")
+        check(lib.ww_track_watch(self.handle, start, length, prot, clean), "watch")
 
     def unwatch(self, start: int, length: int) -> None:
-        check(lib.ww_track_unwatch(self.slot, start, length), "unwatch")
+        check(lib.ww_track_unwatch(self.handle, start, length), "unwatch")
 
     def protect(self, start: int, length: int, prot: int) -> None:
-        check(lib.ww_track_protect(self.slot, start, length, prot), "mprotect")
+        check(lib.ww_track_protect(self.handle, start, length, prot), "mprotect")
 
     def get_write_watch(self, spans: kernel.Spans, first: int, last: int, reset: bool,
                         out: np.ndarray, capacity: int) -> int:
         return check(lib.ww_track_get_write_watch(
-            self.slot, spans.array, spans.count, first, last, reset,
+            self.handle, spans.array, spans.count, first, last, reset,
             kernel.output_pointer(out, capacity), capacity), "GetWriteWatch scan")
 
     def prepare_kernel_write(self, start: int, length: int) -> None:
-        check(lib.ww_track_prepare_write(self.slot, start, length), "prepare_kernel_write")
+        check(lib.ww_track_prepare_write(self.handle, start, length), "prepare_kernel_write")
 
     def detach(self) -> None:
-        check(lib.ww_track_detach(self.slot), "detach")
+        check(lib.ww_track_detach(self.handle), "detach")
 
     def native_handle(self) -> tuple[int, int]:
-        return lib.WW_INDEX_TRACKED, self.slot
+        return lib.WW_INDEX_TRACKED, self.handle
 
 
 def watches(mode: int, address: int) -> bool:

@@ -1008,6 +1008,11 @@ def _thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _scale() -> ModuleType:
+    from writewatch.bench import scale  # imports this module
+    return scale
+
+
 def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
     """Run the configured scenarios; the Report holds every sample."""
     cfg = cfg or Config()
@@ -1040,6 +1045,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         3: lambda: scenario_small_call(cfg, impls, progress, floors),
         4: lambda: scenario_wine_shape(cfg, impls, progress, floors),
         5: lambda: scenario_reserve(cfg, impls, progress),
+        6: lambda: _scale().scenario(cfg, backends, progress),  # opt-in: bench/scale.py
     }
     started = time.monotonic()
     try:
@@ -1211,14 +1217,16 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--plot", {"metavar": "FILE.png", "help": "draw the ratios (needs matplotlib: "
                                                "pip install 'writewatch[plot]')"}),
     ("--quick", {"action": "store_true", "help": "small sizes, seconds instead of minutes"}),
-    ("--scenarios", {"metavar": "LIST", "help": "which scenarios, e.g. 1,3 (default: all): "
+    ("--scenarios", {"metavar": "LIST", "help": "which scenarios, e.g. 1,3 (default: 1-5): "
                                                 "1 write cost (first write after a reset), "
                                                 "2 GetWriteWatch cost over a large region, "
                                                 "3 small call (a 16-page region per frame), "
                                                 "4 Wine's microbenchmark shape (threads "
                                                 "writing while GetWriteWatch polls), "
                                                 "5 reserve-heavy (a huge reservation, "
-                                                "little committed)"}),
+                                                "little committed); 6 scale (100k live "
+                                                "regions, 32k protection runs) runs only "
+                                                "when named"}),
     ("--backends", {"metavar": "LIST", "help": "which backends, e.g. pagemap,mprotect "
                                                "(default: every one available)"}),
     ("--repetitions", {"type": int, "metavar": "N", "help": "repetitions per measurement "
@@ -1267,8 +1275,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config.quick() if args.quick else Config()
     if args.scenarios:
         cfg.scenarios = _int_list(args.scenarios, "--scenarios")
-        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5}:
-            raise BenchError("--scenarios are numbered 1 to 5")
+        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6}:
+            raise BenchError("--scenarios are numbered 1 to 6 (6, scale, only when named)")
     if args.backends:
         cfg.backends = tuple(name.strip() for name in args.backends.split(","))
     if args.repetitions is not None:

@@ -150,21 +150,22 @@ int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg);
 #define WW_PAGE_WRITE 0x8
 #define WW_PAGE_WATCHED 0x10 /* committed and tracked */
 
-int ww_track_attach(uint64_t start, uint64_t length, int mode);
-int ww_track_detach(int slot);
-int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clean);
-int ww_track_unwatch(int slot, uint64_t start, uint64_t length);
-int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot);
-int64_t ww_track_scan(int slot, uint64_t start, uint64_t end, int reset,
-                         uint64_t *out, uint64_t capacity, uint64_t origin);
-int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspans,
-                               uint64_t first, uint64_t last, int reset,
-                               uint64_t *out, uint64_t capacity);
-int ww_track_prepare_write(int slot, uint64_t start, uint64_t length);
+/* A range's handle is an opaque 64-bit id (non-negative; -errno on failure). */
+int64_t ww_track_attach(uint64_t start, uint64_t length, int mode);
+int ww_track_detach(uint64_t handle);
+int ww_track_watch(uint64_t handle, uint64_t start, uint64_t length, int prot, int clean);
+int ww_track_unwatch(uint64_t handle, uint64_t start, uint64_t length);
+int ww_track_protect(uint64_t handle, uint64_t start, uint64_t length, int prot);
+int64_t ww_track_scan(uint64_t handle, uint64_t start, uint64_t end, int reset,
+                      uint64_t *out, uint64_t capacity, uint64_t origin);
+int64_t ww_track_get_write_watch(uint64_t handle, const uint64_t *spans, uint64_t nspans,
+                                 uint64_t first, uint64_t last, int reset,
+                                 uint64_t *out, uint64_t capacity);
+int ww_track_prepare_write(uint64_t handle, uint64_t start, uint64_t length);
 int ww_track_mode_at(uint64_t address);
 int64_t ww_track_memwatch(int mode, uint64_t start, uint64_t end, int get, int clear,
                           uint64_t *out, uint64_t capacity);
-int ww_track_state(int slot, uint64_t address);
+int ww_track_state(uint64_t handle, uint64_t address);
 int ww_track_install_fork_handlers(void);
 int ww_segv_install(void);
 int ww_segv_installed(void);
@@ -187,10 +188,11 @@ int ww_touch_for_write(uint64_t start, uint64_t length);
 #define WW_REFUSED_LATCHED 7        /* the region has latched pages: regions.py walks it */
 #define WW_INDEX_ERRNO_BASE 100000
 
-int ww_index_add(uint64_t base, uint64_t length, int kind, int handle);
+/* handle: the backend's (a pagemap descriptor, a tracking handle; -1 for none). */
+int ww_index_add(uint64_t base, uint64_t length, int kind, int64_t handle);
 int ww_index_remove(uint64_t base);
-int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count,
-                    const uint64_t *writable_bounds, uint64_t writable_count);
+int ww_index_update(uint64_t base, int64_t handle, const uint64_t *bounds, uint64_t count);
+int ww_index_set_writable(uint64_t base, uint64_t first, uint64_t last, int writable);
 int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                  uint64_t *out, uint64_t capacity);
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);

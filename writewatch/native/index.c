@@ -8,11 +8,24 @@
  * ww_index_get_write_watch and ww_index_reset_write_watch do the Windows checks, the
  * lookup and the scan with no Python in between: these checks are made here only.
  *
- * Readers take no lock: they count themselves in index_readers, then load
- * pointers that writers replace whole (copy on write). A writer frees what it
- * replaced only when no reader is inside; otherwise it parks it on a retire
- * list, emptied at the next quiet moment. Writers are serialised by
- * index_mutex (region create, release, commit and decommit are rare).
+ * The regions, and each region's read-write spans, are two-level
+ * copy-on-write tables (ctable.h): a lookup is O(log n), an add or a remove
+ * rebuilds one chunk and the short top array, never the whole index, and a
+ * VirtualProtect changes only the read-write spans it touches.
+ *
+ * Readers take no lock: they count themselves in index_readers[phase], then
+ * load pointers that writers replace whole (copy on write). What a writer
+ * replaced is retired and freed after a grace period: the phase flips only
+ * once every reader of the other phase has left, and a retired block is freed
+ * once the phase has flipped after its retirement and the readers of the old
+ * phase have left; so it waits only for the calls that were in flight when it
+ * was retired, never for a quiet moment. Reclaiming runs at every update and
+ * when the last reader of a phase leaves. The memory held retired is thus
+ * bounded by what the updates made during two overlapping calls retired:
+ * each update retires one to three chunks (at most CT_CHUNK_MAX items each)
+ * and one top array (16 bytes per chunk), a few KiB even with 100k regions.
+ * Writers are serialised by index_mutex (region create, release, commit,
+ * decommit and protect).
  *
  * A call that found a region counts itself in the entry's users, and removing
  * the entry waits for them: a release returns only after every call scanning
@@ -30,6 +43,7 @@
 #include <string.h>
 
 #include "abi.h"
+#include "ctable.h"
 
 
 struct index_spans {
@@ -39,18 +53,13 @@ struct index_spans {
 
 struct index_entry {
     uint64_t base, end;
-    int kind;   /* WW_INDEX_PLAIN, WW_WW_PAGE_SIZEMAP or WW_INDEX_TRACKED */
-    int handle; /* the pagemap descriptor, or the tracking slot */
+    int kind;   /* WW_INDEX_PLAIN, WW_INDEX_PAGEMAP or WW_INDEX_TRACKED */
+    int64_t handle; /* the pagemap descriptor, or the tracking handle */
     uint64_t epoch;
     int latched; /* a VirtualProtect latched written pages: Python walks the region */
     struct index_spans *spans;    /* committed */
-    struct index_spans *writable; /* committed read-write: where an output array may lie */
+    struct ct_table writable; /* committed read-write spans: where an output array may lie */
     int users; /* calls scanning this region now */
-};
-
-struct index_table {
-    uint64_t count;
-    struct index_entry *entries[]; /* by base, ascending */
 };
 
 struct retired {
@@ -58,51 +67,99 @@ struct retired {
     void *memory;
 };
 
-static struct index_table *index_table;
+static struct ct_table index_table; /* entries by base */
 static uint64_t index_epoch;
-static int index_readers;
-static struct retired *retire_list;
+static int index_readers[2];  /* readers in each phase */
+static int index_phase;       /* the phase new readers count themselves in */
+static struct retired *retired_now;    /* retired in this phase */
+static struct retired *retired_before; /* retired before the last flip */
+static int retired_pending;            /* either list is non-empty */
 static pthread_mutex_t index_mutex = PTHREAD_MUTEX_INITIALIZER;
 
-/* Free memory no reader can reach any more. index_mutex held. */
-static void retire(void *memory)
+static void free_retired(struct retired *node)
 {
-    if (memory) {
-        struct retired *node = malloc(sizeof *node);
-        if (!node)
-            return; /* leak rather than free under a reader */
-        node->memory = memory;
-        node->next = retire_list;
-        retire_list = node;
-    }
-    if (__atomic_load_n(&index_readers, __ATOMIC_SEQ_CST))
-        return;
-    while (retire_list) {
-        struct retired *node = retire_list;
-        retire_list = node->next;
+    while (node) {
+        struct retired *next = node->next;
         free(node->memory);
         free(node);
+        node = next;
+    }
+}
+
+/*
+ * Free what no reader can reach any more, and flip the phase. A reader that
+ * could reach a block counted itself before the block was retired: in the
+ * phase of that moment, or, if it read the phase just before a flip, in the
+ * phase before it, which blocks the next flip. So once the readers of the
+ * other phase are gone, everything retired before the last flip is free.
+ * index_mutex held.
+ */
+static void reclaim(void)
+{
+    for (int round = 0; round < 2 && retired_pending; round++) {
+        int phase = index_phase;
+        if (__atomic_load_n(&index_readers[1 - phase], __ATOMIC_SEQ_CST))
+            break;
+        free_retired(retired_before);
+        retired_before = retired_now;
+        retired_now = NULL;
+        __atomic_store_n(&index_phase, 1 - phase, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&retired_pending, retired_before != NULL, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* Retire memory readers may still hold (ct_retire_fn). index_mutex held. */
+static void retire_block(void *memory, void *context)
+{
+    (void)context;
+    if (!memory)
+        return;
+    struct retired *node = malloc(sizeof *node);
+    if (!node)
+        return; /* leak rather than free under a reader */
+    node->memory = memory;
+    node->next = retired_now;
+    retired_now = node;
+    __atomic_store_n(&retired_pending, 1, __ATOMIC_SEQ_CST);
+}
+
+static void retire(void *memory)
+{
+    retire_block(memory, NULL);
+}
+
+static int reader_enter(void)
+{
+    int phase = __atomic_load_n(&index_phase, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&index_readers[phase], 1, __ATOMIC_SEQ_CST);
+    return phase;
+}
+
+/* The last reader of a phase out reclaims, if nobody else is at it. */
+static void reader_exit(int phase)
+{
+    if (__atomic_sub_fetch(&index_readers[phase], 1, __ATOMIC_SEQ_CST) == 0 &&
+        __atomic_load_n(&retired_pending, __ATOMIC_SEQ_CST) &&
+        pthread_mutex_trylock(&index_mutex) == 0) {
+        reclaim();
+        pthread_mutex_unlock(&index_mutex);
     }
 }
 
 static struct index_entry *find_locked(uint64_t base)
 {
-    struct index_table *table = index_table;
-    for (uint64_t i = 0; table && i < table->count; i++)
-        if (table->entries[i]->base == base)
-            return table->entries[i];
-    return NULL;
+    const struct ct_item *item = ct_find(index_table.top, base);
+    struct index_entry *entry = item ? item->ptr : NULL;
+    return entry && entry->base == base ? entry : NULL;
 }
 
-int ww_index_add(uint64_t base, uint64_t length, int kind, int handle)
+int ww_index_add(uint64_t base, uint64_t length, int kind, int64_t handle)
 {
     struct index_entry *entry = calloc(1, sizeof *entry);
     struct index_spans *spans = calloc(1, sizeof *spans);
-    struct index_spans *writable = calloc(1, sizeof *writable);
-    if (!entry || !spans || !writable) {
+    if (!entry || !spans) {
         free(entry);
         free(spans);
-        free(writable);
         return -ENOMEM;
     }
     entry->base = base;
@@ -110,63 +167,48 @@ int ww_index_add(uint64_t base, uint64_t length, int kind, int handle)
     entry->kind = kind;
     entry->handle = handle;
     entry->spans = spans;
-    entry->writable = writable;
+    struct ct_item item = { .start = base, .end = base + length, .ptr = entry };
     pthread_mutex_lock(&index_mutex);
     entry->epoch = index_epoch;
-    struct index_table *old = index_table;
-    uint64_t count = old ? old->count : 0;
-    struct index_table *table = malloc(sizeof *table + (count + 1) * sizeof table->entries[0]);
-    if (!table) {
-        pthread_mutex_unlock(&index_mutex);
+    int result = length == 0 || ct_overlaps(index_table.top, base, base + length) ? -EEXIST
+        : ct_splice(&index_table, base, base + 1, &item, 1, retire_block, NULL);
+    reclaim();
+    pthread_mutex_unlock(&index_mutex);
+    if (result) {
         free(entry);
         free(spans);
-        free(writable);
-        return -ENOMEM;
     }
-    uint64_t at = 0;
-    while (at < count && old->entries[at]->base < base)
-        at++;
-    for (uint64_t i = 0; i < at; i++)
-        table->entries[i] = old->entries[i];
-    table->entries[at] = entry;
-    for (uint64_t i = at; i < count; i++)
-        table->entries[i + 1] = old->entries[i];
-    table->count = count + 1;
-    __atomic_store_n(&index_table, table, __ATOMIC_SEQ_CST);
-    retire(old);
-    pthread_mutex_unlock(&index_mutex);
-    return 0;
+    return result;
+}
+
+/* Retire a whole span table (readers may still walk it). index_mutex held. */
+static void retire_table(struct ct_table *table)
+{
+    struct ct_top *top = table->top;
+    for (uint64_t c = 0; top && c < top->count; c++)
+        retire(top->slots[c].chunk);
+    retire(top);
+    table->top = NULL;
 }
 
 int ww_index_remove(uint64_t base)
 {
     pthread_mutex_lock(&index_mutex);
-    struct index_table *old = index_table;
     struct index_entry *entry = find_locked(base);
-    if (!entry) {
-        pthread_mutex_unlock(&index_mutex);
-        return -EINVAL;
-    }
-    struct index_table *table = malloc(sizeof *table + old->count * sizeof table->entries[0]);
-    if (!table) {
-        pthread_mutex_unlock(&index_mutex);
-        return -ENOMEM;
-    }
-    table->count = 0;
-    for (uint64_t i = 0; i < old->count; i++)
-        if (old->entries[i] != entry)
-            table->entries[table->count++] = old->entries[i];
-    __atomic_store_n(&index_table, table, __ATOMIC_SEQ_CST);
-    retire(old);
+    int result = entry ? ct_splice(&index_table, base, base + 1, NULL, 0, retire_block, NULL)
+                       : -EINVAL;
     pthread_mutex_unlock(&index_mutex);
+    if (result)
+        return result;
     /* No new call finds the entry now; wait for those that did. The entry is
      * not retired yet, so it stays valid while we read its count. */
     while (__atomic_load_n(&entry->users, __ATOMIC_SEQ_CST))
         sched_yield();
     pthread_mutex_lock(&index_mutex);
     retire(entry->spans);
-    retire(entry->writable);
+    retire_table(&entry->writable);
     retire(entry);
+    reclaim();
     pthread_mutex_unlock(&index_mutex);
     return 0;
 }
@@ -181,35 +223,77 @@ static struct index_spans *spans_copy(const uint64_t *bounds, uint64_t count)
     return spans;
 }
 
-/* Replace a region's committed and committed read-write spans (and its
- * handle, which changes after fork), marking it current for this process. */
-int ww_index_update(uint64_t base, int handle, const uint64_t *bounds, uint64_t count,
-                    const uint64_t *writable_bounds, uint64_t writable_count)
+/* Replace a region's committed spans (and its handle, which changes after
+ * fork), marking it current for this process. */
+int ww_index_update(uint64_t base, int64_t handle, const uint64_t *bounds, uint64_t count)
 {
     struct index_spans *spans = spans_copy(bounds, count);
-    struct index_spans *writable = spans_copy(writable_bounds, writable_count);
-    if (!spans || !writable) {
-        free(spans);
-        free(writable);
+    if (!spans)
         return -ENOMEM;
-    }
     pthread_mutex_lock(&index_mutex);
     struct index_entry *entry = find_locked(base);
     if (!entry) {
         pthread_mutex_unlock(&index_mutex);
         free(spans);
-        free(writable);
         return -EINVAL;
     }
-    struct index_spans *old = entry->spans, *old_writable = entry->writable;
+    struct index_spans *old = entry->spans;
     __atomic_store_n(&entry->handle, handle, __ATOMIC_SEQ_CST);
     __atomic_store_n(&entry->spans, spans, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&entry->writable, writable, __ATOMIC_SEQ_CST);
     __atomic_store_n(&entry->epoch, index_epoch, __ATOMIC_SEQ_CST);
     retire(old);
-    retire(old_writable);
+    reclaim();
     pthread_mutex_unlock(&index_mutex);
     return 0;
+}
+
+/*
+ * Mark pages [first, last) of a region committed read-write (writable) or not:
+ * its read-write spans change only around [first, last), at the cost of one
+ * or two chunks of the span table, whatever the region's number of runs.
+ */
+int ww_index_set_writable(uint64_t base, uint64_t first, uint64_t last, int writable)
+{
+    if (first >= last)
+        return 0;
+    pthread_mutex_lock(&index_mutex);
+    struct index_entry *entry = find_locked(base);
+    if (!entry || first < entry->base || last > entry->end) {
+        pthread_mutex_unlock(&index_mutex);
+        return -EINVAL;
+    }
+    /* The spans touching [first, last] (adjacent ones merge) go; what is left
+     * of them outside it, or their union with it, comes back. */
+    struct ct_top *top = entry->writable.top;
+    struct ct_pos pos;
+    uint64_t from = first, merged_start = first, merged_end = last, touching = 0;
+    struct ct_item repl[2];
+    uint64_t n = 0;
+    if (ct_first_ending_after(top, first - 1, &pos)) {
+        do {
+            const struct ct_item *item = ct_at(top, pos);
+            if (item->start > last)
+                break;
+            if (touching++ == 0) {
+                from = item->start < first ? item->start : first;
+                merged_start = from;
+                if (!writable && item->start < first)
+                    repl[n++] = (struct ct_item){ item->start, first, NULL };
+            }
+            if (item->end > merged_end)
+                merged_end = item->end;
+        } while (ct_next(top, &pos));
+    }
+    if (writable)
+        repl[n++] = (struct ct_item){ merged_start, merged_end, NULL };
+    else if (merged_end > last)
+        repl[n++] = (struct ct_item){ last, merged_end, NULL };
+    int result = 0;
+    if (touching || writable)
+        result = ct_splice(&entry->writable, from, last + 1, repl, n, retire_block, NULL);
+    reclaim();
+    pthread_mutex_unlock(&index_mutex);
+    return result;
 }
 
 /* Set while the region has latched pages (docs/semantics.md rule 11):
@@ -225,31 +309,25 @@ int ww_index_set_latched(uint64_t base, int latched)
     return entry ? 0 : -EINVAL;
 }
 
-/* The first entry that ends after address, or table->count. */
-static uint64_t first_ending_after(const struct index_table *table, uint64_t address)
+/* Do the spans (ascending, disjoint) cover [start, end)? O(log n) to find
+ * the first, then one step per span inside. */
+static int covered(struct ct_table *spans, uint64_t start, uint64_t end)
 {
-    uint64_t lo = 0, hi = table->count;
-    while (lo < hi) {
-        uint64_t mid = (lo + hi) / 2;
-        if (table->entries[mid]->end <= address)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-/* Does spans (ascending, disjoint, adjacent ones merged) cover [start, end)? */
-static int covered(const struct index_spans *spans, uint64_t start, uint64_t end)
-{
-    for (uint64_t i = 0; i < spans->count && start < end; i++) {
-        if (spans->bounds[2 * i + 1] <= start)
-            continue;
-        if (spans->bounds[2 * i] > start)
+    const struct ct_top *top = ct_load(spans);
+    struct ct_pos pos;
+    if (start >= end)
+        return 1;
+    if (!ct_first_ending_after(top, start, &pos))
+        return 0;
+    do {
+        const struct ct_item *item = ct_at(top, pos);
+        if (item->start > start)
             return 0;
-        start = spans->bounds[2 * i + 1];
-    }
-    return start >= end;
+        start = item->end;
+        if (start >= end)
+            return 1;
+    } while (ct_next(top, &pos));
+    return 0;
 }
 
 enum { OUTPUT_UNMANAGED, OUTPUT_MANAGED, OUTPUT_REFUSED };
@@ -263,30 +341,31 @@ enum { OUTPUT_UNMANAGED, OUTPUT_MANAGED, OUTPUT_REFUSED };
  * mark every page of a watched buffer written. Memory writewatch does not
  * manage is numpy's to vouch for. Reader count held.
  */
-static int output_check(const struct index_table *table, uint64_t out, uint64_t size)
+static int output_check(const struct ct_top *table, uint64_t out, uint64_t size)
 {
-    if (!table || size == 0)
+    struct ct_pos pos;
+    if (size == 0 || !ct_first_ending_after(table, out, &pos))
         return OUTPUT_UNMANAGED;
     uint64_t end = out + size;
     int managed = OUTPUT_UNMANAGED;
-    for (uint64_t i = first_ending_after(table, out);
-         i < table->count && table->entries[i]->base < end; i++) {
-        const struct index_entry *entry = table->entries[i];
+    do {
+        struct index_entry *entry = ct_at(table, pos)->ptr;
+        if (entry->base >= end)
+            break;
         uint64_t first = out > entry->base ? out : entry->base;
         uint64_t last = end < entry->end ? end : entry->end;
-        if (!covered(__atomic_load_n(&entry->writable, __ATOMIC_SEQ_CST), first, last))
+        if (!covered(&entry->writable, first, last))
             return OUTPUT_REFUSED;
         managed = OUTPUT_MANAGED;
-    }
+    } while (ct_next(table, &pos));
     return managed;
 }
 
 int ww_output_check(const void *out, uint64_t size)
 {
-    __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
-    int verdict = output_check(__atomic_load_n(&index_table, __ATOMIC_SEQ_CST),
-                               (uint64_t)(uintptr_t)out, size);
-    __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
+    int phase = reader_enter();
+    int verdict = output_check(ct_load(&index_table), (uint64_t)(uintptr_t)out, size);
+    reader_exit(phase);
     return verdict == OUTPUT_REFUSED ? -EFAULT : 0;
 }
 
@@ -298,7 +377,7 @@ int ww_output_check(const void *out, uint64_t size)
  * write-watch region holding the range rounded out to pages. Reader count held. On success *entry is the
  * region's entry and [*first, *last) the page-aligned range.
  */
-static int64_t watched_range(const struct index_table *table, uint64_t flags, uint64_t base,
+static int64_t watched_range(const struct ct_top *table, uint64_t flags, uint64_t base,
                              uint64_t size, struct index_entry **entry, uint64_t *first,
                              uint64_t *last)
 {
@@ -312,19 +391,8 @@ static int64_t watched_range(const struct index_table *table, uint64_t flags, ui
         return REFUSED(WW_REFUSED_LEAVES_REGION); /* wraps: no region reaches that far */
     *last &= ~(uint64_t)(WW_PAGE_SIZE - 1);
 
-    *entry = NULL;
-    if (table) {
-        uint64_t lo = 0, hi = table->count; /* first entry with base > first */
-        while (lo < hi) {
-            uint64_t mid = (lo + hi) / 2;
-            if (table->entries[mid]->base <= *first)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        if (lo > 0 && *first < table->entries[lo - 1]->end)
-            *entry = table->entries[lo - 1];
-    }
+    const struct ct_item *item = ct_find(table, *first);
+    *entry = item ? item->ptr : NULL;
     if (!*entry || (*entry)->kind == WW_INDEX_PLAIN)
         return REFUSED(WW_REFUSED_NOT_WATCHED);
     if (*last > (*entry)->end)
@@ -346,8 +414,8 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
 {
     struct index_entry *entry;
     uint64_t first, last;
-    __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
-    struct index_table *table = __atomic_load_n(&index_table, __ATOMIC_SEQ_CST);
+    int phase = reader_enter();
+    const struct ct_top *table = ct_load(&index_table);
     int64_t result = watched_range(table, flags, base, size, &entry, &first, &last);
     int counted = result == 0; /* watched_range counted this call in entry->users */
     int output = result == 0
@@ -372,11 +440,11 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
             result = -WW_INDEX_ERRNO_BASE - ENOMEM;
         } else {
             struct index_spans *spans = __atomic_load_n(&entry->spans, __ATOMIC_SEQ_CST);
-            int handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
+            int64_t handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
             int64_t n = entry->kind == WW_INDEX_PAGEMAP
-                ? ww_pagemap_get_write_watch(handle, spans->bounds, spans->count, first, last,
+                ? ww_pagemap_get_write_watch((int)handle, spans->bounds, spans->count, first, last,
                                              (int)flags, dest, room)
-                : ww_track_get_write_watch(handle, spans->bounds, spans->count, first, last,
+                : ww_track_get_write_watch((uint64_t)handle, spans->bounds, spans->count, first, last,
                                            (int)flags, dest, room);
             if (dest != out) {
                 if (n > 0)
@@ -388,7 +456,7 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
     }
     if (counted)
         __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
-    __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
+    reader_exit(phase);
     return result;
 }
 
@@ -397,24 +465,24 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
 {
     struct index_entry *entry;
     uint64_t first, last;
-    __atomic_add_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
-    struct index_table *table = __atomic_load_n(&index_table, __ATOMIC_SEQ_CST);
+    int phase = reader_enter();
+    const struct ct_top *table = ct_load(&index_table);
     int64_t result = watched_range(table, 0, base, size, &entry, &first, &last);
     int counted = result == 0; /* watched_range counted this call in entry->users */
     if (result == 0 && __atomic_load_n(&entry->latched, __ATOMIC_SEQ_CST))
         result = REFUSED(WW_REFUSED_LATCHED);
     if (result == 0) {
         struct index_spans *spans = __atomic_load_n(&entry->spans, __ATOMIC_SEQ_CST);
-        int handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
+        int64_t handle = __atomic_load_n(&entry->handle, __ATOMIC_SEQ_CST);
         int64_t n = entry->kind == WW_INDEX_PAGEMAP
-            ? ww_pagemap_reset_write_watch(handle, spans->bounds, spans->count, first, last)
-            : ww_track_get_write_watch(handle, spans->bounds, spans->count, first, last, 1,
+            ? ww_pagemap_reset_write_watch((int)handle, spans->bounds, spans->count, first, last)
+            : ww_track_get_write_watch((uint64_t)handle, spans->bounds, spans->count, first, last, 1,
                                        NULL, (last - first) / WW_PAGE_SIZE);
         result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : 0;
     }
     if (counted)
         __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
-    __atomic_sub_fetch(&index_readers, 1, __ATOMIC_SEQ_CST);
+    reader_exit(phase);
     return result;
 }
 
@@ -422,9 +490,13 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
 void ww_index_after_fork_child(void)
 {
     pthread_mutex_init(&index_mutex, NULL);
-    index_readers = 0;
+    index_readers[0] = index_readers[1] = 0;
     /* Calls in other threads at fork time do not exist in the child. */
-    for (uint64_t i = 0; index_table && i < index_table->count; i++)
-        index_table->entries[i]->users = 0;
+    struct ct_top *top = index_table.top;
+    struct ct_pos pos = { 0, 0 };
+    if (top && top->count)
+        do
+            ((struct index_entry *)ct_at(top, pos)->ptr)->users = 0;
+        while (ct_next(top, &pos));
     index_epoch++;
 }

@@ -24,9 +24,13 @@
  * lock holder records it as written when it lets the lock go, after anything
  * it did to the page.
  *
- * The range table is read lock-free (atomic slot pointers). Every native
- * access to a range, by a call or by a fault, is counted in track_users, and
- * a range is freed only once no counted access is left.
+ * The range table is a two-level copy-on-write table by address (ctable.h):
+ * read lock-free and without allocating, by the fault path included, in
+ * O(log n); updated by attach and detach in O(chunk + n / chunk), never O(n),
+ * and with no cap on the number of ranges. A range's handle is its start
+ * address (opaque to Python). Every native access to a range, by a call or by
+ * a fault, is counted in track_users; a range, and any table memory an update
+ * replaced, is freed only once no counted access is left that could reach it.
  */
 #include <errno.h>
 #include <poll.h>
@@ -42,8 +46,8 @@
 #include <sys/syscall.h>
 
 #include "abi.h"
+#include "ctable.h"
 
-#define TRACK_MAX_RANGES 16384
 #define TRACK_NO_RUN UINT64_MAX
 #define TRACK_DEFERRED_MAX 64
 
@@ -59,9 +63,14 @@ struct track_range {
     uint64_t deferred[TRACK_DEFERRED_MAX];    /* pages written while the lock was held */
 };
 
-static struct track_range *track_ranges[TRACK_MAX_RANGES];
+struct track_retired {
+    struct track_retired *next;
+    void *memory;
+};
+
+static struct ct_table track_table;   /* ranges by start address */
 static pthread_mutex_t track_slots_mutex = PTHREAD_MUTEX_INITIALIZER; /* attach/detach */
-static int track_slots_used;     /* slots [0, used) may hold a range */
+static struct track_retired *track_retired; /* table memory replaced; mutex held */
 static int track_users;          /* native accesses to ranges in progress */
 static int track_sync_uffd = -1; /* this process's uffd of the uffd backend */
 static struct sigaction track_prev_segv;
@@ -124,44 +133,40 @@ static void defer_page(struct track_range *r, uint64_t page)
     __atomic_store_n(&r->deferred_pending, 1, __ATOMIC_SEQ_CST);
 }
 
-/* Count a native access to the range in slot (NULL, uncounted, if none). */
-static struct track_range *range_enter(int slot);
+/* Count a native access to the range with this handle (NULL, uncounted, if none). */
+static struct track_range *range_enter(uint64_t handle);
 static void range_exit(void)
 {
     __atomic_sub_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
 }
 
+/* The range holding address (caller counted in track_users): lock-free,
+ * no allocation, O(log n): the fault path's lookup. */
 static struct track_range *range_of(uint64_t address)
 {
-    int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < used; i++) {
-        struct track_range *r = __atomic_load_n(&track_ranges[i], __ATOMIC_ACQUIRE);
-        if (r && address >= r->start && address < r->end)
-            return r;
-    }
-    return NULL;
+    const struct ct_item *item = ct_find(ct_load(&track_table), address);
+    return item ? item->ptr : NULL;
 }
 
-static struct track_range *range_at_slot(int slot)
+static struct track_range *range_at_handle(uint64_t handle)
 {
-    if (slot < 0 || slot >= TRACK_MAX_RANGES)
-        return NULL;
-    return __atomic_load_n(&track_ranges[slot], __ATOMIC_ACQUIRE);
+    struct track_range *r = range_of(handle);
+    return r && r->start == handle ? r : NULL;
 }
 
-static struct track_range *range_enter(int slot)
+static struct track_range *range_enter(uint64_t handle)
 {
     __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
-    struct track_range *r = range_at_slot(slot);
+    struct track_range *r = range_at_handle(handle);
     if (!r)
         range_exit();
     return r;
 }
 
 /* range_enter for [start, start+length) inside the range (NULL, uncounted, if not). */
-static struct track_range *range_enter_span(int slot, uint64_t start, uint64_t length)
+static struct track_range *range_enter_span(uint64_t handle, uint64_t start, uint64_t length)
 {
-    struct track_range *r = range_enter(slot);
+    struct track_range *r = range_enter(handle);
     if (r && (start < r->start || start + length > r->end)) {
         range_exit();
         return NULL;
@@ -281,17 +286,36 @@ static void drain_deferred(struct track_range *r)
         settle_written(r, 0, (r->end - r->start) / WW_PAGE_SIZE);
 }
 
-/* ---- the range table (Python never uses one slot from two threads at once) ---- */
+/* ---- the range table (Python never uses one handle from two threads at once) ---- */
 
-static int free_slot(void)
+/* Table memory an update replaced: freed once no counted access may hold it.
+ * track_slots_mutex held. */
+static void track_retire(void *memory, void *context)
 {
-    for (int i = 0; i < TRACK_MAX_RANGES; i++)
-        if (!__atomic_load_n(&track_ranges[i], __ATOMIC_ACQUIRE))
-            return i;
-    return -ENOMEM;
+    (void)context;
+    struct track_retired *node = malloc(sizeof *node);
+    if (!node)
+        return; /* leak rather than free under a reader */
+    node->memory = memory;
+    node->next = track_retired;
+    track_retired = node;
 }
 
-int ww_track_attach(uint64_t start, uint64_t length, int mode)
+/* Free the retired memory if no access is counted: one that starts now loads
+ * the current table, which reaches none of it. track_slots_mutex held. */
+static void track_reclaim(void)
+{
+    if (__atomic_load_n(&track_users, __ATOMIC_SEQ_CST))
+        return;
+    while (track_retired) {
+        struct track_retired *node = track_retired;
+        track_retired = node->next;
+        free(node->memory);
+        free(node);
+    }
+}
+
+int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
 {
     struct track_range *r = calloc(1, sizeof *r);
     if (!r)
@@ -307,35 +331,37 @@ int ww_track_attach(uint64_t start, uint64_t length, int mode)
         return -ENOMEM;
     }
     r->state = state;
+    struct ct_item item = { .start = r->start, .end = r->end, .ptr = r };
     pthread_mutex_lock(&track_slots_mutex);
-    int slot = free_slot();
-    if (slot >= 0) {
-        __atomic_store_n(&track_ranges[slot], r, __ATOMIC_RELEASE);
-        if (slot >= __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE))
-            __atomic_store_n(&track_slots_used, slot + 1, __ATOMIC_RELEASE);
-    }
+    int result = length == 0 || ct_overlaps(track_table.top, r->start, r->end) ? -EEXIST
+        : ct_splice(&track_table, r->start, r->start + 1, &item, 1, track_retire, NULL);
+    track_reclaim();
     pthread_mutex_unlock(&track_slots_mutex);
-    if (slot < 0) {
+    if (result) {
         munmap(state, r->state_size);
         free(r);
+        return result;
     }
-    return slot;
+    return (int64_t)start;
 }
 
-int ww_track_detach(int slot)
+int ww_track_detach(uint64_t handle)
 {
     pthread_mutex_lock(&track_slots_mutex);
-    struct track_range *r = range_at_slot(slot);
-    if (r)
-        __atomic_store_n(&track_ranges[slot], NULL, __ATOMIC_SEQ_CST);
+    struct track_range *r = range_at_handle(handle);
+    int result = r ? ct_splice(&track_table, handle, handle + 1, NULL, 0, track_retire, NULL)
+                   : -EINVAL;
     pthread_mutex_unlock(&track_slots_mutex);
-    if (!r)
-        return -EINVAL;
+    if (result)
+        return result;
     /* A call or fault that found r before the store is still counted. */
     while (__atomic_load_n(&track_users, __ATOMIC_SEQ_CST))
         sched_yield();
     munmap(r->state, r->state_size);
     free(r);
+    pthread_mutex_lock(&track_slots_mutex);
+    track_reclaim();
+    pthread_mutex_unlock(&track_slots_mutex);
     return 0;
 }
 
@@ -350,9 +376,9 @@ int ww_track_mode_at(uint64_t address)
     return mode;
 }
 
-int ww_track_state(int slot, uint64_t address)
+int ww_track_state(uint64_t handle, uint64_t address)
 {
-    struct track_range *r = range_enter(slot);
+    struct track_range *r = range_enter(handle);
     if (!r)
         return -EINVAL;
     int result = address < r->start || address >= r->end
@@ -363,9 +389,9 @@ int ww_track_state(int slot, uint64_t address)
 
 /* ---- page state changes ---- */
 
-int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clean)
+int ww_track_watch(uint64_t handle, uint64_t start, uint64_t length, int prot, int clean)
 {
-    struct track_range *r = range_enter_span(slot, start, length);
+    struct track_range *r = range_enter_span(handle, start, length);
     if (!r)
         return -EINVAL;
     uint8_t bits = prot_bits(prot) | WW_PAGE_WATCHED;
@@ -397,9 +423,9 @@ int ww_track_watch(int slot, uint64_t start, uint64_t length, int prot, int clea
  * then completes instead of faulting on a page no handler claims any more,
  * and a writer blocked in a uffd write-protect fault is woken.
  */
-int ww_track_unwatch(int slot, uint64_t start, uint64_t length)
+int ww_track_unwatch(uint64_t handle, uint64_t start, uint64_t length)
 {
-    struct track_range *r = range_enter_span(slot, start, length);
+    struct track_range *r = range_enter_span(handle, start, length);
     if (!r)
         return -EINVAL;
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
@@ -426,9 +452,9 @@ int ww_track_unwatch(int slot, uint64_t start, uint64_t length)
     return result;
 }
 
-int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot)
+int ww_track_protect(uint64_t handle, uint64_t start, uint64_t length, int prot)
 {
-    struct track_range *r = range_enter_span(slot, start, length);
+    struct track_range *r = range_enter_span(handle, start, length);
     if (!r)
         return -EINVAL;
     uint8_t bits = prot_bits(prot) | WW_PAGE_WATCHED;
@@ -456,13 +482,7 @@ int ww_track_protect(int slot, uint64_t start, uint64_t length, int prot)
 /* True when [p, p+size) overlaps memory that faults into a tracking handler. */
 static int overlaps_tracked(uint64_t p, uint64_t size)
 {
-    int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < used; i++) {
-        struct track_range *r = __atomic_load_n(&track_ranges[i], __ATOMIC_ACQUIRE);
-        if (r && p < r->end && p + size > r->start)
-            return 1;
-    }
-    return 0;
+    return ct_overlaps(ct_load(&track_table), p, p + size);
 }
 
 /*
@@ -473,13 +493,13 @@ static int overlaps_tracked(uint64_t p, uint64_t size)
 static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end, int reset,
                              uint64_t *out, uint64_t capacity, uint64_t origin);
 
-int64_t ww_track_scan(int slot, uint64_t start, uint64_t end, int reset,
+int64_t ww_track_scan(uint64_t handle, uint64_t start, uint64_t end, int reset,
                          uint64_t *out, uint64_t capacity, uint64_t origin)
 {
     /* Counted like a fault handler: the lock-free GetWriteWatch and
      * process_memwatch may get here while the region is being released, and
      * detach waits for them before freeing the range. */
-    struct track_range *r = range_enter(slot);
+    struct track_range *r = range_enter(handle);
     if (!r)
         return -EINVAL;
     int64_t result = -EINVAL;
@@ -579,13 +599,13 @@ static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end
 
 /* ww_track_scan over every span (start/end pairs) inside [first, last), as
  * addresses, until out is full; out NULL resets without reporting. */
-int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspans,
+int64_t ww_track_get_write_watch(uint64_t handle, const uint64_t *spans, uint64_t nspans,
                                uint64_t first, uint64_t last, int reset,
                                uint64_t *out, uint64_t capacity)
 {
     /* A native SIGSEGV handler installed since the last call is put behind
      * ours again: from here on tracked writes reach us first. */
-    struct track_range *r = range_enter(slot);
+    struct track_range *r = range_enter(handle);
     if (r && r->mode == WW_MODE_MPROTECT)
         ww_segv_install();
     if (r)
@@ -597,7 +617,7 @@ int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspan
         uint64_t end = spans[2 * i + 1] < last ? spans[2 * i + 1] : last;
         if (start >= end)
             continue;
-        int64_t n = ww_track_scan(slot, start, end, reset, out ? out + count : NULL,
+        int64_t n = ww_track_scan(handle, start, end, reset, out ? out + count : NULL,
                                      capacity - count, 0);
         if (n < 0) {
             result = n;
@@ -613,9 +633,9 @@ int64_t ww_track_get_write_watch(int slot, const uint64_t *spans, uint64_t nspan
  * mark the writable pages dirty and disarm them, so the kernel's write does not
  * fail with EFAULT on a page only armed for tracking.
  */
-int ww_track_prepare_write(int slot, uint64_t start, uint64_t length)
+int ww_track_prepare_write(uint64_t handle, uint64_t start, uint64_t length)
 {
-    struct track_range *r = range_enter_span(slot, start, length);
+    struct track_range *r = range_enter_span(handle, start, length);
     if (!r)
         return -EINVAL;
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
@@ -864,18 +884,22 @@ int ww_uffd_handler_start(int uffd)
 static void track_lock_all(void)
 {
     pthread_mutex_lock(&track_slots_mutex);
-    int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < used; i++)
-        if (track_ranges[i])
-            range_lock(track_ranges[i]);
+    struct ct_top *top = track_table.top;
+    struct ct_pos pos = { 0, 0 };
+    if (top && top->count)
+        do
+            range_lock(ct_at(top, pos)->ptr);
+        while (ct_next(top, &pos));
 }
 
 static void track_unlock_all(void)
 {
-    int used = __atomic_load_n(&track_slots_used, __ATOMIC_ACQUIRE);
-    for (int i = 0; i < used; i++)
-        if (track_ranges[i])
-            range_unlock(track_ranges[i]);
+    struct ct_top *top = track_table.top;
+    struct ct_pos pos = { 0, 0 };
+    if (top && top->count)
+        do
+            range_unlock(ct_at(top, pos)->ptr);
+        while (ct_next(top, &pos));
     pthread_mutex_unlock(&track_slots_mutex);
 }
 

@@ -1,0 +1,275 @@
+/*
+ * A sorted table of disjoint [start, end) items, read lock-free, in two
+ * copy-on-write levels: a top array of chunk pointers, each chunk a sorted
+ * array of at most CT_CHUNK_MAX items. Used by tracking.c (its ranges), by
+ * index.c (its regions, and each region's read-write spans).
+ *
+ * Readers load the top pointer once (acquire) and then read only immutable
+ * memory: a published top and its chunks never change. A lookup by address is
+ * two binary searches, O(log n), with no lock and no allocation, so the
+ * SIGSEGV handler and the uffd handler thread may use it.
+ *
+ * Writers are serialised by their caller's mutex. ct_splice replaces the items
+ * whose start lies in [from, to) by new ones: it rebuilds only the chunks those
+ * items live in (one or two, for an insert or a removal) and copies the top
+ * array, O(CT_CHUNK_MAX + n / CT_CHUNK_MIN) work and memory per update, never
+ * O(n). What it replaced is handed to the caller's retire function, which must
+ * free it only once no reader can still hold it.
+ *
+ * Header-only (static functions): not read by cffi.
+ */
+#ifndef WW_CTABLE_H
+#define WW_CTABLE_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CT_CHUNK_MAX 256 /* items per chunk at most */
+#define CT_CHUNK_MIN 64  /* a chunk rebuilt smaller than this absorbs its neighbour */
+
+struct ct_item {
+    uint64_t start, end;
+    void *ptr;
+};
+
+struct ct_chunk {
+    uint64_t count;
+    struct ct_item items[];
+};
+
+struct ct_slot {
+    uint64_t first; /* items[0].start of the chunk */
+    struct ct_chunk *chunk;
+};
+
+struct ct_top {
+    uint64_t count; /* chunks */
+    uint64_t items; /* items in all chunks */
+    struct ct_slot slots[];
+};
+
+struct ct_table {
+    struct ct_top *top; /* NULL while empty */
+};
+
+typedef void (*ct_retire_fn)(void *memory, void *context);
+
+/* A position: chunk ci, item k. */
+struct ct_pos {
+    uint64_t ci, k;
+};
+
+static inline struct ct_top *ct_load(struct ct_table *table)
+{
+    return __atomic_load_n(&table->top, __ATOMIC_SEQ_CST);
+}
+
+static inline uint64_t ct_count(const struct ct_top *top)
+{
+    return top ? top->items : 0;
+}
+
+/* The last item whose start <= address: 1 and *pos, or 0 if none. */
+static inline int ct_last_at_or_before(const struct ct_top *top, uint64_t address,
+                                       struct ct_pos *pos)
+{
+    if (!top || top->count == 0 || top->slots[0].first > address)
+        return 0;
+    uint64_t lo = 0, hi = top->count; /* first slot with first > address */
+    while (lo < hi) {
+        uint64_t mid = (lo + hi) / 2;
+        if (top->slots[mid].first <= address)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    const struct ct_chunk *chunk = top->slots[lo - 1].chunk;
+    uint64_t a = 0, b = chunk->count; /* first item with start > address */
+    while (a < b) {
+        uint64_t mid = (a + b) / 2;
+        if (chunk->items[mid].start <= address)
+            a = mid + 1;
+        else
+            b = mid;
+    }
+    pos->ci = lo - 1;
+    pos->k = a - 1; /* a >= 1: the chunk's first start is <= address */
+    return 1;
+}
+
+static inline const struct ct_item *ct_at(const struct ct_top *top, struct ct_pos pos)
+{
+    return &top->slots[pos.ci].chunk->items[pos.k];
+}
+
+/* Advance pos; 0 at the end. */
+static inline int ct_next(const struct ct_top *top, struct ct_pos *pos)
+{
+    if (++pos->k < top->slots[pos->ci].chunk->count)
+        return 1;
+    pos->k = 0;
+    return ++pos->ci < top->count;
+}
+
+/* The first item ending after address: 1 and *pos, or 0 if none. */
+static inline int ct_first_ending_after(const struct ct_top *top, uint64_t address,
+                                        struct ct_pos *pos)
+{
+    if (!top || top->count == 0)
+        return 0;
+    if (!ct_last_at_or_before(top, address, pos)) {
+        pos->ci = pos->k = 0;
+        return 1;
+    }
+    if (ct_at(top, *pos)->end > address)
+        return 1;
+    return ct_next(top, pos);
+}
+
+/* The item holding address, or NULL. */
+static inline const struct ct_item *ct_find(const struct ct_top *top, uint64_t address)
+{
+    struct ct_pos pos;
+    if (!ct_last_at_or_before(top, address, &pos))
+        return NULL;
+    const struct ct_item *item = ct_at(top, pos);
+    return address < item->end ? item : NULL;
+}
+
+/* Does [start, end) overlap an item? */
+static inline int ct_overlaps(const struct ct_top *top, uint64_t start, uint64_t end)
+{
+    struct ct_pos pos;
+    return start < end && ct_first_ending_after(top, start, &pos) && ct_at(top, pos)->start < end;
+}
+
+/*
+ * Writer (caller's mutex held): replace the items whose start lies in
+ * [from, to) by repl[0..n), which must be sorted, disjoint from the items
+ * kept, and start in [from, to). Returns 0 or -ENOMEM (nothing changed).
+ */
+static int ct_splice(struct ct_table *table, uint64_t from, uint64_t to,
+                     const struct ct_item *repl, uint64_t n, ct_retire_fn retire, void *context)
+{
+    struct ct_top *old = table->top;
+    uint64_t nchunks = old ? old->count : 0;
+    /* Chunks [lo, hi) hold every item with start in [from, to), and repl's place. */
+    uint64_t lo = 0, hi = 0;
+    if (nchunks) {
+        uint64_t a = 0, b = nchunks; /* first slot with first > from */
+        while (a < b) {
+            uint64_t mid = (a + b) / 2;
+            if (old->slots[mid].first <= from)
+                a = mid + 1;
+            else
+                b = mid;
+        }
+        lo = a ? a - 1 : 0;
+        a = lo, b = nchunks; /* first slot with first >= to */
+        while (a < b) {
+            uint64_t mid = (a + b) / 2;
+            if (old->slots[mid].first < to)
+                a = mid + 1;
+            else
+                b = mid;
+        }
+        hi = a > lo ? a : lo + 1;
+    }
+    uint64_t kept = 0;
+    for (uint64_t c = lo; c < hi; c++)
+        for (uint64_t k = 0; k < old->slots[c].chunk->count; k++) {
+            uint64_t s = old->slots[c].chunk->items[k].start;
+            kept += s < from || s >= to;
+        }
+    /* A small result absorbs a neighbour, so chunks stay at least
+     * CT_CHUNK_MIN full (but the last) and the top stays short. */
+    if (kept + n < CT_CHUNK_MIN && nchunks > hi - lo) {
+        uint64_t extra = hi < nchunks ? hi++ : --lo;
+        kept += old->slots[extra].chunk->count;
+    }
+    uint64_t total = kept + n;
+    struct ct_item *all = total ? malloc(total * sizeof *all) : NULL;
+    if (total && !all)
+        return -ENOMEM;
+    uint64_t at = 0;
+    int placed = 0;
+    for (uint64_t c = lo; c < hi; c++) {
+        const struct ct_chunk *chunk = old->slots[c].chunk;
+        for (uint64_t k = 0; k < chunk->count; k++) {
+            uint64_t s = chunk->items[k].start;
+            if (!placed && s >= from) {
+                memcpy(all + at, repl, n * sizeof *repl);
+                at += n;
+                placed = 1;
+            }
+            if (s < from || s >= to)
+                all[at++] = chunk->items[k];
+        }
+    }
+    if (!placed) {
+        memcpy(all + at, repl, n * sizeof *repl);
+        at += n;
+    }
+    uint64_t made = (total + CT_CHUNK_MAX - 1) / CT_CHUNK_MAX;
+    uint64_t new_count = nchunks - (hi - lo) + made;
+    struct ct_top *top = NULL;
+    struct ct_chunk **chunks = made ? calloc(made, sizeof *chunks) : NULL;
+    int failed = made && !chunks;
+    for (uint64_t c = 0; c < made && !failed; c++) {
+        uint64_t begin = total * c / made, end = total * (c + 1) / made;
+        chunks[c] = malloc(sizeof *chunks[c] + (end - begin) * sizeof(struct ct_item));
+        if (!chunks[c]) {
+            failed = 1;
+            break;
+        }
+        chunks[c]->count = end - begin;
+        memcpy(chunks[c]->items, all + begin, (end - begin) * sizeof *all);
+    }
+    if (!failed && new_count) {
+        top = malloc(sizeof *top + new_count * sizeof top->slots[0]);
+        failed = !top;
+    }
+    free(all);
+    if (failed) {
+        for (uint64_t c = 0; chunks && c < made; c++)
+            free(chunks[c]);
+        free(chunks);
+        return -ENOMEM;
+    }
+    if (top) {
+        top->count = new_count;
+        uint64_t t = 0, old_items = 0;
+        for (uint64_t c = 0; c < lo; c++)
+            top->slots[t++] = old->slots[c];
+        for (uint64_t c = lo; c < hi; c++)
+            old_items += old->slots[c].chunk->count;
+        for (uint64_t c = 0; c < made; c++) {
+            top->slots[t].first = chunks[c]->items[0].start;
+            top->slots[t++].chunk = chunks[c];
+        }
+        for (uint64_t c = hi; c < nchunks; c++)
+            top->slots[t++] = old->slots[c];
+        top->items = (old ? old->items : 0) - old_items + total;
+    }
+    free(chunks);
+    __atomic_store_n(&table->top, top, __ATOMIC_SEQ_CST);
+    for (uint64_t c = lo; c < hi; c++)
+        retire(old->slots[c].chunk, context);
+    if (old)
+        retire(old, context);
+    return 0;
+}
+
+/* Free a whole table at once (no reader may be left). */
+static inline void ct_free_all(struct ct_table *table)
+{
+    struct ct_top *top = table->top;
+    for (uint64_t c = 0; top && c < top->count; c++)
+        free(top->slots[c].chunk);
+    free(top);
+    table->top = NULL;
+}
+
+#endif
