@@ -11,7 +11,7 @@ import pytest
 from forking import run_python
 
 import writewatch as ww
-from writewatch import backends, regions
+from writewatch import backends, memory
 
 P = ww.PAGE_SIZE
 pytestmark = pytest.mark.any_backend  # names its backends itself
@@ -175,7 +175,7 @@ def test_explicit_unavailable_backend_is_an_error_not_a_switch(monkeypatch):
     status = {**backends.backend_status(), "uffd": "pretend it is missing"}
     monkeypatch.setattr(backends, "backend_status", lambda: status)
     with pytest.raises(ww.WriteWatchError) as refused:
-        regions.allocate(0, P, ww.MEM_RESERVE | ww.MEM_WRITE_WATCH, ww.PAGE_NOACCESS,
+        memory.allocate(0, P, ww.MEM_RESERVE | ww.MEM_WRITE_WATCH, ww.PAGE_NOACCESS,
                          backend="uffd")
     assert refused.value.winerror == ww.ERROR_NOT_SUPPORTED
     assert "pretend it is missing" in str(refused.value)

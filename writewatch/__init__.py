@@ -81,6 +81,7 @@ from writewatch.constants import (
 )
 from writewatch.errors import WriteWatchError
 from writewatch.kernel import PAGE_SIZE
+from writewatch.memory import MEMORY_BASIC_INFORMATION, RegionInfo
 from writewatch.memwatch import (
     MEMWATCH_SD_CLEAR,
     MEMWATCH_SD_GET,
@@ -88,7 +89,7 @@ from writewatch.memwatch import (
     process_memwatch,
 )
 from writewatch.probe import Capabilities, probe
-from writewatch.regions import ALLOCATION_GRANULARITY, MEMORY_BASIC_INFORMATION, RegionInfo
+from writewatch.regions import ALLOCATION_GRANULARITY
 from writewatch.views import as_array
 from writewatch.watch import prepare_kernel_write
 

@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from writewatch import regions, views, watch
+from writewatch import memory, regions, views, watch
 from writewatch.backends import BackendName
 from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
@@ -43,7 +43,7 @@ from writewatch.constants import (
 )
 from writewatch.errors import WriteWatchError
 from writewatch.kernel import PAGE_SIZE
-from writewatch.regions import MEMORY_BASIC_INFORMATION, RegionInfo
+from writewatch.memory import MEMORY_BASIC_INFORMATION, RegionInfo
 
 _last_error = threading.local()
 log = logging.getLogger("writewatch")
@@ -96,14 +96,14 @@ def VirtualAlloc(address: int, size: int, allocation_type: int,  # noqa: N802
     backend picks the write-watch backend of a MEM_WRITE_WATCH reservation
     ("auto": WRITEWATCH_BACKEND, or the best this machine runs); a backend this
     machine cannot run fails with ERROR_NOT_SUPPORTED."""
-    return _windows_call("VirtualAlloc", 0, lambda: regions.allocate(
+    return _windows_call("VirtualAlloc", 0, lambda: memory.allocate(
         address, size, allocation_type, protect, backend))
 
 
 def VirtualFree(address: int, size: int, free_type: int) -> bool:  # noqa: N802
     """MEM_DECOMMIT a range or MEM_RELEASE an allocation; False on failure."""
     def call() -> bool:
-        regions.free(address, size, free_type)
+        memory.free(address, size, free_type)
         return True
     return _windows_call("VirtualFree", False, call)
 
@@ -113,12 +113,12 @@ def VirtualProtect(address: int, size: int,  # noqa: N802
     """Change the protection of committed pages: (True, old protection of the
     first page), or (False, 0) on failure."""
     return _windows_call("VirtualProtect", (False, 0),
-                         lambda: (True, regions.set_protection(address, size, new_protect)))
+                         lambda: (True, memory.set_protection(address, size, new_protect)))
 
 
 def VirtualQuery(address: int) -> MEMORY_BASIC_INFORMATION | None:  # noqa: N802
     """What is at address (None on failure, as Windows returns 0)."""
-    return _windows_call("VirtualQuery", None, lambda: regions.query(address))
+    return _windows_call("VirtualQuery", None, lambda: memory.query(address))
 
 
 def GetWriteWatch(flags: int, base: int, size: int,  # noqa: N802
@@ -152,7 +152,7 @@ def region_info(address: int) -> RegionInfo | None:
     name (None without MEM_WRITE_WATCH) and whether the kernel's own writes
     into it need prepare_kernel_write. None (ERROR_INVALID_ADDRESS) for an
     address writewatch did not allocate."""
-    return _windows_call("region_info", None, lambda: regions.info(address))
+    return _windows_call("region_info", None, lambda: memory.info(address))
 
 
 class _ReadInto(Protocol):
@@ -235,7 +235,7 @@ def _release_quietly(region: regions.Region) -> None:
     """Release a collected WatchedMemory's region, unless the Windows face
     released it already (then a later region may own the address)."""
     with contextlib.suppress(WriteWatchError):
-        regions.release_region(region)
+        memory.release_region(region)
 
 
 class WatchedMemory:
@@ -261,9 +261,9 @@ class WatchedMemory:
     def __init__(self, size: int, *, commit: bool = True, protect: int = PAGE_READWRITE,
                  backend: BackendName = "auto") -> None:
         allocation_type = MEM_RESERVE | MEM_WRITE_WATCH | (MEM_COMMIT if commit else 0)
-        self.address = regions.allocate(0, size, allocation_type, protect, backend)
+        self.address = memory.allocate(0, size, allocation_type, protect, backend)
         self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
-        name = regions.info(self.address).backend
+        name = memory.info(self.address).backend
         assert name is not None
         self.backend: str = name
         self._array: np.ndarray | None = None
@@ -287,7 +287,7 @@ class WatchedMemory:
         readinto, recv_into) fail with EFAULT unless prepared: read_into and
         recv_into prepare; otherwise call prepare_kernel_write first."""
         self._check_open()
-        return regions.info(self.address).kernel_writes_fault
+        return memory.info(self.address).kernel_writes_fault
 
     @property
     def array(self) -> np.ndarray:
@@ -330,7 +330,7 @@ class WatchedMemory:
 
     def commit(self, offset: int, size: int, protect: int = PAGE_READWRITE) -> None:
         """Commit [offset, offset+size) of the block (a commit=False block)."""
-        regions.allocate(*self._span(offset, size), MEM_COMMIT, protect)
+        memory.allocate(*self._span(offset, size), MEM_COMMIT, protect)
 
     def read_into(self, source: int | _ReadInto, offset: int = 0,
                   size: int | None = None) -> int:
@@ -360,7 +360,7 @@ class WatchedMemory:
         if unit not in ("address", "offset", "page"):
             raise ValueError(f"unit must be 'address', 'offset' or 'page', not {unit!r}")
         if out is None:
-            out = np.empty(regions.committed_size(self.address) // PAGE_SIZE, np.uintp)
+            out = np.empty(memory.committed_size(self.address) // PAGE_SIZE, np.uintp)
             if len(out) == 0:
                 return out
         found = out[:watch.get_write_watch(WRITE_WATCH_FLAG_RESET if reset else 0,
@@ -382,7 +382,7 @@ class WatchedMemory:
             self._closed = True
             self._array = None
             self._finalizer.detach()
-            regions.free(self.address, 0, MEM_RELEASE)
+            memory.free(self.address, 0, MEM_RELEASE)
 
     def __enter__(self) -> WatchedMemory:
         return self

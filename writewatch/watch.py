@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from writewatch import index, regions
+from writewatch import index, latch, regions
 from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS, WRITE_WATCH_FLAG_RESET
 from writewatch.errors import WriteWatchError, uint
 from writewatch.kernel import page_ceil, page_floor
@@ -136,7 +136,7 @@ def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count:
     region = _latched_region(base, size)
     with region.lock:
         region.sync_after_fork()
-        found = region.walk(first, last, bool(flags & WRITE_WATCH_FLAG_RESET), count)
+        found = latch.walk(region, first, last, bool(flags & WRITE_WATCH_FLAG_RESET), count)
     addresses[:len(found)] = found
     return len(found)
 
@@ -153,7 +153,7 @@ def reset_write_watch(base: Any, size: Any) -> None:
                 region = _latched_region(base, size)
                 with region.lock:
                     region.sync_after_fork()
-                    region.reset(page_floor(base), page_ceil(base + size))
+                    latch.reset(region, page_floor(base), page_ceil(base + size))
                 return
             if refused.reason != index.REFUSED_STALE or attempt:
                 raise _refusal(refused.reason, base, size) from None

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 import writewatch as ww
-from writewatch import backends, kernel, regions
+from writewatch import backends, kernel, memory, regions
 from writewatch.testing.cbuild import build_cached
 
 P = ww.PAGE_SIZE
@@ -374,7 +374,7 @@ class ApiTarget(BenchTarget):
         self.impl = backend
         whole = offset == 0 and size == reserved
         kind = ww.MEM_RESERVE | ww.MEM_WRITE_WATCH | (ww.MEM_COMMIT if whole else 0)
-        self.base = regions.allocate(0, reserved, kind, ww.PAGE_READWRITE,
+        self.base = memory.allocate(0, reserved, kind, ww.PAGE_READWRITE,
                                      backends.checked_name(backend))
         if not whole and ww.VirtualAlloc(self.base + offset, size, ww.MEM_COMMIT,
                                          ww.PAGE_READWRITE) != self.base + offset:

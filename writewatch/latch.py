@@ -1,0 +1,128 @@
+"""The VirtualProtect latch (docs/semantics.md rule 11).
+
+On Windows, VirtualProtect (even to the protection pages already have) latches
+the written state of the pages written at that moment: a later decommit does
+not clear them, a reset does. While a region's pages are committed its
+backend holds their written state; once a latched page is decommitted only
+the region's Latch remembers it. While a region has latched pages the native
+index hands its GetWriteWatch and ResetWriteWatch back to walk() and reset()
+here; a region that never had a VirtualProtect over written pages pays nothing.
+Every function runs with the region's lock held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from writewatch import kernel
+from writewatch.kernel import PAGE_SIZE
+from writewatch.pageruns import RESERVED, PageRuns
+
+if TYPE_CHECKING:
+    from writewatch.regions import Region
+
+
+class Latch:
+    """The latched pages of one region, as runs of 1."""
+
+    __slots__ = ("base", "pages")
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.pages = PageRuns(size // PAGE_SIZE)
+
+    def spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Address spans of the latched pages in [first, last)."""
+        base = self.base
+        return [(base + start * PAGE_SIZE, base + end * PAGE_SIZE)
+                for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
+                                                         (last - base) // PAGE_SIZE)
+                if value]
+
+    def mark(self, first: int, last: int, latched: bool) -> bool:
+        """Latch or unlatch [first, last); False once no page is latched."""
+        self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
+                          int(latched))
+        return any(self.pages.values)
+
+
+def latch_written(region: Region, first: int, last: int) -> None:
+    """VirtualProtect over [first, last) (all committed): latch the pages
+    written now. One scan without reset; nothing more unless some are."""
+    assert region.watcher is not None
+    npages = (last - first) // PAGE_SIZE
+    found = np.empty(npages, np.uintp)
+    n = region.watcher.get_write_watch(kernel.Spans([(first, last)]), first, last, False,
+                                       found, npages)
+    for start, end in _address_runs(found[:n]):
+        region.set_latched(start, end, True)
+
+
+def walk(region: Region, first: int, last: int, reset: bool, capacity: int) -> np.ndarray:
+    """GetWriteWatch over [first, last) of a region with latched pages: the
+    written committed pages (the backend's scan) and the latched
+    decommitted ones, ascending, at most capacity; with reset, exactly the
+    reported pages are reset and unlatched (rule 9)."""
+    assert region.watcher is not None
+    room = min(capacity, (last - first) // PAGE_SIZE)
+    found = np.empty(room, np.uintp)
+    count = 0
+    for start, end, value in list(region.spans(first, last)):
+        if count == room:
+            break
+        if value == RESERVED:
+            for span_start, span_end in region.latched_spans(start, end):
+                n = min((span_end - span_start) // PAGE_SIZE, room - count)
+                found[count:count + n] = np.arange(span_start, span_start + n * PAGE_SIZE,
+                                                   PAGE_SIZE, dtype=np.uintp)
+                count += n
+                if reset:
+                    region.set_latched(span_start, span_start + n * PAGE_SIZE, False)
+                if count == room:
+                    break
+            continue
+        n = region.watcher.get_write_watch(kernel.Spans([(start, end)]), start, end, reset,
+                                           found[count:], room - count)
+        if reset and n:
+            # The walk passed [start, walked); every latched page there was
+            # written, so was reported and reset.
+            walked = end if count + n < room else int(found[count + n - 1]) + PAGE_SIZE
+            region.set_latched(start, walked, False)
+        count += n
+    return found[:count]
+
+
+def reset(region: Region, first: int, last: int) -> None:
+    """ResetWriteWatch over [first, last) of a region with latched pages."""
+    assert region.watcher is not None
+    for start, end in region.committed_spans(first, last):
+        npages = (end - start) // PAGE_SIZE
+        region.watcher.get_write_watch(kernel.Spans([(start, end)]), start, end, True,
+                                       np.empty(npages, np.uintp), npages)
+    region.set_latched(first, last, False)
+
+
+def _address_runs(addresses: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending page addresses as [start, end) spans of consecutive pages."""
+    if len(addresses) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(addresses) != PAGE_SIZE) + 1
+    starts = addresses[np.r_[0, breaks]]
+    ends = addresses[np.r_[breaks - 1, len(addresses) - 1]] + PAGE_SIZE
+    return [(int(start), int(end)) for start, end in zip(starts, ends, strict=True)]
+
+
+def split(start: int, end: int,
+          spans: list[tuple[int, int]]) -> Iterator[tuple[int, int, bool]]:
+    """[start, end) cut at the given spans inside it: (start, end, outside)."""
+    at = start
+    for span_start, span_end in spans:
+        if at < span_start:
+            yield at, span_start, True
+        yield span_start, span_end, False
+        at = span_end
+    if at < end:
+        yield at, end, True
