@@ -12,10 +12,13 @@
  * page's logical READ/WRITE protection). The state array is mapped
  * MAP_NORESERVE, so only pages whose state is touched cost memory.
  *
- * A per-range spinlock serialises the fault path with collect-and-reset: a
+ * A per-range lock serialises the fault path with collect-and-reset: a
  * reset arms the pages it reports before it clears their DIRTY bit, and a
  * fault arriving meanwhile waits for the lock, so a write is reported either
- * by this call or by the next, never lost.
+ * by this call or by the next, never lost. The lock spins briefly, then sleeps
+ * on a futex (async-signal-safe, so SIGSEGV handlers wait the same way): with
+ * more threads than CPUs a holder preempted mid-call gets the CPU back instead
+ * of waiters yielding to one another.
  *
  * The fault path never waits for something the faulting thread may hold: a
  * fault taken while the faulting thread itself holds the range lock (a signal
@@ -40,19 +43,24 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
+#include <linux/futex.h>
 
 #include "abi.h"
 
 #define TRACK_MAX_RANGES 16384
 #define TRACK_NO_RUN UINT64_MAX
 #define TRACK_DEFERRED_MAX 64
+/* Lock word: 0 free, 1 held, 2 held and someone may sleep on it. */
+#define TRACK_LOCK_SPINS 100        /* brief spin before sleeping */
+#define TRACK_LOCK_NAP_NS 200000    /* the uffd handler thread's wait, re-checked */
 
 struct track_range {
     uint64_t start, end;
     uint8_t *state;
     uint64_t state_size;
     int mode;
-    int lock;
+    int lock;                                 /* 0 free, 1 held, 2 held, sleepers */
     int owner;                                /* the lock holder's thread id */
     int deferred_pending;                     /* pages below, or an overflow */
     int deferred_overflow;                    /* more than fit: treat all as written */
@@ -73,20 +81,57 @@ static int this_thread(void)
 
 static void drain_deferred(struct track_range *r);
 
-static int range_trylock(struct track_range *r, int tid)
+static void cpu_relax(void)
 {
-    if (__atomic_exchange_n(&r->lock, 1, __ATOMIC_ACQUIRE))
-        return 0;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Sleep while the lock word is 2, at most ns (0: no limit). Signal-safe. */
+static void lock_sleep(int *word, long ns)
+{
+    struct timespec limit = { .tv_sec = 0, .tv_nsec = ns };
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, 2, ns ? &limit : NULL, NULL, 0);
+}
+
+/* The lock is ours: record the holder and settle pages deferred to it. */
+static int range_acquired(struct track_range *r, int tid)
+{
     __atomic_store_n(&r->owner, tid, __ATOMIC_RELAXED);
     drain_deferred(r);
     return 1;
 }
 
+static int range_trylock(struct track_range *r, int tid)
+{
+    int free = 0;
+    if (!__atomic_compare_exchange_n(&r->lock, &free, 1, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return 0;
+    return range_acquired(r, tid);
+}
+
+/* Take the lock marking it contended (2), as a thread that slept on it must:
+ * others may still sleep there, and the unlock has to wake them. */
+static int range_trylock_contended(struct track_range *r, int tid)
+{
+    if (__atomic_exchange_n(&r->lock, 2, __ATOMIC_ACQUIRE))
+        return 0;
+    return range_acquired(r, tid);
+}
+
+/* Spin briefly (the holder may be running on another CPU), then sleep. */
 static void range_lock(struct track_range *r)
 {
     int tid = this_thread();
-    while (!range_trylock(r, tid))
-        sched_yield();
+    for (int spin = 0; spin < TRACK_LOCK_SPINS; spin++) {
+        if (!__atomic_load_n(&r->lock, __ATOMIC_RELAXED) && range_trylock(r, tid))
+            return;
+        cpu_relax();
+    }
+    while (!range_trylock_contended(r, tid))
+        lock_sleep(&r->lock, 0);
 }
 
 static void range_unlock(struct track_range *r)
@@ -94,7 +139,8 @@ static void range_unlock(struct track_range *r)
     for (;;) {
         drain_deferred(r);
         __atomic_store_n(&r->owner, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&r->lock, 0, __ATOMIC_RELEASE);
+        if (__atomic_exchange_n(&r->lock, 0, __ATOMIC_RELEASE) == 2)
+            syscall(SYS_futex, &r->lock, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
         /* A page deferred after the drain, by a thread that found the lock
          * still held, is drained here unless another holder took over. */
         if (!__atomic_load_n(&r->deferred_pending, __ATOMIC_ACQUIRE) ||
@@ -787,8 +833,10 @@ static void resolve_write_fault(const struct uffd_msg *batch, size_t n, size_t k
     __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
     struct track_range *r = range_of(page);
     if (r && r->mode == WW_MODE_UFFD) {
+        int tid = this_thread(), waits = 0;
         for (;;) {
-            if (range_trylock(r, this_thread())) {
+            if (waits > TRACK_LOCK_SPINS ? range_trylock_contended(r, tid)
+                                         : range_trylock(r, tid)) {
                 uint64_t i = (page - r->start) / WW_PAGE_SIZE;
                 if (r->state[i] & WW_PAGE_WATCHED)
                     r->state[i] = (r->state[i] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
@@ -802,7 +850,16 @@ static void resolve_write_fault(const struct uffd_msg *batch, size_t n, size_t k
                 defer_page(r, page);
                 break;
             }
-            sched_yield();
+            /* Spin briefly, then sleep until the holder unlocks, but never
+             * for long: the checks above are made again after each nap. */
+            if (++waits <= TRACK_LOCK_SPINS) {
+                cpu_relax();
+                continue;
+            }
+            int held = 1;
+            if (__atomic_compare_exchange_n(&r->lock, &held, 2, 0, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED) || held == 2)
+                lock_sleep(&r->lock, TRACK_LOCK_NAP_NS);
         }
     } else {
         release_writer(page); /* unknown page: the faulting thread must not hang */
