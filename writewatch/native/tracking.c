@@ -274,6 +274,14 @@ static int needs_arming(const struct track_range *r, uint8_t st)
     return r->mode == WW_MODE_UFFD || (st & WW_PAGE_WRITE);
 }
 
+/* Is the page PROT_READ for tracking (mprotect: watched, writable, armed), so
+ * that arming it again changes nothing? */
+static int read_only_armed(const struct track_range *r, uint8_t st)
+{
+    uint8_t armed = WW_PAGE_WATCHED | WW_PAGE_WRITE | WW_PAGE_ARMED;
+    return r->mode == WW_MODE_MPROTECT && (st & armed) == armed;
+}
+
 static int logical_prot(uint8_t st)
 {
     return (st & WW_PAGE_READ ? PROT_READ : 0) | (st & WW_PAGE_WRITE ? PROT_WRITE : 0);
@@ -578,34 +586,34 @@ static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end
         if (!dest)
             return -ENOMEM;
     }
-    uint64_t count = 0, i = first, run = TRACK_NO_RUN;
+    /* Pages to arm go in runs [run, run_end). With mprotect a run also spans
+     * pages that are PROT_READ already (writable and armed): one mprotect over
+     * them leaves those as they are and costs one call, not one per run. */
+    uint64_t count = 0, i = first, run = TRACK_NO_RUN, run_end = 0;
     int result = 0;
     range_lock(r);
     for (; i < last && count < room; i++) {
         uint8_t st = r->state[i];
-        if (!(st & WW_PAGE_DIRTY)) {
-            if (run != TRACK_NO_RUN && reset) {
-                result = set_armed(r, run, i, 1);
-                run = TRACK_NO_RUN;
-                if (result)
-                    break;
-            }
-            continue;
-        }
-        if (dest)
-            dest[count] = r->start + i * WW_PAGE_SIZE - origin;
-        count++;
-        if (reset && needs_arming(r, st) && run == TRACK_NO_RUN)
-            run = i;
-        else if (reset && !needs_arming(r, st) && run != TRACK_NO_RUN) {
-            result = set_armed(r, run, i, 1);
+        int arm = (st & WW_PAGE_DIRTY) && reset && needs_arming(r, st);
+        if (!arm && run != TRACK_NO_RUN && !read_only_armed(r, st)) {
+            result = set_armed(r, run, run_end, 1);
             run = TRACK_NO_RUN;
             if (result)
                 break;
         }
+        if (!(st & WW_PAGE_DIRTY))
+            continue;
+        if (dest)
+            dest[count] = r->start + i * WW_PAGE_SIZE - origin;
+        count++;
+        if (arm) {
+            if (run == TRACK_NO_RUN)
+                run = i;
+            run_end = i + 1;
+        }
     }
     if (!result && run != TRACK_NO_RUN)
-        result = set_armed(r, run, i, 1);
+        result = set_armed(r, run, run_end, 1);
     if (!result && reset) {
         /* i is one past the last page walked: clear exactly what was reported. */
         for (uint64_t j = first; j < i; j++) {
