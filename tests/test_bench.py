@@ -59,13 +59,74 @@ def test_numbers_are_positive_medians_with_ratios_to_raw(report):
             if result.unit in ("B", "KiB"):  # memory may legitimately not grow
                 continue
             assert result.value > 0, (scenario.number, result.case, result.impl)
-            raw = scenario.result(result.case, bench.RAW)
+            if result.impl == bench.RAW:
+                assert result.ratio is None
+                continue
+            own = bench.reference_of(result.impl)
+            raw = scenario.result(result.case, own)
             if raw is not None:
+                assert result.reference == own
                 assert result.ratio == pytest.approx(result.value / raw.value)
     scenario = report.scenario(1)
     assert scenario is not None
     assert len(scenario.result("random", best_backend()).samples) == bench.Config.quick(
     ).write_repetitions
+
+
+def fallbacks_here() -> list[str]:
+    return [name for name, why in backends.backend_status().items()
+            if not why and name in bench.REFERENCE_OF]
+
+
+def test_each_fallback_is_measured_beside_its_own_raw_mechanism(report):
+    """Every fallback backend run here has a raw C reference of its own
+    mechanism (reference.c) in every scenario, in the column before it, and its
+    ratios are to that reference, not to the kernel's."""
+    assert set(bench.REFERENCE_OF) == {"uffd", "mprotect"}
+    assert bench.reference_of("pagemap") == bench.RAW
+    for scenario in report.scenarios:
+        for fallback in fallbacks_here():
+            own = bench.REFERENCE_OF[fallback]
+            at = scenario.impls.index(fallback)
+            assert scenario.impls[at - 1] == own, scenario.impls
+            for case in scenario.cases:
+                mine, raw = scenario.result(case, fallback), scenario.result(case, own)
+                if case.startswith("heap peak"):  # Python heap: writewatch's side only
+                    assert raw is None
+                    continue
+                assert mine is not None and raw is not None, (scenario.number, case)
+                assert mine.reference == own
+    assert report.meta["raw_fallback_references"] == [bench.REFERENCE_OF[b]
+                                                      for b in fallbacks_here()]
+
+
+def test_raw_fallback_references_find_the_pages_written(report):
+    """The raw mechanisms are checked like the backends: as many pages found
+    as were written, in every scenario that knows how many."""
+    cfg = bench.Config.quick()
+    pages = cfg.size // kernel.PAGE_SIZE
+    for fallback in fallbacks_here():
+        own = bench.REFERENCE_OF[fallback]
+        for order in ("sequential", "random"):
+            result = report.scenario(1).result(order, own)
+            assert result.found == result.expected == pages * cfg.write_repetitions
+        scan = report.scenario(2)
+        for case in scan.cases:
+            result = scan.result(case, own)
+            if result is not None and result.expected is not None:
+                assert result.found == result.expected, (case, own)
+        assert scan.result("100% RESET", own).expected == pages * cfg.repetitions
+        small = report.scenario(3)
+        for case in small.cases:
+            result = small.result(case, own)
+            assert result.found == result.expected == cfg.repetitions * cfg.small_calls
+        reserve = report.scenario(5)
+        result = reserve.result(reserve.cases[3], own)
+        assert result.found == result.expected == (cfg.commit // kernel.PAGE_SIZE
+                                                   * cfg.repetitions)
+        for result in report.scenario(4).results:
+            if result.impl == own:
+                assert result.found and result.found > 0, result.case
 
 
 def test_pages_found_equal_pages_written(report):
@@ -119,6 +180,13 @@ def test_tables_json_and_targets(report):
     for what in ("1% written", "100% written", "small call", "first write",
                  "mprotect/pagemap", "reservation/committed", "page tables"):
         assert what in names
+    for fallback in fallbacks_here():
+        own = bench.REFERENCE_OF[fallback]
+        for what in (f"first write, sequential: {fallback}/{own}",
+                     f"10% written, RESET: {fallback}/{own}",
+                     f"median GetWriteWatch(RESET): {fallback}/pagemap"):
+            assert what in names
+        assert own in text
 
 
 def test_progress_line_goes_to_its_stream():

@@ -11,9 +11,29 @@
  * the room left, PM_SCAN_WP_MATCHING for RESET, 256 page_region entries per
  * ioctl, expanded into an array of page addresses.
  *
- * Compiled at bench time by writewatch/bench.py (cffi API mode, cached under
- * the temporary directory, keyed by a hash of this file and _abi.h); it is not
- * part of the installed extension. Timings are taken here with
+ * Beside it, one raw reference per fallback mechanism, tracking the same pages
+ * with no Python and none of writewatch's bookkeeping (per-page protections,
+ * decommit, deferred faults, counted accesses):
+ *
+ *   mprotect (as Wine's fallback does it): the committed part is PROT_READ; a
+ *     SIGSEGV handler takes the region's mutex, makes the page read-write and
+ *     marks it in a byte-per-page dirty array (where vm.max_map_count stops
+ *     that, it first protects the whole region again, as writewatch does). GetWriteWatch collects the
+ *     dirty bytes under the mutex; with RESET it clears them and re-protects
+ *     with one mprotect(PROT_READ) from the first reported page to the last
+ *     (pages between are PROT_READ already: the kernel skips them).
+ *   uffd: the committed part is registered with a synchronous write-protect
+ *     userfaultfd (PAGEFAULT_FLAG_WP, WP_UNPOPULATED where offered) and
+ *     write-protected; one native handler thread reads the faults, marks the
+ *     page dirty under the region's mutex and removes the protection, which
+ *     wakes the writer. RESET re-protects with one UFFDIO_WRITEPROTECT per run
+ *     of reported pages, or one from the first reported page to the last
+ *     (re-protecting a protected page is harmless) where the runs are so many
+ *     that this is cheaper: that call walks every PTE of its range.
+ *
+ * Compiled at bench time by writewatch/bench/runner.py (cffi API mode, cached
+ * under the temporary directory, keyed by a hash of this file and abi.h); it is
+ * not part of the installed extension. Timings are taken here with
  * clock_gettime(CLOCK_MONOTONIC), so no Python runs inside a measured interval.
  */
 #ifndef _GNU_SOURCE
@@ -21,7 +41,9 @@
 #endif
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,9 +60,25 @@
 /* page_region entries per ioctl: the same batch as _helpers.c's scan loop. */
 #define WWB_SCAN_BATCH 256
 
+/* The mechanism a region is tracked with (the fallbacks' values are
+ * writewatch's WW_MODE_*). */
+#define WWB_PAGEMAP 0
+#define WWB_MPROTECT WW_MODE_MPROTECT
+#define WWB_UFFD WW_MODE_UFFD
+#define WWB_MAX_FALLBACK_REGIONS 64
+/* What one UFFDIO_WRITEPROTECT call costs beside its PTE walk, in PTEs walked
+ * (about 1 us a call against about 100 ns a PTE here, 1 GiB: one call per run
+ * of dirty pages 3 ms at 1% and 24 ms at 10%, one call over the span 27 ms
+ * whatever is dirty): more runs than one per this many pages of the span, and
+ * one call over the span is cheaper. */
+#define WWB_PTES_PER_CALL 10
+
 struct wwb_region {
     uint64_t base, size;              /* the reservation */
     uint64_t commit_start, commit_end; /* its committed, watched part */
+    int mode;                         /* WWB_PAGEMAP, WWB_MPROTECT or WWB_UFFD */
+    uint8_t *dirty;                   /* fallbacks: one byte per committed page */
+    pthread_mutex_t lock;             /* fallbacks: fault path vs collect-and-reset */
 };
 
 static int wwb_uffd = -1;
@@ -96,24 +134,255 @@ static int open_kernel(void)
     return result;
 }
 
+/* ---- the fallbacks' raw mechanisms ---- */
+
+static struct wwb_region *wwb_fallbacks[WWB_MAX_FALLBACK_REGIONS]; /* for the fault paths */
+static int wwb_sync_uffd = -1;     /* the synchronous write-protect userfaultfd */
+static uint64_t wwb_sync_features; /* what it was given */
+static struct sigaction wwb_prev_segv;
+static __thread int wwb_in_chain __attribute__((tls_model("initial-exec")));
+
+static struct wwb_region *fallback_of(uint64_t address)
+{
+    for (int i = 0; i < WWB_MAX_FALLBACK_REGIONS; i++) {
+        struct wwb_region *r = __atomic_load_n(&wwb_fallbacks[i], __ATOMIC_ACQUIRE);
+        if (r && address >= r->commit_start && address < r->commit_end)
+            return r;
+    }
+    return NULL;
+}
+
+static int fallback_add(struct wwb_region *r)
+{
+    for (int i = 0; i < WWB_MAX_FALLBACK_REGIONS; i++) {
+        struct wwb_region *empty = NULL;
+        if (__atomic_compare_exchange_n(&wwb_fallbacks[i], &empty, r, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return 0;
+    }
+    return -ENOMEM;
+}
+
+static void fallback_remove(struct wwb_region *r)
+{
+    for (int i = 0; i < WWB_MAX_FALLBACK_REGIONS; i++) {
+        struct wwb_region *mine = r;
+        __atomic_compare_exchange_n(&wwb_fallbacks[i], &mine, NULL, 0,
+                                    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* Not ours: whatever handler was there before (writewatch's own, when its
+ * mprotect backend runs in this process too). A fault coming back here while
+ * we pass it on (two handlers passing it to each other) is nobody's: the
+ * default action, which kills on the repeated fault. */
+static void wwb_chain_segv(int sig, siginfo_t *info, void *context)
+{
+    if (!wwb_in_chain) {
+        wwb_in_chain = 1;
+        if (wwb_prev_segv.sa_flags & SA_SIGINFO) {
+            wwb_prev_segv.sa_sigaction(sig, info, context);
+            wwb_in_chain = 0;
+            return;
+        }
+        if (wwb_prev_segv.sa_handler != SIG_DFL && wwb_prev_segv.sa_handler != SIG_IGN) {
+            wwb_prev_segv.sa_handler(sig);
+            wwb_in_chain = 0;
+            return;
+        }
+        wwb_in_chain = 0;
+    }
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, NULL);
+}
+
+/* Wine's write-watch fault: the page becomes writable and is marked written. */
+static void wwb_segv_handler(int sig, siginfo_t *info, void *context)
+{
+    int saved_errno = errno;
+    uint64_t page = (uint64_t)(uintptr_t)info->si_addr & ~(uint64_t)(WW_PAGE_SIZE - 1);
+    struct wwb_region *r = info->si_code == SEGV_ACCERR ? fallback_of(page) : NULL;
+    if (r && r->mode == WWB_MPROTECT) {
+        uint64_t i = (page - r->commit_start) / WW_PAGE_SIZE;
+        void *at = (void *)(uintptr_t)page;
+        pthread_mutex_lock(&r->lock);
+        /* Too many mappings (vm.max_map_count: every writable page among
+         * read-only ones is a mapping of its own): protect the whole region
+         * again so that it merges back; written pages keep their mark and
+         * fault once more. */
+        if (mprotect(at, WW_PAGE_SIZE, PROT_READ | PROT_WRITE) && errno == ENOMEM
+            && !mprotect((void *)(uintptr_t)r->commit_start, r->commit_end - r->commit_start,
+                         PROT_READ))
+            mprotect(at, WW_PAGE_SIZE, PROT_READ | PROT_WRITE);
+        r->dirty[i] = 1;
+        pthread_mutex_unlock(&r->lock);
+    } else {
+        wwb_chain_segv(sig, info, context);
+    }
+    errno = saved_errno;
+}
+
+/* Put the reference's SIGSEGV handler first (writewatch's mprotect backend
+ * puts its own first on each of its calls); the one it displaces is chained. */
+int wwb_segv_first(void)
+{
+    struct sigaction current, action;
+    if (sigaction(SIGSEGV, NULL, &current))
+        return -errno;
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == wwb_segv_handler)
+        return 0;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = wwb_segv_handler;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    return sigaction(SIGSEGV, &action, &wwb_prev_segv) ? -errno : 0;
+}
+
+static int uffd_wp(uint64_t start, uint64_t length, int protect)
+{
+    struct uffdio_writeprotect wp = {
+        .range = { .start = start, .len = length },
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    return ioctl(wwb_sync_uffd, UFFDIO_WRITEPROTECT, &wp) ? -errno : 0;
+}
+
+/* The handler thread: mark the page written, then let the writer go. */
+static void *wwb_uffd_handler(void *arg)
+{
+    (void)arg;
+    struct uffd_msg messages[64];
+    for (;;) {
+        struct pollfd ready = { .fd = wwb_sync_uffd, .events = POLLIN };
+        if (poll(&ready, 1, -1) < 0 && errno != EINTR)
+            return NULL;
+        ssize_t got = read(wwb_sync_uffd, messages, sizeof messages);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            return NULL;
+        }
+        for (size_t k = 0; k < (size_t)got / sizeof messages[0]; k++) {
+            if (messages[k].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            uint64_t page = messages[k].pagefault_address & ~(uint64_t)(WW_PAGE_SIZE - 1);
+            struct wwb_region *r = fallback_of(page);
+            if (r) {
+                pthread_mutex_lock(&r->lock);
+                r->dirty[(page - r->commit_start) / WW_PAGE_SIZE] = 1;
+                uffd_wp(page, WW_PAGE_SIZE, 0); /* wakes the writer */
+                pthread_mutex_unlock(&r->lock);
+            } else {
+                struct uffdio_range range = { .start = page, .len = WW_PAGE_SIZE };
+                ioctl(wwb_sync_uffd, UFFDIO_WAKE, &range);
+            }
+        }
+    }
+}
+
+/* The synchronous write-protect userfaultfd and its handler thread, once. */
+static int open_sync_uffd(void)
+{
+    int result = 0;
+    pthread_mutex_lock(&wwb_open_mutex);
+    if (wwb_sync_uffd < 0) {
+        long fd = syscall(WW_NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+        if (fd < 0 && errno == EINVAL)
+            fd = syscall(WW_NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
+        struct uffdio_api probe = { .api = UFFD_API, .features = 0 };
+        if (fd < 0 || ioctl((int)fd, UFFDIO_API, &probe)) {
+            result = -errno;
+        } else {
+            /* The API handshake is once per descriptor: probe, then open anew. */
+            close((int)fd);
+            fd = syscall(WW_NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+            if (fd < 0 && errno == EINVAL)
+                fd = syscall(WW_NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
+            struct uffdio_api api = {
+                .api = UFFD_API,
+                .features = UFFD_FEATURE_PAGEFAULT_FLAG_WP
+                    | (probe.features & UFFD_FEATURE_WP_UNPOPULATED),
+            };
+            pthread_t thread;
+            pthread_attr_t attr;
+            sigset_t all, old;
+            if (fd < 0 || ioctl((int)fd, UFFDIO_API, &api)) {
+                result = -errno;
+            } else {
+                wwb_sync_uffd = (int)fd;
+                wwb_sync_features = api.features;
+                pthread_attr_init(&attr);
+                pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+                sigfillset(&all);
+                pthread_sigmask(SIG_SETMASK, &all, &old);
+                result = -pthread_create(&thread, &attr, wwb_uffd_handler, NULL);
+                pthread_sigmask(SIG_SETMASK, &old, NULL);
+                pthread_attr_destroy(&attr);
+            }
+        }
+        if (result && fd >= 0 && wwb_sync_uffd != (int)fd)
+            close((int)fd);
+    }
+    pthread_mutex_unlock(&wwb_open_mutex);
+    return result;
+}
+
+/* Watch [start, start + length) with a fallback mechanism: armed, nothing written. */
+static int fallback_arm(struct wwb_region *r, uint64_t length)
+{
+    uint64_t start = r->commit_start;
+    if (r->mode == WWB_MPROTECT)
+        return wwb_segv_first() ? -errno
+            : mprotect((void *)(uintptr_t)start, length, PROT_READ) ? -errno : 0;
+    int result = open_sync_uffd();
+    if (result)
+        return result;
+    struct uffdio_register reg = {
+        .range = { .start = start, .len = length },
+        .mode = UFFDIO_REGISTER_MODE_WP,
+    };
+    if (mprotect((void *)(uintptr_t)start, length, PROT_READ | PROT_WRITE)
+        || ioctl(wwb_sync_uffd, UFFDIO_REGISTER, &reg))
+        return -errno;
+    if (!(wwb_sync_features & UFFD_FEATURE_WP_UNPOPULATED))
+        for (uint64_t a = start; a < start + length; a += WW_PAGE_SIZE)
+            __atomic_fetch_or((uint8_t *)(uintptr_t)a, 0, __ATOMIC_RELAXED);
+    return uffd_wp(start, length, 1);
+}
+
 /*
  * Reserve size bytes (64 KiB aligned) and commit [offset, offset + length) of
- * them as the pagemap backend commits write-watch pages. NULL with *err set
- * (an errno) on failure.
+ * them as the pagemap backend commits write-watch pages (mode WWB_PAGEMAP),
+ * or watched by a fallback mechanism (WWB_MPROTECT, WWB_UFFD). NULL with *err
+ * set (an errno) on failure.
  */
-struct wwb_region *wwb_region_new(uint64_t size, uint64_t offset, uint64_t length, int *err)
+struct wwb_region *wwb_region_new_mode(uint64_t size, uint64_t offset, uint64_t length,
+                                       int mode, int *err)
 {
     struct wwb_region *r = calloc(1, sizeof *r);
-    int result = r ? open_kernel() : -ENOMEM;
+    int result = !r ? -ENOMEM : mode == WWB_PAGEMAP ? open_kernel()
+        : mode == WWB_MPROTECT || mode == WWB_UFFD ? 0 : -EINVAL;
+    if (!result && mode != WWB_PAGEMAP) {
+        r->dirty = calloc(length / WW_PAGE_SIZE + 1, 1);
+        result = r->dirty ? 0 : -ENOMEM;
+    }
     if (result) {
+        if (r)
+            free(r->dirty);
         free(r);
         *err = -result;
         return NULL;
     }
+    r->mode = mode;
+    pthread_mutex_init(&r->lock, NULL);
     uint64_t span = size + WWB_GRANULARITY - WW_PAGE_SIZE;
     void *got = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (got == MAP_FAILED) {
         *err = errno;
+        free(r->dirty);
         free(r);
         return NULL;
     }
@@ -127,6 +396,24 @@ struct wwb_region *wwb_region_new(uint64_t size, uint64_t offset, uint64_t lengt
     r->commit_start = start + offset;
     r->commit_end = start + offset + length;
 
+    if (mode != WWB_PAGEMAP) {
+        result = madvise((void *)(uintptr_t)start, size, MADV_NOHUGEPAGE) ? -errno
+            : fallback_add(r);
+        if (!result) {
+            result = fallback_arm(r, length);
+            if (result)
+                fallback_remove(r);
+        }
+        if (result) {
+            *err = -result;
+            munmap((void *)(uintptr_t)start, size);
+            free(r->dirty);
+            free(r);
+            return NULL;
+        }
+        *err = 0;
+        return r;
+    }
     struct uffdio_register reg = {
         .range = { .start = r->commit_start, .len = length },
         .mode = UFFDIO_REGISTER_MODE_WP,
@@ -148,12 +435,93 @@ struct wwb_region *wwb_region_new(uint64_t size, uint64_t offset, uint64_t lengt
     return r;
 }
 
+struct wwb_region *wwb_region_new(uint64_t size, uint64_t offset, uint64_t length, int *err)
+{
+    return wwb_region_new_mode(size, offset, length, WWB_PAGEMAP, err);
+}
+
 void wwb_region_free(struct wwb_region *r)
 {
     struct uffdio_range range = { .start = r->commit_start, .len = r->commit_end - r->commit_start };
-    ioctl(wwb_uffd, UFFDIO_UNREGISTER, &range);
+    if (r->mode == WWB_PAGEMAP)
+        ioctl(wwb_uffd, UFFDIO_UNREGISTER, &range);
+    else if (r->mode == WWB_UFFD)
+        ioctl(wwb_sync_uffd, UFFDIO_UNREGISTER, &range); /* wakes any writer still waiting */
+    if (r->mode != WWB_PAGEMAP) {
+        /* Unwatched first, so a late fault finds no region; then unmapped. */
+        pthread_mutex_lock(&r->lock);
+        fallback_remove(r);
+        pthread_mutex_unlock(&r->lock);
+    }
     munmap((void *)(uintptr_t)r->base, r->size);
+    free(r->dirty);
     free(r);
+}
+
+/* Before a fallback region is written or scanned: its fault handler first. */
+static void before_use(const struct wwb_region *r)
+{
+    if (r->mode == WWB_MPROTECT)
+        wwb_segv_first();
+}
+
+/* Re-arm the written pages [first, last) of r (indices) after a collect; lock held. */
+static int fallback_rearm(struct wwb_region *r, uint64_t first, uint64_t last)
+{
+    uint64_t start = r->commit_start + first * WW_PAGE_SIZE, length = (last - first) * WW_PAGE_SIZE;
+    if (r->mode == WWB_MPROTECT)
+        return mprotect((void *)(uintptr_t)start, length, PROT_READ) ? -errno : 0;
+    return uffd_wp(start, length, 1);
+}
+
+/*
+ * GetWriteWatch on a fallback's raw mechanism: the dirty pages of [start, end)
+ * as addresses, ascending; with reset, cleared and re-armed under the lock.
+ */
+static int64_t fallback_scan(struct wwb_region *r, uint64_t start, uint64_t end, int reset,
+                             uint64_t *out, uint64_t capacity)
+{
+    if (start < r->commit_start)
+        start = r->commit_start;
+    if (end > r->commit_end)
+        end = r->commit_end;
+    if (start >= end)
+        return 0;
+    uint64_t first = (start - r->commit_start) / WW_PAGE_SIZE;
+    uint64_t last = (end - r->commit_start) / WW_PAGE_SIZE;
+    uint64_t count = 0, lo = UINT64_MAX, hi = 0, runs = 0;
+    int result = 0;
+    pthread_mutex_lock(&r->lock);
+    for (uint64_t i = first; i < last && count < capacity; i++) {
+        if (!r->dirty[i])
+            continue;
+        out[count++] = r->commit_start + i * WW_PAGE_SIZE;
+        if (reset) {
+            r->dirty[i] = 0;
+            runs += lo == UINT64_MAX || hi + 1 != i;
+            lo = lo == UINT64_MAX ? i : lo;
+            hi = i;
+        }
+    }
+    if (reset && lo != UINT64_MAX) {
+        /* One call over the reported span, unless it is mostly clean pages
+         * that a call per run would skip (an uffd write-protect walks every
+         * PTE of its range; an mprotect skips runs already PROT_READ). */
+        if (r->mode == WWB_MPROTECT || runs * WWB_PTES_PER_CALL >= hi + 1 - lo) {
+            result = fallback_rearm(r, lo, hi + 1);
+        } else {
+            /* out holds the reported pages, ascending: one call per run. */
+            for (uint64_t k = 0, run = 0; k < count && !result; k++) {
+                if (k + 1 < count && out[k + 1] == out[k] + WW_PAGE_SIZE)
+                    continue;
+                result = fallback_rearm(r, (out[run] - r->commit_start) / WW_PAGE_SIZE,
+                                        (out[k] - r->commit_start) / WW_PAGE_SIZE + 1);
+                run = k + 1;
+            }
+        }
+    }
+    pthread_mutex_unlock(&r->lock);
+    return result ? result : (int64_t)count;
 }
 
 /*
@@ -164,7 +532,8 @@ void wwb_region_free(struct wwb_region *r)
 int64_t wwb_scan(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
                  uint64_t *out, uint64_t capacity)
 {
-    (void)r;
+    if (r->mode != WWB_PAGEMAP)
+        return fallback_scan((struct wwb_region *)r, start, end, reset, out, capacity);
     struct page_region batch[WWB_SCAN_BATCH];
     struct pm_scan_arg arg;
     uint64_t count = 0;
@@ -197,6 +566,7 @@ int64_t wwb_scan(const struct wwb_region *r, uint64_t start, uint64_t end, int r
 int64_t wwb_scan_timed(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
                        uint64_t *out, uint64_t capacity, uint64_t *elapsed_ns)
 {
+    before_use(r);
     uint64_t t0 = now_ns();
     int64_t n = wwb_scan(r, start, end, reset, out, capacity);
     *elapsed_ns = now_ns() - t0;
@@ -206,7 +576,21 @@ int64_t wwb_scan_timed(const struct wwb_region *r, uint64_t start, uint64_t end,
 /* ResetWriteWatch, raw: one walk re-protecting every page, no output. */
 int64_t wwb_reset(const struct wwb_region *r, uint64_t start, uint64_t end)
 {
-    (void)r;
+    before_use(r);
+    if (r->mode != WWB_PAGEMAP) {
+        struct wwb_region *w = (struct wwb_region *)r;
+        start = start > r->commit_start ? start : r->commit_start;
+        end = end < r->commit_end ? end : r->commit_end;
+        if (start >= end)
+            return 0;
+        uint64_t first = (start - r->commit_start) / WW_PAGE_SIZE;
+        uint64_t last = (end - r->commit_start) / WW_PAGE_SIZE;
+        pthread_mutex_lock(&w->lock);
+        memset(w->dirty + first, 0, last - first);
+        int result = fallback_rearm(w, first, last);
+        pthread_mutex_unlock(&w->lock);
+        return result;
+    }
     struct pm_scan_arg arg;
     memset(&arg, 0, sizeof arg);
     arg.size = sizeof arg;
@@ -229,6 +613,7 @@ int64_t wwb_scan_loop(const struct wwb_region *r, uint64_t start, uint64_t end, 
                       uint64_t *out, uint64_t capacity, uint64_t *samples)
 {
     int64_t right = 0;
+    before_use(r);
     for (uint64_t i = 0; i < iterations; i++) {
         if (dirty)
             *(volatile uint8_t *)(uintptr_t)dirty = (uint8_t)i;
@@ -381,6 +766,7 @@ int64_t wwb_watch_loop(const struct wwb_region *r, uint64_t start, uint64_t end,
                        uint64_t capacity, uint64_t *samples, uint64_t max_samples,
                        uint64_t *pages)
 {
+    before_use(r);
     uint64_t stop = now_ns() + duration_ns, calls = 0;
     *pages = 0;
     while (now_ns() < stop) {

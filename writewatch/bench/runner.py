@@ -58,6 +58,13 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 RAW = "raw C"
+RAW_UFFD = "raw C uffd"
+RAW_MPROTECT = "raw C mprotect"
+# Each raw reference's mechanism (reference.c's WWB_* modes).
+RAW_MODES = {RAW: 0, RAW_MPROTECT: 1, RAW_UFFD: 2}
+# What each implementation's ratio is to: its own mechanism's raw C for the
+# fallbacks, the kernel's (PAGEMAP_SCAN) for the rest.
+REFERENCE_OF = {"uffd": RAW_UFFD, "mprotect": RAW_MPROTECT}
 RESET = ww.WRITE_WATCH_FLAG_RESET
 BLAS_ENV = "OPENBLAS_NUM_THREADS"
 
@@ -87,9 +94,14 @@ _CDEF = """
 struct wwb_region {
     uint64_t base, size;
     uint64_t commit_start, commit_end;
+    int mode;
+    ...;
 };
 struct wwb_writers;
 struct wwb_region *wwb_region_new(uint64_t size, uint64_t offset, uint64_t length, int *err);
+struct wwb_region *wwb_region_new_mode(uint64_t size, uint64_t offset, uint64_t length,
+                                       int mode, int *err);
+int wwb_segv_first(void);
 void wwb_region_free(struct wwb_region *r);
 int64_t wwb_scan_timed(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
                        uint64_t *out, uint64_t capacity, uint64_t *elapsed_ns);
@@ -185,6 +197,7 @@ class Result:
     samples: list[float]
     value: float = 0.0
     ratio: float | None = None
+    reference: str | None = None  # the column ratio is to
     found: int | None = None  # pages reported (summed over the repetitions)
     expected: int | None = None  # pages written that should have been reported
 
@@ -215,10 +228,20 @@ class Scenario:
         self.results.append(result)
 
     def compute_ratios(self) -> None:
+        """Each result's ratio to its reference (reference_of) in the same case."""
         for each in self.results:
-            raw = self.result(each.case, RAW)
+            if each.impl == RAW:
+                continue
+            name = reference_of(each.impl)
+            raw = self.result(each.case, name)
             if raw is not None and raw.value > 0 and each.value >= 0:
-                each.ratio = each.value / raw.value
+                each.ratio, each.reference = each.value / raw.value, name
+
+
+def reference_of(impl: str) -> str:
+    """The column impl's ratios are to: a fallback backend's own mechanism in
+    raw C, otherwise the kernel's raw C (PAGEMAP_SCAN)."""
+    return REFERENCE_OF.get(impl, RAW)
 
 
 @dataclass
@@ -329,18 +352,35 @@ class BenchTarget:
 
 
 class RawTarget(BenchTarget):
+    """A region of reference.c: the kernel's write tracking (RAW, the pagemap
+    backend's calls) or a fallback mechanism done plainly (RAW_MPROTECT,
+    RAW_UFFD)."""
+
     impl = RAW
 
-    def __init__(self, reserved: int, offset: int, size: int) -> None:
+    def __init__(self, reserved: int, offset: int, size: int, impl: str = RAW) -> None:
         super().__init__()
+        self.impl, self.mode = impl, RAW_MODES[impl]
         err = self.ref.ffi.new("int *")
-        region = self.ref.lib.wwb_region_new(reserved, offset, size, err)
+        region = self.ref.lib.wwb_region_new_mode(reserved, offset, size, self.mode, err)
         if region == self.ref.ffi.NULL:
-            raise BenchError(f"raw reference cannot set up {size} bytes: {os.strerror(err[0])}")
+            raise BenchError(f"{impl} reference cannot set up {size} bytes: "
+                             f"{os.strerror(err[0])}")
         self.region = region
         self.base, self.reserved = int(region.base), reserved
         self.start, self.size = int(region.commit_start), size
         self._elapsed = self.ref.ffi.new("uint64_t *")
+
+    def touch(self, pages: np.ndarray | None = None) -> int:
+        self.before_writes()
+        return super().touch(pages)
+
+    def before_writes(self) -> None:
+        """Before anything writes to the region: the mprotect reference's
+        SIGSEGV handler first (writewatch's mprotect backend puts its own first
+        on each call)."""
+        if self.impl == RAW_MPROTECT:
+            self.ref.lib.wwb_segv_first()
 
     def scan(self, flags: int, start: int, size: int, out: np.ndarray) -> tuple[int, int]:
         # Only the committed span, as writewatch scans: one PAGEMAP_SCAN over a
@@ -352,13 +392,13 @@ class RawTarget(BenchTarget):
                                         self.ref.ffi.from_buffer("uint64_t[]", out), len(out),
                                         self._elapsed)
         if n < 0:
-            raise BenchError(f"PAGEMAP_SCAN failed: {os.strerror(-n)}")
+            raise BenchError(f"{self.impl}: GetWriteWatch failed: {os.strerror(-n)}")
         return int(n), int(self._elapsed[0])
 
     def reset(self) -> None:
         result = self.ref.lib.wwb_reset(self.region, self.start, self.start + self.size)
         if result < 0:
-            raise BenchError(f"PAGEMAP_SCAN reset failed: {os.strerror(-result)}")
+            raise BenchError(f"{self.impl}: reset failed: {os.strerror(-result)}")
 
     def close(self) -> None:
         if self.region is not None:
@@ -430,7 +470,7 @@ def _targets(impls: Sequence[str], reserved: int, offset: int,
     made: list[BenchTarget] = []
     try:
         for impl in impls:
-            made.append(RawTarget(reserved, offset, size) if impl == RAW
+            made.append(RawTarget(reserved, offset, size, impl) if impl in RAW_MODES
                         else ApiTarget(impl, reserved, offset, size))
         yield made
     finally:
@@ -559,7 +599,7 @@ def scenario_scan_cost(cfg: Config, impls: list[str], progress: Progress) -> Sce
                         expected[case, target.impl] += count
                 if flags == 0 and pct in (0, 100):
                     for target in targets:
-                        if target.impl != RAW:
+                        if target.impl not in RAW_MODES:
                             peaks.setdefault(target.impl, {})[f"{pct:g}%"] = _python_peak(
                                 target, 0, out)
     for (case, impl), values in samples.items():
@@ -631,7 +671,7 @@ def _small_calls_raw(target: RawTarget, flags: int, calls: int,
                                   ref.ffi.from_buffer("uint64_t[]", out), len(out),
                                   ref.ffi.from_buffer("uint64_t[]", samples))
     if right < 0:
-        raise BenchError(f"PAGEMAP_SCAN failed: {os.strerror(-right)}")
+        raise BenchError(f"{target.impl}: GetWriteWatch failed: {os.strerror(-right)}")
     return [int(s) for s in samples], int(right)
 
 
@@ -689,10 +729,10 @@ def scenario_small_call(cfg: Config, impls: list[str], progress: Progress,
             for rep in range(cfg.repetitions):
                 for column in columns:
                     progress(head, f"{case}, {column}, repetition {rep + 1}/{cfg.repetitions}")
-                    if column in (RAW, RAW_FROM_PYTHON):
-                        raw = by_name[RAW]
+                    if column in RAW_MODES or column == RAW_FROM_PYTHON:
+                        raw = by_name[RAW if column == RAW_FROM_PYTHON else column]
                         assert isinstance(raw, RawTarget)
-                        run_raw = (_small_calls_raw if column == RAW
+                        run_raw = (_small_calls_raw if column in RAW_MODES
                                    else _small_calls_raw_from_python)
                         times, ok = run_raw(raw, flags, cfg.small_calls, out)
                         floor = floors["c"]
@@ -757,7 +797,7 @@ def _watch_loop_raw(target: RawTarget, seconds: float, period: float,
                                ffi.from_buffer("uint64_t[]", out), len(out),
                                ffi.from_buffer("uint64_t[]", samples), room, pages)
     if calls < 0:
-        raise BenchError(f"PAGEMAP_SCAN failed: {os.strerror(-calls)}")
+        raise BenchError(f"{target.impl}: GetWriteWatch failed: {os.strerror(-calls)}")
     return [int(s) for s in samples[:min(calls, room)]], int(pages[0])
 
 
@@ -800,6 +840,8 @@ def scenario_wine_shape(cfg: Config, impls: list[str], progress: Progress,
                     progress("4/5 Wine's shape", f"{threads} threads x {npages} pages, "
                              f"{target.impl}, repetition {rep + 1}/{cfg.wine_repetitions}")
                     target.reset()
+                    if isinstance(target, RawTarget):
+                        target.before_writes()
                     writers = ref.lib.wwb_writers_start(target.start, npages, threads,
                                                         cfg.seed + rep,
                                                         int(cfg.wine_delay_us * 1e3), err)
@@ -878,8 +920,9 @@ def scenario_reserve(cfg: Config, impls: list[str], progress: Progress) -> Scena
         for impl in impls:
             progress(head, f"reserving for {impl}")
             before = vm_pte_kib()
-            target: BenchTarget = (RawTarget(cfg.reserve, offset, cfg.commit) if impl == RAW
-                               else ApiTarget(impl, cfg.reserve, offset, cfg.commit))
+            target: BenchTarget = (RawTarget(cfg.reserve, offset, cfg.commit, impl)
+                                   if impl in RAW_MODES
+                                   else ApiTarget(impl, cfg.reserve, offset, cfg.commit))
             made.append(target)
             target.prepare()
             added = vm_pte_kib() - before
@@ -967,11 +1010,25 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
         targets.append(Target(f"first write, {order}: mprotect/pagemap", speedup, ">= 5",
                               judged(None if speedup is None else speedup >= 5),
                               "" if full else NOT_JUDGED))
+    for fallback in (b for b in report.meta.get("backends", ()) if b in REFERENCE_OF):
+        own = REFERENCE_OF[fallback]
+        for order in ("sequential", "random"):
+            at_most(f"first write, {order}: {fallback}/{own}",
+                    _ratio(report, 1, order, fallback), 1.5)
+        for pct in (1, 10):
+            at_most(f"GetWriteWatch {cfg.size // MiB} MiB, {pct}% written, RESET: "
+                    f"{fallback}/{own}", _ratio(report, 2, f"{pct:g}% RESET", fallback), 1.5)
+        for threads, npages in cfg.wine_shapes:
+            case = _wine_cases(threads, npages)[2]
+            mine, default = _value(report, 4, case, fallback), _value(report, 4, case, "pagemap")
+            at_most(f"Wine's shape {threads}x{npages}, median GetWriteWatch(RESET): "
+                    f"{fallback}/pagemap",
+                    mine / default if mine is not None and default else None, 5)
     scenario = report.scenario(5)
     if scenario is not None:
         res, com = scenario.cases[3], scenario.cases[2]
         for impl in scenario.impls:
-            if impl == RAW:
+            if impl in RAW_MODES:
                 continue
             over_res = _value(report, 5, res, impl)
             over_com = _value(report, 5, com, impl)
@@ -1019,7 +1076,10 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
     progress = progress or Progress(enabled=False)
     backends = available_backends(cfg.backends)
     raw_missing = _raw_available()
-    impls = ([] if raw_missing else [RAW]) + backends
+    impls = [] if raw_missing else [RAW]
+    for backend in backends:
+        # A fallback's own mechanism in raw C runs wherever the backend does.
+        impls += [REFERENCE_OF[backend], backend] if backend in REFERENCE_OF else [backend]
     threads_at_start = _thread_count()
     floors = {"python": python_timer_floor(), "c": c_timer_floor()}
     meta: dict[str, Any] = {
@@ -1035,6 +1095,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         "threads_at_start": threads_at_start,
         "backends": backends,
         "raw_reference": "missing: " + raw_missing if raw_missing else "PAGEMAP_SCAN in C",
+        "raw_fallback_references": [REFERENCE_OF[b] for b in backends if b in REFERENCE_OF],
         "timer_floor_ns": floors,
         "config": cfg.describe(),
     }
@@ -1115,7 +1176,8 @@ def format_report(report: Report) -> str:
         f"{BLAS_ENV}={meta[BLAS_ENV]} (set before numpy was imported: a spinning BLAS worker "
         "would turn each write-protect's TLB flush into a cross-CPU interrupt); "
         f"{meta['threads_at_start']} thread(s) at start",
-        f"Raw reference: {meta['raw_reference']}. Cells: median (ratio to raw C). "
+        f"Raw reference: {meta['raw_reference']}. Cells: median (ratio to its reference: "
+        f"uffd to {RAW_UFFD}, mprotect to {RAW_MPROTECT}, the rest to {RAW}). "
         f"{meta['seconds']} s.",
         "",
     ]
@@ -1200,7 +1262,9 @@ def figure(report: Report) -> Any:
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(f"{scenario.number}. {scenario.title}: time / raw C time", fontsize=9)
+        ax.set_title(f"{scenario.number}. {scenario.title}: time / its reference's time "
+                     f"(uffd: {RAW_UFFD}, mprotect: {RAW_MPROTECT}, others: {RAW})",
+                     fontsize=9)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

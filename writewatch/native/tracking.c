@@ -12,10 +12,13 @@
  * page's logical READ/WRITE protection). The state array is mapped
  * MAP_NORESERVE, so only pages whose state is touched cost memory.
  *
- * A per-range spinlock serialises the fault path with collect-and-reset: a
+ * A per-range lock serialises the fault path with collect-and-reset: a
  * reset arms the pages it reports before it clears their DIRTY bit, and a
  * fault arriving meanwhile waits for the lock, so a write is reported either
- * by this call or by the next, never lost.
+ * by this call or by the next, never lost. The lock spins briefly, then sleeps
+ * on a futex (async-signal-safe, so SIGSEGV handlers wait the same way): with
+ * more threads than CPUs a holder preempted mid-call gets the CPU back instead
+ * of waiters yielding to one another.
  *
  * The fault path never waits for something the faulting thread may hold: a
  * fault taken while the faulting thread itself holds the range lock (a signal
@@ -44,19 +47,24 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
+#include <linux/futex.h>
 
 #include "abi.h"
 #include "ctable.h"
 
 #define TRACK_NO_RUN UINT64_MAX
 #define TRACK_DEFERRED_MAX 64
+/* Lock word: 0 free, 1 held, 2 held and someone may sleep on it. */
+#define TRACK_LOCK_SPINS 100        /* brief spin before sleeping */
+#define TRACK_LOCK_NAP_NS 200000    /* the uffd handler thread's wait, re-checked */
 
 struct track_range {
     uint64_t start, end;
     uint8_t *state;
     uint64_t state_size;
     int mode;
-    int lock;
+    int lock;                                 /* 0 free, 1 held, 2 held, sleepers */
     int owner;                                /* the lock holder's thread id */
     int deferred_pending;                     /* pages below, or an overflow */
     int deferred_overflow;                    /* more than fit: treat all as written */
@@ -82,20 +90,57 @@ static int this_thread(void)
 
 static void drain_deferred(struct track_range *r);
 
-static int range_trylock(struct track_range *r, int tid)
+static void cpu_relax(void)
 {
-    if (__atomic_exchange_n(&r->lock, 1, __ATOMIC_ACQUIRE))
-        return 0;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Sleep while the lock word is 2, at most ns (0: no limit). Signal-safe. */
+static void lock_sleep(int *word, long ns)
+{
+    struct timespec limit = { .tv_sec = 0, .tv_nsec = ns };
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, 2, ns ? &limit : NULL, NULL, 0);
+}
+
+/* The lock is ours: record the holder and settle pages deferred to it. */
+static int range_acquired(struct track_range *r, int tid)
+{
     __atomic_store_n(&r->owner, tid, __ATOMIC_RELAXED);
     drain_deferred(r);
     return 1;
 }
 
+static int range_trylock(struct track_range *r, int tid)
+{
+    int free = 0;
+    if (!__atomic_compare_exchange_n(&r->lock, &free, 1, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return 0;
+    return range_acquired(r, tid);
+}
+
+/* Take the lock marking it contended (2), as a thread that slept on it must:
+ * others may still sleep there, and the unlock has to wake them. */
+static int range_trylock_contended(struct track_range *r, int tid)
+{
+    if (__atomic_exchange_n(&r->lock, 2, __ATOMIC_ACQUIRE))
+        return 0;
+    return range_acquired(r, tid);
+}
+
+/* Spin briefly (the holder may be running on another CPU), then sleep. */
 static void range_lock(struct track_range *r)
 {
     int tid = this_thread();
-    while (!range_trylock(r, tid))
-        sched_yield();
+    for (int spin = 0; spin < TRACK_LOCK_SPINS; spin++) {
+        if (!__atomic_load_n(&r->lock, __ATOMIC_RELAXED) && range_trylock(r, tid))
+            return;
+        cpu_relax();
+    }
+    while (!range_trylock_contended(r, tid))
+        lock_sleep(&r->lock, 0);
 }
 
 static void range_unlock(struct track_range *r)
@@ -103,7 +148,8 @@ static void range_unlock(struct track_range *r)
     for (;;) {
         drain_deferred(r);
         __atomic_store_n(&r->owner, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&r->lock, 0, __ATOMIC_RELEASE);
+        if (__atomic_exchange_n(&r->lock, 0, __ATOMIC_RELEASE) == 2)
+            syscall(SYS_futex, &r->lock, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
         /* A page deferred after the drain, by a thread that found the lock
          * still held, is drained here unless another holder took over. */
         if (!__atomic_load_n(&r->deferred_pending, __ATOMIC_ACQUIRE) ||
@@ -242,6 +288,14 @@ static int needs_arming(const struct track_range *r, uint8_t st)
     if (st & WW_PAGE_ARMED)
         return 0;
     return r->mode == WW_MODE_UFFD || (st & WW_PAGE_WRITE);
+}
+
+/* Is the page PROT_READ for tracking (mprotect: watched, writable, armed), so
+ * that arming it again changes nothing? */
+static int read_only_armed(const struct track_range *r, uint8_t st)
+{
+    uint8_t armed = WW_PAGE_WATCHED | WW_PAGE_WRITE | WW_PAGE_ARMED;
+    return r->mode == WW_MODE_MPROTECT && (st & armed) == armed;
 }
 
 static int logical_prot(uint8_t st)
@@ -551,34 +605,34 @@ static int64_t track_written(struct track_range *r, uint64_t start, uint64_t end
         if (!dest)
             return -ENOMEM;
     }
-    uint64_t count = 0, i = first, run = TRACK_NO_RUN;
+    /* Pages to arm go in runs [run, run_end). With mprotect a run also spans
+     * pages that are PROT_READ already (writable and armed): one mprotect over
+     * them leaves those as they are and costs one call, not one per run. */
+    uint64_t count = 0, i = first, run = TRACK_NO_RUN, run_end = 0;
     int result = 0;
     range_lock(r);
     for (; i < last && count < room; i++) {
         uint8_t st = r->state[i];
-        if (!(st & WW_PAGE_DIRTY)) {
-            if (run != TRACK_NO_RUN && reset) {
-                result = set_armed(r, run, i, 1);
-                run = TRACK_NO_RUN;
-                if (result)
-                    break;
-            }
-            continue;
-        }
-        if (dest)
-            dest[count] = r->start + i * WW_PAGE_SIZE - origin;
-        count++;
-        if (reset && needs_arming(r, st) && run == TRACK_NO_RUN)
-            run = i;
-        else if (reset && !needs_arming(r, st) && run != TRACK_NO_RUN) {
-            result = set_armed(r, run, i, 1);
+        int arm = (st & WW_PAGE_DIRTY) && reset && needs_arming(r, st);
+        if (!arm && run != TRACK_NO_RUN && !read_only_armed(r, st)) {
+            result = set_armed(r, run, run_end, 1);
             run = TRACK_NO_RUN;
             if (result)
                 break;
         }
+        if (!(st & WW_PAGE_DIRTY))
+            continue;
+        if (dest)
+            dest[count] = r->start + i * WW_PAGE_SIZE - origin;
+        count++;
+        if (arm) {
+            if (run == TRACK_NO_RUN)
+                run = i;
+            run_end = i + 1;
+        }
     }
     if (!result && run != TRACK_NO_RUN)
-        result = set_armed(r, run, i, 1);
+        result = set_armed(r, run, run_end, 1);
     if (!result && reset) {
         /* i is one past the last page walked: clear exactly what was reported. */
         for (uint64_t j = first; j < i; j++) {
@@ -802,8 +856,10 @@ static void resolve_write_fault(const struct uffd_msg *batch, size_t n, size_t k
     __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
     struct track_range *r = range_of(page);
     if (r && r->mode == WW_MODE_UFFD) {
+        int tid = this_thread(), waits = 0;
         for (;;) {
-            if (range_trylock(r, this_thread())) {
+            if (waits > TRACK_LOCK_SPINS ? range_trylock_contended(r, tid)
+                                         : range_trylock(r, tid)) {
                 uint64_t i = (page - r->start) / WW_PAGE_SIZE;
                 if (r->state[i] & WW_PAGE_WATCHED)
                     r->state[i] = (r->state[i] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
@@ -817,7 +873,16 @@ static void resolve_write_fault(const struct uffd_msg *batch, size_t n, size_t k
                 defer_page(r, page);
                 break;
             }
-            sched_yield();
+            /* Spin briefly, then sleep until the holder unlocks, but never
+             * for long: the checks above are made again after each nap. */
+            if (++waits <= TRACK_LOCK_SPINS) {
+                cpu_relax();
+                continue;
+            }
+            int held = 1;
+            if (__atomic_compare_exchange_n(&r->lock, &held, 2, 0, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED) || held == 2)
+                lock_sleep(&r->lock, TRACK_LOCK_NAP_NS);
         }
     } else {
         release_writer(page); /* unknown page: the faulting thread must not hang */
