@@ -75,18 +75,18 @@ def test_numbers_are_positive_medians_with_ratios_to_raw(report):
 
 def fallbacks_here() -> list[str]:
     return [name for name, why in backends.backend_status().items()
-            if not why and name in bench.REFERENCE_OF]
+            if not why and name in bench.RAW_BASELINE_OF]
 
 
 def test_each_fallback_is_measured_beside_its_own_raw_mechanism(report):
     """Every fallback backend run here has a raw C reference of its own
     mechanism (reference.c) in every scenario, in the column before it, and its
     ratios are to that reference, not to the kernel's."""
-    assert set(bench.REFERENCE_OF) == {"uffd", "mprotect"}
+    assert set(bench.RAW_BASELINE_OF) == {"uffd", "mprotect"}
     assert bench.reference_of("pagemap") == bench.RAW
     for scenario in report.scenarios:
         for fallback in fallbacks_here():
-            own = bench.REFERENCE_OF[fallback]
+            own = bench.RAW_BASELINE_OF[fallback]
             at = scenario.impls.index(fallback)
             assert scenario.impls[at - 1] == own, scenario.impls
             for case in scenario.cases:
@@ -96,7 +96,7 @@ def test_each_fallback_is_measured_beside_its_own_raw_mechanism(report):
                     continue
                 assert mine is not None and raw is not None, (scenario.number, case)
                 assert mine.reference == own
-    assert report.meta["raw_fallback_references"] == [bench.REFERENCE_OF[b]
+    assert report.meta["raw_fallback_references"] == [bench.RAW_BASELINE_OF[b]
                                                       for b in fallbacks_here()]
 
 
@@ -106,7 +106,7 @@ def test_raw_fallback_references_find_the_pages_written(report):
     cfg = bench.Config.quick()
     pages = cfg.size // kernel.PAGE_SIZE
     for fallback in fallbacks_here():
-        own = bench.REFERENCE_OF[fallback]
+        own = bench.RAW_BASELINE_OF[fallback]
         for order in ("sequential", "random"):
             result = report.scenario(1).result(order, own)
             assert result.found == result.expected == pages * cfg.write_repetitions
@@ -181,7 +181,7 @@ def test_tables_json_and_targets(report):
                  "mprotect/pagemap", "reservation/committed", "page tables"):
         assert what in names
     for fallback in fallbacks_here():
-        own = bench.REFERENCE_OF[fallback]
+        own = bench.RAW_BASELINE_OF[fallback]
         for what in (f"first write, sequential: {fallback}/{own}",
                      f"10% written, RESET: {fallback}/{own}",
                      f"median GetWriteWatch(RESET): {fallback}/pagemap"):

@@ -18,8 +18,8 @@
  *   mprotect (as Wine's fallback does it): the committed part is PROT_READ; a
  *     SIGSEGV handler takes the region's mutex, makes the page read-write and
  *     marks it in a byte-per-page dirty array (where vm.max_map_count stops
- *     that, it first protects the whole region again, as writewatch does). GetWriteWatch collects the
- *     dirty bytes under the mutex; with RESET it clears them and re-protects
+ *     that, it first protects the whole region again, as writewatch does).
+ *     GetWriteWatch collects the dirty bytes under the mutex; with RESET it clears them and re-protects
  *     with one mprotect(PROT_READ) from the first reported page to the last
  *     (pages between are PROT_READ already: the kernel skips them).
  *   uffd: the committed part is registered with a synchronous write-protect
@@ -57,7 +57,7 @@
 #include "abi.h"
 
 #define WWB_GRANULARITY 0x10000u
-/* page_region entries per ioctl: the same batch as _helpers.c's scan loop. */
+/* page_region entries per ioctl: the same batch as native/pagemap.c's scan loop. */
 #define WWB_SCAN_BATCH 256
 
 /* The mechanism a region is tracked with (the fallbacks' values are

@@ -64,7 +64,7 @@ RAW_MPROTECT = "raw C mprotect"
 RAW_MODES = {RAW: 0, RAW_MPROTECT: 1, RAW_UFFD: 2}
 # What each implementation's ratio is to: its own mechanism's raw C for the
 # fallbacks, the kernel's (PAGEMAP_SCAN) for the rest.
-REFERENCE_OF = {"uffd": RAW_UFFD, "mprotect": RAW_MPROTECT}
+RAW_BASELINE_OF = {"uffd": RAW_UFFD, "mprotect": RAW_MPROTECT}
 RESET = ww.WRITE_WATCH_FLAG_RESET
 BLAS_ENV = "OPENBLAS_NUM_THREADS"
 
@@ -84,7 +84,7 @@ class BenchError(RuntimeError):
 # The raw C reference, compiled at bench time (never at install time)
 
 _HERE = Path(__file__).resolve().parent
-_REFERENCE_SOURCE = _HERE / "reference.c"
+_RAW_C_SOURCE = _HERE / "reference.c"
 _NATIVE = _HERE.parent / "native"
 _ABI_HEADER = _NATIVE / "abi.h"
 
@@ -128,7 +128,7 @@ def reference() -> ModuleType:
     into a cache directory under tempfile.gettempdir()."""
     global _reference
     if _reference is None:
-        _reference = build_cached("bench_reference", _CDEF, _REFERENCE_SOURCE.read_text(),
+        _reference = build_cached("bench_reference", _CDEF, _RAW_C_SOURCE.read_text(),
                                   include_dirs=[str(_NATIVE)], depends=[_ABI_HEADER],
                                   extra_compile_args=["-O2", "-Wall", "-pthread"],
                                   libraries=["pthread"])
@@ -241,7 +241,7 @@ class Scenario:
 def reference_of(impl: str) -> str:
     """The column impl's ratios are to: a fallback backend's own mechanism in
     raw C, otherwise the kernel's raw C (PAGEMAP_SCAN)."""
-    return REFERENCE_OF.get(impl, RAW)
+    return RAW_BASELINE_OF.get(impl, RAW)
 
 
 @dataclass
@@ -1010,8 +1010,8 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
         targets.append(Target(f"first write, {order}: mprotect/pagemap", speedup, ">= 5",
                               judged(None if speedup is None else speedup >= 5),
                               "" if full else NOT_JUDGED))
-    for fallback in (b for b in report.meta.get("backends", ()) if b in REFERENCE_OF):
-        own = REFERENCE_OF[fallback]
+    for fallback in (b for b in report.meta.get("backends", ()) if b in RAW_BASELINE_OF):
+        own = RAW_BASELINE_OF[fallback]
         for order in ("sequential", "random"):
             at_most(f"first write, {order}: {fallback}/{own}",
                     _ratio(report, 1, order, fallback), 1.5)
@@ -1079,7 +1079,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
     impls = [] if raw_missing else [RAW]
     for backend in backends:
         # A fallback's own mechanism in raw C runs wherever the backend does.
-        impls += [REFERENCE_OF[backend], backend] if backend in REFERENCE_OF else [backend]
+        impls += [RAW_BASELINE_OF[backend], backend] if backend in RAW_BASELINE_OF else [backend]
     threads_at_start = _thread_count()
     floors = {"python": python_timer_floor(), "c": c_timer_floor()}
     meta: dict[str, Any] = {
@@ -1095,7 +1095,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         "threads_at_start": threads_at_start,
         "backends": backends,
         "raw_reference": "missing: " + raw_missing if raw_missing else "PAGEMAP_SCAN in C",
-        "raw_fallback_references": [REFERENCE_OF[b] for b in backends if b in REFERENCE_OF],
+        "raw_fallback_references": [RAW_BASELINE_OF[b] for b in backends if b in RAW_BASELINE_OF],
         "timer_floor_ns": floors,
         "config": cfg.describe(),
     }
