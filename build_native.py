@@ -5,8 +5,9 @@ by the package. The C sources live in writewatch/native/, split by job:
 abi.h (the kernel ABI and every helper's prototype, read both as the cdef and
 by the C compiler, so each struct is declared once), syscalls.c (system-call
 wrappers), pagemap.c (PAGEMAP_SCAN scans), tracking.c (the fallback backends'
-per-page state, SIGSEGV handler and userfaultfd handler thread) and index.c
-(the native index behind one-call GetWriteWatch/ResetWriteWatch).
+per-page state, SIGSEGV handler and userfaultfd handler thread), index.c
+(the native index behind one-call GetWriteWatch/ResetWriteWatch) and
+ctable.h (the lock-free sorted table both of those keep their items in).
 """
 
 from pathlib import Path
