@@ -104,7 +104,10 @@ static int uffd_protect(uint64_t start, uint64_t length, int protect)
 /*
  * Too many mappings (vm.max_map_count): every unarmed page splits a VMA. Arm
  * all writable pages of the range again so that runs of equal protection merge
- * back; their DIRTY bits stay, and each just faults once more. Lock held.
+ * back; their DIRTY bits stay, and each just faults once more. A run is marked
+ * armed only once the kernel armed it: a page marked armed but writable would
+ * lose its writes, one marked unarmed but read-only only faults once more.
+ * Lock held.
  */
 static int coalesce(struct track_range *r)
 {
@@ -112,14 +115,16 @@ static int coalesce(struct track_range *r)
     int result = 0;
     for (uint64_t i = 0; i <= npages; i++) {
         if (i < npages && (r->state[i] & WW_PAGE_READ)) {
-            if (r->state[i] & WW_PAGE_WRITE)
-                r->state[i] |= WW_PAGE_ARMED;
             if (run == TRACK_NO_RUN)
                 run = i;
         } else if (run != TRACK_NO_RUN) {
             if (mprotect((void *)(uintptr_t)(r->start + run * TRACK_PAGE),
                          (i - run) * TRACK_PAGE, PROT_READ))
                 result = -errno;
+            else
+                for (uint64_t j = run; j < i; j++)
+                    if (r->state[j] & WW_PAGE_WRITE)
+                        r->state[j] |= WW_PAGE_ARMED;
             run = TRACK_NO_RUN;
         }
     }
@@ -133,6 +138,42 @@ static int mprotect_coalescing(struct track_range *r, uint64_t start, uint64_t l
     if (errno != ENOMEM || coalesce(r))
         return -errno;
     return mprotect((void *)(uintptr_t)start, length, prot) ? -errno : 0;
+}
+
+/*
+ * The kernel refused to split a VMA (ENOMEM: vm.max_map_count reached, and
+ * coalescing could not bring the count down, for instance because other
+ * mappings of the process fill it). Page i is armed and writable and must
+ * become writable without a new VMA: give write access back to a run of armed
+ * writable pages around it instead, marking every page of the run written
+ * (over-reporting is allowed, losing a write or the process is not). The
+ * smallest run first: one side of i needs one split, the whole run none (its
+ * neighbours have other protections, so its ends are VMA boundaries already).
+ * Lock held.
+ */
+static int unarm_around(struct track_range *r, uint64_t i)
+{
+    uint64_t npages = (r->end - r->start) / TRACK_PAGE, first = i, last = i + 1;
+    const uint8_t armed_writable = WW_PAGE_ARMED | WW_PAGE_WRITE;
+    while (first > 0 && (r->state[first - 1] & armed_writable) == armed_writable)
+        first--;
+    while (last < npages && (r->state[last] & armed_writable) == armed_writable)
+        last++;
+    uint64_t tries[3][2] = {{first, i + 1}, {i, last}, {first, last}};
+    if (last - i < i + 1 - first) { /* the shorter side first */
+        tries[0][0] = i, tries[0][1] = last;
+        tries[1][0] = first, tries[1][1] = i + 1;
+    }
+    for (int t = 0; t < 3; t++) {
+        uint64_t a = tries[t][0], b = tries[t][1];
+        if (mprotect((void *)(uintptr_t)(r->start + a * TRACK_PAGE), (b - a) * TRACK_PAGE,
+                     PROT_READ | PROT_WRITE))
+            continue;
+        for (uint64_t j = a; j < b; j++)
+            r->state[j] = (r->state[j] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+        return 0;
+    }
+    return -errno;
 }
 
 /* Arm (or disarm) pages [first, last) of r. Lock held. */
@@ -495,13 +536,17 @@ static void segv_handler(int sig, siginfo_t *info, void *context)
             uint64_t i = (page - r->start) / TRACK_PAGE;
             range_lock(r);
             uint8_t st = r->state[i];
-            if ((st & WW_PAGE_ARMED) && (st & WW_PAGE_WRITE)) {
-                if (!mprotect_coalescing(r, page, TRACK_PAGE, PROT_READ | PROT_WRITE)) {
+            if (st & WW_PAGE_WRITE) {
+                /* Not armed: another thread disarmed it first (then this
+                 * mprotect changes nothing), or a failed coalesce left it
+                 * read-only. */
+                int err = mprotect_coalescing(r, page, TRACK_PAGE, PROT_READ | PROT_WRITE);
+                if (!err) {
                     r->state[i] = (st & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
                     handled = 1;
+                } else if (err == -ENOMEM && !unarm_around(r, i)) {
+                    handled = 1; /* the write proceeds, over-reported */
                 }
-            } else if (st & WW_PAGE_WRITE) {
-                handled = 1; /* another thread disarmed it first: retry the write */
             }
             range_unlock(r);
         }
