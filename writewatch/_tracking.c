@@ -202,6 +202,24 @@ static int free_slot(void)
     return -ENOMEM;
 }
 
+/*
+ * Give a fresh PROT_NONE reservation its anon_vma now, while it is one VMA:
+ * every VMA later split off shares it, so VMAs of equal protection can merge
+ * back (coalesce). Left to the first write faults, each page written apart
+ * from others would get an anon_vma of its own, and VMAs with different
+ * anon_vmas never merge: on Linux 6.1 a region then ran out of mappings that
+ * coalescing could not give back. Costs one page fault; the page is dropped.
+ */
+static void share_one_anon_vma(uint64_t start, uint64_t length)
+{
+    void *p = (void *)(uintptr_t)start;
+    if (mprotect(p, length, PROT_READ | PROT_WRITE))
+        return; /* only a hint: tracking works without it, merging less */
+    *(volatile char *)p = 0;
+    madvise(p, TRACK_PAGE, MADV_DONTNEED);
+    mprotect(p, length, PROT_NONE);
+}
+
 int ww_track_attach(uint64_t start, uint64_t length, int mode)
 {
     struct track_range *r = calloc(1, sizeof *r);
@@ -218,6 +236,8 @@ int ww_track_attach(uint64_t start, uint64_t length, int mode)
         return -ENOMEM;
     }
     r->state = state;
+    if (mode == WW_MODE_MPROTECT)
+        share_one_anon_vma(start, length);
     pthread_mutex_lock(&track_slots_mutex);
     int slot = free_slot();
     if (slot >= 0) {
