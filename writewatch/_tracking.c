@@ -92,13 +92,24 @@ static int armed_prot(uint8_t bits, int prot)
     return bits & WW_PAGE_WRITE ? PROT_READ : prot;
 }
 
+/*
+ * Older kernels (Linux 6.1, measured) write-protect within one VMA per call and
+ * answer ENOENT, changing nothing, for a range across VMAs (after a decommit
+ * and recommit, for instance): halve the range until each call fits in one.
+ */
 static int uffd_protect(uint64_t start, uint64_t length, int protect)
 {
     struct uffdio_writeprotect wp = {
         .range = { .start = start, .len = length },
         .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
     };
-    return ioctl(track_sync_uffd, UFFDIO_WRITEPROTECT, &wp) ? -errno : 0;
+    if (!ioctl(track_sync_uffd, UFFDIO_WRITEPROTECT, &wp))
+        return 0;
+    if (errno != ENOENT || length <= TRACK_PAGE)
+        return -errno;
+    uint64_t half = length / TRACK_PAGE / 2 * TRACK_PAGE;
+    int result = uffd_protect(start, half, protect);
+    return result ? result : uffd_protect(start + half, length - half, protect);
 }
 
 /*
