@@ -12,7 +12,7 @@ interpreter's death.
 from __future__ import annotations
 
 import pytest
-from forking import run_python
+from forking import patience, run_python
 
 from writewatch import kernel
 
@@ -22,9 +22,9 @@ pytestmark = [
                        reason="mprotect backend unavailable"),
 ]
 
-# Only a hang ever gets near it: the children finish in seconds natively and in
-# a minute or two under QEMU's software emulation.
-HANG_GUARD = 900
+# Only a hang ever gets near it: the children finish in seconds natively (and in
+# a minute or two under QEMU's software emulation, which patience scales to).
+HANG_GUARD = patience(120)
 
 
 def max_map_count() -> int:

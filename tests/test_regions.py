@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from forking import patience
 
 import writewatch as ww
 
@@ -657,7 +658,7 @@ def test_threads_allocate_write_query_and_release():
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=patience(60))
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
     assert bases
@@ -701,7 +702,7 @@ def test_threads_share_one_region_each_with_its_own_pages(watched):
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=patience(60))
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
     assert region.written() == []
