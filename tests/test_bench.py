@@ -58,26 +58,29 @@ def test_numbers_are_positive_medians_with_ratios_to_raw(report):
                 assert result.ratio == pytest.approx(result.value / raw.value)
     scenario = report.scenario(1)
     assert scenario is not None
-    assert len(scenario.result("random", "pagemap").samples) == bench.Config.quick(
+    best = report.meta["backends"][0]  # pagemap where the kernel has it
+    assert len(scenario.result("random", best).samples) == bench.Config.quick(
     ).write_repetitions
 
 
 def test_pages_found_equal_pages_written(report):
-    checked = 0
+    checked = dict.fromkeys(report.meta["backends"], 0)
     for scenario in report.scenarios:
         for result in scenario.results:
             if result.expected is not None:
                 assert result.found == result.expected, (scenario.number, result.case,
                                                          result.impl)
-                checked += 1
-    assert checked > 50
+                if result.impl in checked:
+                    checked[result.impl] += 1
+    assert min(checked.values()) > 10, checked  # every backend, most cases
     cfg = bench.Config.quick()
     pages = cfg.size // kernel.PAGE_SIZE
+    best = report.meta["backends"][0]  # pagemap where the kernel has it
     write_cost = report.scenario(1)
-    assert write_cost.result("sequential", "pagemap").expected == (
+    assert write_cost.result("sequential", best).expected == (
         pages * cfg.write_repetitions)
     scan = report.scenario(2)
-    assert scan.result("100% RESET", "pagemap").expected == pages * cfg.repetitions
+    assert scan.result("100% RESET", best).expected == pages * cfg.repetitions
     assert scan.result("0% 0", "pagemap").expected == 0
     reserve = report.scenario(5)
     assert reserve.result(reserve.cases[3], "pagemap").expected == (
