@@ -25,7 +25,27 @@ from typing import Any
 
 import pytest
 
-CHILD_TIMEOUT = 60  # seconds; only a hung child ever gets near it
+
+def _slowdown() -> float:
+    try:
+        return max(1.0, float(os.environ.get("WRITEWATCH_SLOWDOWN", "1")))
+    except ValueError:
+        return 1.0
+
+
+# How many times slower than a native CPU the tests run here: set by
+# tools/kernel-matrix under QEMU's software emulation, 1 otherwise. Only hang
+# guards and waits for a run to be exercised scale by it (patience); no test
+# asserts on time, and none expects less of a run on a slow CPU.
+SLOWDOWN = _slowdown()
+
+
+def patience(seconds: float) -> float:
+    """A hang guard or settle limit of `seconds` on a native CPU, scaled to this one."""
+    return seconds * SLOWDOWN
+
+
+CHILD_TIMEOUT = patience(60)  # seconds; only a hung child ever gets near it
 TESTS = Path(__file__).resolve().parent
 
 

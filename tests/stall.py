@@ -19,6 +19,7 @@ import struct
 
 import numpy as np
 import pytest
+from forking import patience
 
 from writewatch import kernel
 
@@ -53,8 +54,9 @@ class StalledMemory:
                                       "data": (self.address, False)}
         return np.asarray(anchor).view(np.uintp)
 
-    def wait_for_fault(self, timeout: float = 60.0) -> int:
+    def wait_for_fault(self, timeout: float | None = None) -> int:
         """Block until a thread stores into the memory; the faulting address."""
+        timeout = patience(60) if timeout is None else timeout
         while True:
             ready, _, _ = select.select([self.uffd], [], [], timeout)
             assert ready, f"no store into the stalled memory within {timeout} s"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from forking import patience
 
 import writewatch as ww
 from writewatch import backends
@@ -19,7 +20,7 @@ from writewatch.__main__ import main
 
 def run_cli_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "writewatch", *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **env})
+                          text=True, timeout=patience(60), env={**os.environ, **env})
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -72,7 +73,7 @@ def test_output_into_a_closed_pipe_ends_quietly():
     os.close(read_end)
     try:
         result = subprocess.run([sys.executable, "-m", "writewatch", "info"], stdout=write_end,
-                                stderr=subprocess.PIPE, text=True, timeout=60)
+                                stderr=subprocess.PIPE, text=True, timeout=patience(60))
     finally:
         os.close(write_end)
     assert result.returncode == 1

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from forking import run_python
+from forking import patience, run_python
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -61,8 +61,8 @@ PAUSE_NS = 1000     # writers' pause after each store (see native_writers.py)
 CI_SECONDS = 1.0
 SOAK_SECONDS = 60.0
 MAX_ROUNDS = 10_000_000  # every loop is bounded in count too
-JOIN_TIMEOUT = 120.0
-SETTLE_LIMIT = 15.0  # the most run_for waits past its time for a run to be exercised
+JOIN_TIMEOUT = patience(120.0)
+SETTLE_LIMIT = patience(15.0)  # the most run_for waits past its time for a run to be exercised
 TAIL_POLLS = 50  # sub-range polls after the writers stop, before the drain
 
 
@@ -175,7 +175,7 @@ class Workers:
     def all_went_round(self) -> bool:
         return all(rounds > 0 for rounds in self.rounds.values())
 
-    def more_rounds(self, name: str, rounds: int, limit: float = 5.0) -> None:
+    def more_rounds(self, name: str, rounds: int, limit: float = patience(5.0)) -> None:
         """Let the threads run until name has done `rounds` more (or limit seconds)."""
         target = self.rounds[name] + rounds
         deadline = time.monotonic() + limit
@@ -368,7 +368,7 @@ def everything(polled: int, resetting: int, soak: bool) -> None:
 # fork and exec under load
 
 
-CHILD_TIMEOUT = 60.0
+CHILD_TIMEOUT = patience(60.0)
 
 
 def wait_child(pid: int) -> int:
@@ -494,7 +494,7 @@ SCENARIOS = {
 
 
 def run_isolated(name: str, soak: bool) -> None:
-    timeout = (SOAK_SECONDS + 250) if soak else 50  # a CI scenario takes a few seconds
+    timeout = patience((SOAK_SECONDS + 250) if soak else 50)  # a CI scenario takes a few seconds
     try:
         result = run_python(f"""
             import test_concurrency

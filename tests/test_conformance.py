@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from forking import patience
 
 import writewatch as ww
 from writewatch import backends
@@ -49,7 +50,7 @@ needs_a_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "gcc")) 
 def run_tester(*args: str, cwd: Path | None = None,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "writewatch.testing.conformance", *args],
-                          capture_output=True, text=True, timeout=120, cwd=cwd,
+                          capture_output=True, text=True, timeout=patience(120), cwd=cwd,
                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})})
 
 

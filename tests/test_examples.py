@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from forking import patience
 
 import writewatch as ww
 from writewatch import backends
@@ -29,7 +30,8 @@ needs_a_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "gcc")) 
 
 def run(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *command], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+                          timeout=patience(120), cwd=ROOT,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
 
 
 def load_example(name: str) -> ModuleType:
@@ -165,7 +167,7 @@ def test_translation_layer_calls_fail_cleanly_when_python_cannot_start(tmp_path)
     # A writewatch that cannot be imported, found before any real one.
     (tmp_path / "writewatch.py").write_text("raise ImportError('not today')\n")
     result = subprocess.run([str(built.program), "--small"], capture_output=True, text=True,
-                            timeout=60, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                            timeout=patience(60), env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 1
     assert "writewatch could not be started" in result.stderr
     assert "VirtualAlloc(MEM_WRITE_WATCH) failed, error 50" in result.stdout

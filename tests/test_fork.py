@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from forking import run_forked, run_python
+from forking import patience, run_forked, run_python
 
 import writewatch as ww
 
@@ -309,7 +309,7 @@ def test_fork_while_a_python_thread_faults_on_watched_memory_does_not_deadlock()
     thread must not wait for the GIL while it holds them (a deadlock found by
     test_concurrency's fork scenario). Runs in a child interpreter: a deadlock
     fails with every thread's traceback instead of hanging the session."""
-    result = run_python(FORK_WHILE_PYTHON_WRITES.format(seconds=2), timeout=50,
+    result = run_python(FORK_WHILE_PYTHON_WRITES.format(seconds=2), timeout=patience(50),
                         report_hang=True)
     assert result.returncode == 0, result.stderr[-6000:]
     assert "forked" in result.stdout and "forked 0 times" not in result.stdout

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from forking import run_python
+from forking import patience, run_python
 from guard_pages import ARRAY_KINDS, is_addresses_array, make_array, make_vec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -674,7 +674,7 @@ def run_fuzzer(name: str) -> None:
 def test_fuzz_public_function(name, soak):
     """Hypothesis fuzz of one public function, in a child interpreter."""
     result = run_python(f"import test_hostile_inputs as t\nt.run_fuzzer({name!r})\n",
-                       timeout=3600 if soak else 300,
+                       timeout=patience(3600 if soak else 300),
                        env={"WRITEWATCH_SOAK": "1" if soak else "0"})
     assert result.returncode == 0, (
         f"exit status {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
@@ -823,7 +823,7 @@ def test_addresses_array_in_inaccessible_memory_fails_998_without_crashing(how):
             assert ww.GetLastError() == ww.ERROR_NOACCESS, ww.GetLastError()
         assert len(mem.written()) == 16, "a failed call reset pages"
         print("survived", flush=True)
-    """, timeout=60)
+    """, timeout=patience(60))
     assert result.returncode == 0 and result.stdout == "calling\nsurvived\n", (
         f"exit status {result.returncode}; stdout {result.stdout!r}\n{result.stderr[-3000:]}")
 
@@ -849,7 +849,7 @@ def test_process_memwatch_vec_in_inaccessible_memory_does_not_crash():
             raise AssertionError("process_memwatch wrote into read-only memory")
         assert len(mem.written()) == 16
         print("survived", flush=True)
-    """, timeout=60)
+    """, timeout=patience(60))
     assert result.returncode == 0 and result.stdout == "calling\nsurvived\n", (
         f"exit status {result.returncode}; stdout {result.stdout!r}\n{result.stderr[-3000:]}")
 
@@ -902,7 +902,7 @@ def test_genuine_segfault_in_and_around_watched_memory_kills_with_a_traceback(fa
             {FAULTS[fault]}
         crash()
         print("survived", flush=True)
-    """, timeout=60)
+    """, timeout=patience(60))
     assert result.stdout == "armed\n", result.stderr[-3000:]
     assert result.returncode == -11, (result.returncode, result.stderr[-3000:])
     assert "Fatal Python error: Segmentation fault" in result.stderr
@@ -935,7 +935,7 @@ def test_faulthandler_enabled_after_writewatch_keeps_tracking_and_still_reports(
         def crash():
             ctypes.string_at(8)
         crash()
-    """, timeout=60, env={"WRITEWATCH_BACKEND": "mprotect"})
+    """, timeout=patience(60), env={"WRITEWATCH_BACKEND": "mprotect"})
     assert result.stdout == "tracked\n", (result.returncode, result.stderr[-3000:])
     assert result.returncode == -11
     assert "Fatal Python error: Segmentation fault" in result.stderr

@@ -17,10 +17,16 @@ import gc
 import json
 
 import pytest
-from forking import run_python
+from forking import SLOWDOWN, patience, run_python
 
 import writewatch as ww
 from writewatch import regions
+
+
+def scaled(cycles: int) -> int:
+    """Fewer race cycles on a slow (emulated) CPU: the work scales, the checks do not."""
+    return max(cycles // 10, int(cycles / SLOWDOWN))
+
 
 LOST_WRITES_AFTER_RELEASE = """
 import json, threading
@@ -58,7 +64,7 @@ scanner.start()
 stall.wait_for_fault()          # the call is inside its scan of X now
 releaser = threading.Thread(target=release_x_and_reuse_its_range)
 releaser.start()
-releaser.join(2.0)              # with the bug it finishes here; fixed, it waits
+releaser.join(SETTLE)           # with the bug it finishes here; fixed, it waits
 stall.resolve()
 scanner.join()
 releaser.join()
@@ -74,7 +80,8 @@ def test_release_waits_for_a_get_write_watch_in_flight(write_watch_backend):
     X, makes Z inside X's old range and writes Z's 256 pages. The release must
     wait for the call (on Windows the call completes before the release), so
     that Z's owner sees all 256 pages written, not the call resetting them."""
-    result = run_python(LOST_WRITES_AFTER_RELEASE, timeout=120, report_hang=True)
+    result = run_python(LOST_WRITES_AFTER_RELEASE.replace("SETTLE", str(patience(2.0))),
+                        timeout=patience(120), report_hang=True)
     assert result.returncode == 0, result.stderr[-4000:]
     if "Skipped:" in result.stderr:
         pytest.skip(result.stderr.strip().splitlines()[-1])
@@ -142,7 +149,8 @@ def test_calls_racing_a_release_fail_like_windows_and_never_crash(write_watch_ba
     """GetWriteWatch and process_memwatch racing VirtualFree: the Windows call
     returns failure with error 87 (never raises), process_memwatch raises
     EINVAL, and nothing reads per-page state a release has freed (a crash)."""
-    result = run_python(RELEASE_RACES.format(cycles=3000), timeout=240, report_hang=True)
+    result = run_python(RELEASE_RACES.format(cycles=scaled(3000)), timeout=patience(240),
+                        report_hang=True)
     assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
     seen = json.loads(result.stdout)
     assert seen["raised"] == [], seen
@@ -178,7 +186,7 @@ def test_native_writers_racing_a_release_neither_crash_nor_hang(write_watch_back
     thread releases its region (the README promises such a view never faults):
     the release gives armed pages their access back before forgetting them,
     and wakes a writer blocked in a write-protect fault."""
-    result = run_python(WRITERS_RACING_RELEASE.format(cycles=300), timeout=240,
+    result = run_python(WRITERS_RACING_RELEASE.format(cycles=scaled(300)), timeout=patience(240),
                         report_hang=True)
     assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
     assert json.loads(result.stdout)["writes"] > 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from forking import run_forked
+from forking import patience, run_forked
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -425,7 +425,7 @@ class Child:
         except BrokenPipeError:
             pass
         try:
-            self.process.wait(timeout=10)
+            self.process.wait(timeout=patience(10))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -487,7 +487,7 @@ def test_pidfd_of_an_exited_process_is_esrch(reaped):
     pidfd = os.pidfd_open(process.pid)
     try:
         if reaped:
-            assert process.wait(timeout=30) == 0
+            assert process.wait(timeout=patience(30)) == 0
         else:  # wait for the exit but leave the zombie in place
             info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT)
             assert info.si_pid == process.pid
@@ -496,7 +496,7 @@ def test_pidfd_of_an_exited_process_is_esrch(reaped):
                 ww.process_memwatch(pidfd, 0x10000, P, flags, _vec())
     finally:
         os.close(pidfd)
-        process.wait(timeout=30)
+        process.wait(timeout=patience(30))
 
 
 @pytest.mark.parametrize("kind", ["dev-null", "pipe"])

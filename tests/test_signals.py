@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from forking import run_python
+from forking import patience, run_python
 
 SIGNAL_STORE_DURING_RESET = """
 import json, signal, threading
 import numpy as np
 import writewatch as ww
+from forking import patience
 from stall import StalledMemory
 from writewatch.testing.cbuild import build_cached
 
@@ -72,7 +73,7 @@ caller = threading.Thread(target=reset_call)
 caller.start()
 stall.wait_for_fault()       # the call is inside its scan, holding what it holds
 signal.pthread_kill(caller.ident, signal.SIGUSR1)
-for _ in range(2000):        # the handler's store into page 7 completes
+for _ in range(int(patience(2000))):  # the handler's store into page 7 completes
     if native.lib.stores_done():
         break
     threading.Event().wait(0.005)
@@ -90,7 +91,7 @@ def test_signal_handler_storing_during_a_reset_neither_hangs_nor_is_lost(write_w
     thread is inside GetWriteWatch(RESET) on that region (paused at its first
     store, holding the region's lock on the fallbacks). The store completes at
     once, and page 7 is reported by that call or the next one."""
-    result = run_python(SIGNAL_STORE_DURING_RESET, timeout=90, report_hang=True)
+    result = run_python(SIGNAL_STORE_DURING_RESET, timeout=patience(90), report_hang=True)
     if "needs userfaultfd to pause a call" in result.stderr:
         pytest.skip(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr[-4000:]
@@ -133,7 +134,7 @@ def test_tracked_writes_survive_changes_to_the_sigsegv_disposition(change):
     after the first region exists must not make the next tracked write fatal
     (faulthandler's handler, SIG_DFL) or fault forever (a Python handler)."""
     before, after = CHANGES[change]
-    result = run_python(SEGV_DISPOSITION.format(before=before, change=after), timeout=60,
+    result = run_python(SEGV_DISPOSITION.format(before=before, change=after), timeout=patience(60),
                         report_hang=True)
     assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
     assert json.loads(result.stdout) == [1, 5]
@@ -167,6 +168,6 @@ def test_next_call_takes_the_sigsegv_handler_back_from_native_code():
     """A handler installed by native code behind Python's back sees tracked
     writes until the next write-watch call, which puts writewatch's first
     again (chaining to it)."""
-    result = run_python(NATIVE_HANDLER_LATER, timeout=60, report_hang=True)
+    result = run_python(NATIVE_HANDLER_LATER, timeout=patience(60), report_hang=True)
     assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
     assert json.loads(result.stdout) == [1, 5]

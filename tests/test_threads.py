@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+from forking import patience
 
 import writewatch as ww
 
@@ -25,7 +26,7 @@ def run_threads(worker: Callable[[int], None], count: int) -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=60)
+        thread.join(timeout=patience(60))
     assert not any(thread.is_alive() for thread in threads)
 
 

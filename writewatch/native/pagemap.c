@@ -138,7 +138,17 @@ int64_t ww_pagemap_check_watched(int pagemap_fd, uint64_t start, uint64_t end)
     arg.vec = (uint64_t)(uintptr_t)&unused;
     arg.vec_len = 1;
     long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
-    return n < 0 ? -errno : 0;
+    if (n >= 0)
+        return 0;
+    int err = errno;
+    /* A kernel without PAGEMAP_SCAN (before 6.7) answers ENOTTY even for a
+     * process that has exited: its pagemap then reads empty (no memory left),
+     * and that is ESRCH, as the kernels that have the ioctl answer. */
+    uint64_t entry;
+    if (err == ENOTTY && pread(pagemap_fd, &entry, sizeof entry,
+                               (off_t)(start / WW_PAGE_SIZE * sizeof entry)) == 0)
+        return -ESRCH;
+    return -err;
 }
 
 /* The bare ioctl, for probes and tests. */

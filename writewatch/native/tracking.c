@@ -231,19 +231,33 @@ static int armed_prot(uint8_t bits, int prot)
     return bits & WW_PAGE_WRITE ? PROT_READ : prot;
 }
 
+/*
+ * Older kernels (Linux 6.1, measured) write-protect within one VMA per call and
+ * answer ENOENT, changing nothing, for a range across VMAs (after a decommit
+ * and recommit, for instance): halve the range until each call fits in one.
+ */
 static int uffd_protect(uint64_t start, uint64_t length, int protect)
 {
     struct uffdio_writeprotect wp = {
         .range = { .start = start, .len = length },
         .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
     };
-    return ioctl(track_sync_uffd, UFFDIO_WRITEPROTECT, &wp) ? -errno : 0;
+    if (!ioctl(track_sync_uffd, UFFDIO_WRITEPROTECT, &wp))
+        return 0;
+    if (errno != ENOENT || length <= WW_PAGE_SIZE)
+        return -errno;
+    uint64_t half = length / WW_PAGE_SIZE / 2 * WW_PAGE_SIZE;
+    int result = uffd_protect(start, half, protect);
+    return result ? result : uffd_protect(start + half, length - half, protect);
 }
 
 /*
  * Too many mappings (vm.max_map_count): every unarmed page splits a VMA. Arm
  * all writable pages of the range again so that runs of equal protection merge
- * back; their DIRTY bits stay, and each just faults once more. Lock held.
+ * back; their DIRTY bits stay, and each just faults once more. A run is marked
+ * armed only once the kernel armed it: a page marked armed but writable would
+ * lose its writes, one marked unarmed but read-only only faults once more.
+ * Lock held.
  */
 static int coalesce(struct track_range *r)
 {
@@ -251,14 +265,16 @@ static int coalesce(struct track_range *r)
     int result = 0;
     for (uint64_t i = 0; i <= npages; i++) {
         if (i < npages && (r->state[i] & WW_PAGE_READ)) {
-            if (r->state[i] & WW_PAGE_WRITE)
-                r->state[i] |= WW_PAGE_ARMED;
             if (run == TRACK_NO_RUN)
                 run = i;
         } else if (run != TRACK_NO_RUN) {
             if (mprotect((void *)(uintptr_t)(r->start + run * WW_PAGE_SIZE),
                          (i - run) * WW_PAGE_SIZE, PROT_READ))
                 result = -errno;
+            else
+                for (uint64_t j = run; j < i; j++)
+                    if (r->state[j] & WW_PAGE_WRITE)
+                        r->state[j] |= WW_PAGE_ARMED;
             run = TRACK_NO_RUN;
         }
     }
@@ -272,6 +288,42 @@ static int mprotect_coalescing(struct track_range *r, uint64_t start, uint64_t l
     if (errno != ENOMEM || coalesce(r))
         return -errno;
     return mprotect((void *)(uintptr_t)start, length, prot) ? -errno : 0;
+}
+
+/*
+ * The kernel refused to split a VMA (ENOMEM: vm.max_map_count reached, and
+ * coalescing could not bring the count down, for instance because other
+ * mappings of the process fill it). Page i is armed and writable and must
+ * become writable without a new VMA: give write access back to a run of armed
+ * writable pages around it instead, marking every page of the run written
+ * (over-reporting is allowed, losing a write or the process is not). The
+ * smallest run first: one side of i needs one split, the whole run none (its
+ * neighbours have other protections, so its ends are VMA boundaries already).
+ * Lock held.
+ */
+static int unarm_around(struct track_range *r, uint64_t i)
+{
+    uint64_t npages = (r->end - r->start) / WW_PAGE_SIZE, first = i, last = i + 1;
+    const uint8_t armed_writable = WW_PAGE_ARMED | WW_PAGE_WRITE;
+    while (first > 0 && (r->state[first - 1] & armed_writable) == armed_writable)
+        first--;
+    while (last < npages && (r->state[last] & armed_writable) == armed_writable)
+        last++;
+    uint64_t tries[3][2] = {{first, i + 1}, {i, last}, {first, last}};
+    if (last - i < i + 1 - first) { /* the shorter side first */
+        tries[0][0] = i, tries[0][1] = last;
+        tries[1][0] = first, tries[1][1] = i + 1;
+    }
+    for (int t = 0; t < 3; t++) {
+        uint64_t a = tries[t][0], b = tries[t][1];
+        if (mprotect((void *)(uintptr_t)(r->start + a * WW_PAGE_SIZE), (b - a) * WW_PAGE_SIZE,
+                     PROT_READ | PROT_WRITE))
+            continue;
+        for (uint64_t j = a; j < b; j++)
+            r->state[j] = (r->state[j] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+        return 0;
+    }
+    return -errno;
 }
 
 /* Arm (or disarm) pages [first, last) of r. Lock held. */
@@ -369,6 +421,24 @@ static void track_reclaim(void)
     }
 }
 
+/*
+ * Give a fresh PROT_NONE reservation its anon_vma now, while it is one VMA:
+ * every VMA later split off shares it, so VMAs of equal protection can merge
+ * back (coalesce). Left to the first write faults, each page written apart
+ * from others would get an anon_vma of its own, and VMAs with different
+ * anon_vmas never merge: on Linux 6.1 a region then ran out of mappings that
+ * coalescing could not give back. Costs one page fault; the page is dropped.
+ */
+static void share_one_anon_vma(uint64_t start, uint64_t length)
+{
+    void *p = (void *)(uintptr_t)start;
+    if (mprotect(p, length, PROT_READ | PROT_WRITE))
+        return; /* only a hint: tracking works without it, merging less */
+    *(volatile char *)p = 0;
+    madvise(p, WW_PAGE_SIZE, MADV_DONTNEED);
+    mprotect(p, length, PROT_NONE);
+}
+
 int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
 {
     struct track_range *r = calloc(1, sizeof *r);
@@ -385,6 +455,8 @@ int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
         return -ENOMEM;
     }
     r->state = state;
+    if (mode == WW_MODE_MPROTECT)
+        share_one_anon_vma(start, length);
     struct ct_item item = { .start = r->start, .end = r->end, .ptr = r };
     pthread_mutex_lock(&track_slots_mutex);
     int result = length == 0 || ct_overlaps(track_table.top, r->start, r->end) ? -EEXIST
@@ -775,13 +847,17 @@ static void segv_handler(int sig, siginfo_t *info, void *context)
             } else {
                 range_lock(r);
                 uint8_t st = r->state[i];
-                if ((st & WW_PAGE_ARMED) && (st & WW_PAGE_WRITE)) {
-                    if (!mprotect_coalescing(r, page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE)) {
+                if (st & WW_PAGE_WRITE) {
+                    /* Not armed: another thread disarmed it first (then this
+                     * mprotect changes nothing), or a failed coalesce left it
+                     * read-only. */
+                    int err = mprotect_coalescing(r, page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE);
+                    if (!err) {
                         r->state[i] = (st & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
                         handled = 1;
+                    } else if (err == -ENOMEM && !unarm_around(r, i)) {
+                        handled = 1; /* the write proceeds, over-reported */
                     }
-                } else if (st & WW_PAGE_WRITE) {
-                    handled = 1; /* another thread disarmed it first: retry the write */
                 }
                 range_unlock(r);
             }
