@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 from forking import patience, run_python
 
-from writewatch import kernel
+from writewatch import backends
 
 pytestmark = [
     pytest.mark.any_backend,  # names its backend itself
-    pytest.mark.skipif(bool(kernel.backend_status()["mprotect"]),
+    pytest.mark.skipif(bool(backends.backend_status()["mprotect"]),
                        reason="mprotect backend unavailable"),
 ]
 
