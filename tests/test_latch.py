@@ -146,6 +146,22 @@ def test_get_write_watch_with_reset_clears_only_what_it_returns(make):
     assert m.written() == []
 
 
+def test_a_latched_page_recommitted_is_tracked_again_after_its_reset(make):
+    """A latched page decommitted and committed again reads written; once a
+    reset re-arms it, its next write is reported. (On kernels without
+    UFFD_FEATURE_WP_UNPOPULATED the uffd backend must populate such a page
+    before it can write-protect it: it lost this write on Linux 6.1.)"""
+    m = make(RW)
+    m.write(0)
+    m.protect(0, 1, RW)
+    m.decommit(0, 1)
+    m.commit(0, 1)
+    assert m.written(ww.WRITE_WATCH_FLAG_RESET) == [0]
+    m.write(0)
+    assert m.written(ww.WRITE_WATCH_FLAG_RESET) == [0]
+    assert m.written() == []
+
+
 def test_protection_change_of_clean_pages_latches_nothing(make):
     m = make(RW)
     m.protect(0, 16, ww.PAGE_READONLY)

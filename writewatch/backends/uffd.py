@@ -96,9 +96,11 @@ class _UffdWatcher(_tracked.TrackedWatcher):
     def watch(self, start: int, length: int, prot: int, *, clean: bool = True) -> None:
         (uffd,) = self.backend.descriptor.get()
         kernel.uffd_register_write_protect(uffd, start, length)
-        if clean and not self.backend.descriptor.features & lib.UFFD_FEATURE_WP_UNPOPULATED:
+        if not self.backend.descriptor.features & lib.UFFD_FEATURE_WP_UNPOPULATED:
             # Write-protecting an empty page table entry does nothing before
-            # Linux 6.4: fault the pages in first so the protection sticks.
+            # Linux 6.4: fault the pages in first so the protection sticks, now
+            # or at a later reset (pages committed already written, clean=False,
+            # are armed by their first reset: a latched page recommitted).
             kernel.protect(start, length, kernel.PROT_READ | kernel.PROT_WRITE)
             if lib.ww_madvise(start, length, kernel.MADV_POPULATE_WRITE) < 0:
                 lib.ww_touch_for_write(start, length)
