@@ -5,6 +5,7 @@ report, and refuses too few pages."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -27,8 +28,20 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return run_cli_env({}, *args)
 
 
+def info_output(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m writewatch info ARGS`, run once per backend under test for the
+    tests that only read it (a fresh interpreter costs seconds on an emulated
+    CPU)."""
+    return _info_output(os.environ.get(backends.BACKEND_ENV, ""), *args)
+
+
+@functools.cache
+def _info_output(backend_env: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("info", *args)  # the environment carries backend_env
+
+
 def test_info_names_the_mechanism_and_each_feature():
-    result = run_cli("info")
+    result = info_output()
     assert result.returncode == 0, result.stderr
     caps = ww.probe()
     assert caps.kernel_release in result.stdout
@@ -58,12 +71,12 @@ def test_info_and_probe_name_the_kernel_features_each_backend_relies_on():
     assert by_name["PAGEMAP_SCAN"].present == caps.pagemap_scan
     with open("/proc/sys/vm/max_map_count") as f:
         assert caps.max_map_count == int(f.read())
-    result = run_cli("info")
+    result = info_output()
     for feature in caps.features:
         mark = "[yes]" if feature.present else "[no ]"
         assert f"{mark} {feature.name:<28} Linux {feature.since:<5} {feature.role}" \
             in result.stdout
-    reported = json.loads(run_cli("info", "--json").stdout)
+    reported = json.loads(info_output("--json").stdout)
     assert [each["name"] for each in reported["features"]] == [f.name for f in caps.features]
 
 
@@ -87,7 +100,7 @@ def test_info_says_why_an_explicit_backend_is_refused():
 
 
 def test_info_json_matches_probe():
-    result = run_cli("info", "--json")
+    result = info_output("--json")
     assert result.returncode == 0, result.stderr
     reported = json.loads(result.stdout)
     caps = ww.probe().as_dict()
@@ -137,7 +150,7 @@ def test_demo_refuses_too_few_pages():
 
 @pytest.mark.any_backend
 def test_info_says_what_each_backend_means_for_kernel_writes():
-    result = run_cli("info")
+    result = info_output()
     assert "Kernel writes" in result.stdout
     assert "mprotect: fail with EFAULT unless prepared" in result.stdout
     assert "writewatch.read_into" in result.stdout
