@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -192,6 +193,21 @@ def _python_link_flags() -> list[str] | None:
     return [f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}"]
 
 
+def _python_home_source() -> str:
+    """C that points the embedded interpreter at this one's standard library
+    before a C program starts it: left to itself, Python finds its home
+    through the first `python3` on PATH, which may be another installation
+    (the system's) whose libraries do not match the libpython the program was
+    linked with. Loaded into a running Python (ctypes), it changes nothing."""
+    home = json.dumps(str(Path(sys.base_prefix).resolve()))  # a C string literal
+    return (
+        "#include <stdlib.h>\n"
+        "extern int Py_IsInitialized(void);\n"
+        "static void __attribute__((constructor)) winshim_python_home(void)\n"
+        f"{{ if (!Py_IsInitialized()) setenv(\"PYTHONHOME\", {home}, 0); }}\n"
+    )
+
+
 def _import_paths() -> list[str]:
     """Where this interpreter imports what the glue needs from: the library
     appends them to sys.path when it starts Python."""
@@ -248,7 +264,7 @@ def _compile(work: Path, verbose: bool) -> None:
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(_TYPES + _C_IMPLEMENTED)
     ffibuilder.embedding_api(_PYTHON_IMPLEMENTED)
-    ffibuilder.set_source("_winshim", _C_SOURCE)
+    ffibuilder.set_source("_winshim", _python_home_source() + _C_SOURCE)
     ffibuilder.embedding_init_code(_init_code())
     c_file = work / "_winshim.c"
     with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
