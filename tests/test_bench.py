@@ -287,7 +287,7 @@ def test_each_backend_has_one_colour_in_every_panel(report):
         # A label with no bars (a raw C column with nothing to compare it to)
         # has no colour to keep.
         drawn = {label: each for label, each in colours.items() if each}
-        assert len(fig.axes) > 1 and len(drawn) > 1, colours
+        assert len(fig.axes) > 1 and drawn, colours
         assert all(len(each) == 1 for each in drawn.values()), colours
         assert len({next(iter(each)) for each in drawn.values()}) == len(drawn)
     finally:
