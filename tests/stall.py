@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from forking import patience
 
-from writewatch import kernel
+from writewatch import kernel, sandbox
 
 UFFDIO_REGISTER = 0xC020AA00
 UFFDIO_ZEROPAGE = 0xC020AA04
@@ -37,7 +37,8 @@ class StalledMemory:
         try:
             self.uffd = kernel.open_uffd()
         except OSError as exc:
-            pytest.skip(f"needs userfaultfd to pause a call ({exc.strerror})")
+            denial = sandbox.userfaultfd_denial(exc.errno or 0).detail
+            pytest.skip(f"needs userfaultfd to pause a call: {denial}")
         self.size = npages * kernel.PAGE_SIZE
         self.address = kernel.check(kernel.lib.ww_mmap(
             0, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
