@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from forking import scaled_work
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -31,16 +32,27 @@ def _written(base: int, size: int, flags: int = 0) -> list[int] | None:
 
 
 def _adjacent_regions(count: int, allocation_type: int) -> list[int]:
-    """count reservations of 64 KiB side by side (found as one free range)."""
-    probe = ww.VirtualAlloc(0, count * REGION, ww.MEM_RESERVE, ww.PAGE_NOACCESS)
-    assert probe
-    assert ww.VirtualFree(probe, 0, ww.MEM_RELEASE)
-    bases = []
-    for i in range(count):
-        base = ww.VirtualAlloc(probe + i * REGION, REGION, allocation_type, ww.PAGE_READWRITE)
-        assert base == probe + i * REGION, ww.GetLastError()
-        bases.append(base)
-    return bases
+    """count reservations of 64 KiB side by side, in a free range found by
+    reserving and releasing it. The process's own mappings (the allocator's,
+    the tables') may take part of that range before it is filled: the kernel
+    places them at the top of the highest hole, so the regions go in the lower
+    half of a range twice their size, and a collision still means a retry."""
+    for _attempt in range(10):
+        probe = ww.VirtualAlloc(0, 2 * count * REGION, ww.MEM_RESERVE, ww.PAGE_NOACCESS)
+        assert probe
+        assert ww.VirtualFree(probe, 0, ww.MEM_RELEASE)
+        bases = []
+        for i in range(count):
+            base = ww.VirtualAlloc(probe + i * REGION, REGION, allocation_type,
+                                   ww.PAGE_READWRITE)
+            if base != probe + i * REGION:
+                break
+            bases.append(base)
+        else:
+            return bases
+        for base in bases:
+            assert ww.VirtualFree(base, 0, ww.MEM_RELEASE)
+    raise AssertionError(f"no free range for {count} adjacent regions stayed free")
 
 
 def test_lookups_at_region_boundaries_across_chunks():
@@ -71,7 +83,7 @@ def _view(base: int) -> np.ndarray:
 
 def test_churn_beside_faulting_writers_keeps_every_region_exact():
     """Native threads write (and fault, on the fallbacks) into one region while
-    3,000 regions come and go around it, splitting and merging table chunks:
+    thousands of regions come and go around it, splitting and merging table chunks:
     every region reports exactly its own writes, and the writers' region
     still tracks every page afterwards."""
     npages = 64
@@ -79,7 +91,8 @@ def test_churn_beside_faulting_writers_keeps_every_region_exact():
     keep: list[int] = []
     try:
         with NativeWriters(watched.address, npages, nthreads=2, seed=5, pause_ns=2000):
-            for round_ in range(3000):
+            # 1,500 rounds keep more than one chunk (256) of regions alive.
+            for round_ in range(scaled_work(3000, at_least=1500)):
                 base = ww.VirtualAlloc(0, REGION, ww.MEM_RESERVE | ww.MEM_COMMIT
                                        | ww.MEM_WRITE_WATCH, ww.PAGE_READWRITE)
                 assert base, ww.GetLastError()
