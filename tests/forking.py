@@ -34,15 +34,23 @@ def _slowdown() -> float:
 
 
 # How many times slower than a native CPU the tests run here: set by
-# tools/kernel-matrix under QEMU's software emulation, 1 otherwise. Only hang
-# guards and waits for a run to be exercised scale by it (patience); no test
-# asserts on time, and none expects less of a run on a slow CPU.
+# tools/kernel-matrix under QEMU's software emulation, 1 otherwise. Hang guards
+# and waits for a run to be exercised scale up by it (patience); the amount of
+# random work a test does (race cycles, generated examples, objects made) may
+# scale down by it (scaled_work). No test asserts on time, and none expects
+# less of each run on a slow CPU.
 SLOWDOWN = _slowdown()
 
 
 def patience(seconds: float) -> float:
     """A hang guard or settle limit of `seconds` on a native CPU, scaled to this one."""
     return seconds * SLOWDOWN
+
+
+def scaled_work(count: int, at_least: int) -> int:
+    """`count` repetitions on a native CPU, fewer on a slow (emulated) one, never
+    fewer than `at_least`, the least that still exercises what the test checks."""
+    return max(at_least, int(count / SLOWDOWN))
 
 
 CHILD_TIMEOUT = patience(60)  # seconds; only a hung child ever gets near it

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from forking import patience, run_python
+from forking import patience, run_python, scaled_work
 from guard_pages import ARRAY_KINDS, is_addresses_array, make_array, make_vec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -56,7 +56,8 @@ RW, RO, NA = ww.PAGE_READWRITE, ww.PAGE_READONLY, ww.PAGE_NOACCESS
 FAILED = ww.WRITE_WATCH_FAILED
 COMMIT_LIMIT = 1 << 28  # successful commits above this are skipped (see the docstring)
 
-CI_PROFILE = settings(max_examples=60, deadline=None, derandomize=True,
+CI_PROFILE = settings(max_examples=scaled_work(60, at_least=20), deadline=None,
+                      derandomize=True,
                       suppress_health_check=list(HealthCheck))
 SOAK_PROFILE = settings(max_examples=5000, deadline=None,
                         suppress_health_check=list(HealthCheck))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+from forking import scaled_work
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -39,7 +40,8 @@ MAX_REGIONS = 4
 CANARY = 0xC0FFEE0DDBA11
 GUARD = 4  # canary entries on each side of every addresses array
 
-CI_PROFILE = settings(max_examples=50, stateful_step_count=30, deadline=None, derandomize=True,
+CI_PROFILE = settings(max_examples=scaled_work(50, at_least=20), stateful_step_count=30,
+                      deadline=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
 SOAK_PROFILE = settings(max_examples=3000, stateful_step_count=80, deadline=None,
                         suppress_health_check=list(HealthCheck))

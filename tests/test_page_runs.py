@@ -8,6 +8,7 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
+from forking import scaled_work
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -84,7 +85,7 @@ class PageRunsMachine(RuleBasedStateMachine):
 
 
 PageRunsMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None,
+    max_examples=scaled_work(150, at_least=50), stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_page_runs_match_per_page_model = PageRunsMachine.TestCase
 
