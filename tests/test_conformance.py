@@ -285,6 +285,14 @@ def test_capped_reset_bug_is_found_with_a_short_trace():
     assert divergences and divergences[0].step == len(found.trace) - 1
 
 
+def test_trace_calls_read_as_the_windows_calls_they_stand_for():
+    """A report's trace spells flags as the SDK does, unnamed bits in hex."""
+    assert Alloc(0, 16, WATCHED, ww.PAGE_READWRITE).describe() == (
+        "r0 = VirtualAlloc(NULL, 16*P, MEM_RESERVE|MEM_COMMIT|MEM_WRITE_WATCH, PAGE_READWRITE)")
+    assert Alloc(1, 1, ww.MEM_RESERVE | 0x40, ww.PAGE_NOACCESS).describe() == (
+        "r1 = VirtualAlloc(NULL, P, MEM_RESERVE|0x40, PAGE_NOACCESS)")
+
+
 def test_traces_include_short_and_empty_kernel_reads():
     writes = [op for seed in range(200)
               for op in conformance.TraceGenerator(seed).trace(60)

@@ -52,7 +52,8 @@ def test_virtual_query_prints_hex_addresses_and_named_constants() -> None:
         assert "AllocationProtect=PAGE_READWRITE" in text and "Protect=PAGE_READONLY" in text
         assert "State=MEM_COMMIT" in text and "Type=MEM_PRIVATE" in text
         assert f"RegionSize={ww.PAGE_SIZE:#x}" in text
-        assert "State=MEM_RESERVE" in repr(ww.VirtualQuery(base + ww.PAGE_SIZE))
+        reserved = repr(ww.VirtualQuery(base + ww.PAGE_SIZE))
+        assert "State=MEM_RESERVE" in reserved and "Protect=0," in reserved
     finally:
         ww.VirtualFree(base, 0, ww.MEM_RELEASE)
     assert "State=MEM_FREE" in repr(ww.VirtualQuery(base))

@@ -50,7 +50,7 @@ WRITE_WATCH_FAILED = 0xFFFFFFFF
 
 
 _ALLOCATION_TYPE_NAMES = {
-    MEM_COMMIT: "MEM_COMMIT", MEM_RESERVE: "MEM_RESERVE", MEM_DECOMMIT: "MEM_DECOMMIT",
+    MEM_RESERVE: "MEM_RESERVE", MEM_COMMIT: "MEM_COMMIT", MEM_DECOMMIT: "MEM_DECOMMIT",
     MEM_RELEASE: "MEM_RELEASE", MEM_RESERVE_PLACEHOLDER: "MEM_RESERVE_PLACEHOLDER",
     MEM_RESET: "MEM_RESET", MEM_TOP_DOWN: "MEM_TOP_DOWN", MEM_WRITE_WATCH: "MEM_WRITE_WATCH",
     MEM_PHYSICAL: "MEM_PHYSICAL", MEM_RESET_UNDO: "MEM_RESET_UNDO",
@@ -70,8 +70,10 @@ def _flag_names(value: int, names: dict[int, str]) -> str:
     """value as SDK names joined by "|", with unnamed bits in hex ("0" for none)."""
     parts = [name for bit, name in names.items() if value & bit]
     rest = value & ~sum(bit for bit in names if value & bit)
-    if rest or not parts:
+    if rest:
         parts.append(f"{rest:#x}")
+    elif not parts:
+        parts.append("0")
     return "|".join(parts)
 
 

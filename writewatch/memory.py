@@ -23,8 +23,6 @@ from writewatch.constants import (
     MEM_RESERVE,
     MEM_WRITE_WATCH,
     PAGE_NOACCESS,
-    PAGE_READONLY,
-    PAGE_READWRITE,
     allocation_type_name,
     protection_name,
 )
@@ -39,8 +37,6 @@ def _named(value: int, names: dict[int, str]) -> str:
 
 
 _STATE_NAMES = {MEM_COMMIT: "MEM_COMMIT", MEM_RESERVE: "MEM_RESERVE", MEM_FREE: "MEM_FREE"}
-_PROTECT_NAMES = {0: "0", PAGE_NOACCESS: "PAGE_NOACCESS", PAGE_READONLY: "PAGE_READONLY",
-                  PAGE_READWRITE: "PAGE_READWRITE"}
 _TYPE_NAMES = {0: "0", MEM_PRIVATE: "MEM_PRIVATE"}
 
 
@@ -59,9 +55,9 @@ class MEMORY_BASIC_INFORMATION(NamedTuple):  # noqa: N801 - the Windows name
     def __repr__(self) -> str:
         return (f"MEMORY_BASIC_INFORMATION(BaseAddress={self.BaseAddress:#x}, "
                 f"AllocationBase={self.AllocationBase:#x}, "
-                f"AllocationProtect={_named(self.AllocationProtect, _PROTECT_NAMES)}, "
+                f"AllocationProtect={protection_name(self.AllocationProtect)}, "
                 f"RegionSize={self.RegionSize:#x}, State={_named(self.State, _STATE_NAMES)}, "
-                f"Protect={_named(self.Protect, _PROTECT_NAMES)}, "
+                f"Protect={protection_name(self.Protect)}, "
                 f"Type={_named(self.Type, _TYPE_NAMES)})")
 
 

@@ -85,6 +85,8 @@ from writewatch.constants import (
     PAGE_READWRITE,
     WRITE_WATCH_FAILED,
     WRITE_WATCH_FLAG_RESET,
+    allocation_type_name,
+    protection_name,
 )
 from writewatch.kernel import PAGE_SIZE
 from writewatch.regions import ALLOCATION_GRANULARITY
@@ -99,8 +101,6 @@ from writewatch.testing.winmodel import (
 )
 
 P = PAGE_SIZE
-_PROTECTION_NAMES = {PAGE_NOACCESS: "PAGE_NOACCESS", PAGE_READONLY: "PAGE_READONLY",
-                     PAGE_READWRITE: "PAGE_READWRITE"}
 # Guard entries after the addresses array's capacity: none may be overwritten.
 _GUARD_ENTRIES = 2
 _GUARD_VALUE = 0xDEADBEEFDEADBEEF
@@ -570,17 +570,6 @@ def _at(slot: int, offset: int) -> str:
     return f"r{slot}" if offset == 0 else f"r{slot} + {_size(offset)}"
 
 
-def _allocation_name(allocation_type: int) -> str:
-    names = [name for name, bit in (("MEM_RESERVE", MEM_RESERVE), ("MEM_COMMIT", MEM_COMMIT),
-                                    ("MEM_WRITE_WATCH", MEM_WRITE_WATCH))
-             if allocation_type & bit]
-    return "|".join(names) or "0"
-
-
-def _protection_name(protect: int) -> str:
-    return _PROTECTION_NAMES.get(protect, f"{protect:#x}")
-
-
 @dataclass(frozen=True)
 class Alloc:
     slot: int
@@ -590,7 +579,7 @@ class Alloc:
 
     def describe(self) -> str:
         return (f"r{self.slot} = VirtualAlloc(NULL, {_size(self.pages * P)}, "
-                f"{_allocation_name(self.allocation_type)}, {_protection_name(self.protect)})")
+                f"{allocation_type_name(self.allocation_type)}, {protection_name(self.protect)})")
 
 
 @dataclass(frozen=True)
@@ -602,7 +591,7 @@ class Commit:
 
     def describe(self) -> str:
         return (f"VirtualAlloc({_at(self.slot, self.offset)}, {_size(self.size)}, MEM_COMMIT, "
-                f"{_protection_name(self.protect)})")
+                f"{protection_name(self.protect)})")
 
 
 @dataclass(frozen=True)
@@ -627,7 +616,7 @@ class Protect:
 
     def describe(self) -> str:
         return (f"VirtualProtect({_at(self.slot, self.offset)}, {_size(self.size)}, "
-                f"{_protection_name(self.protect)}, &old)")
+                f"{protection_name(self.protect)}, &old)")
 
 
 @dataclass(frozen=True)
@@ -759,7 +748,7 @@ class Session:
             return "ok"
         if isinstance(op, Protect):
             ok, old = windows.VirtualProtect(base + op.offset, op.size, op.protect)
-            return f"ok, old {_protection_name(old)}" if ok else self.failure()
+            return f"ok, old {protection_name(old)}" if ok else self.failure()
         if isinstance(op, Write):
             data = op.data
             if op.by_kernel:
