@@ -56,6 +56,37 @@ struct ct_table {
 
 typedef void (*ct_retire_fn)(void *memory, void *context);
 
+/* Memory an update replaced, kept on a list until no reader may hold it: each
+ * user of the tables has its own rule for when that is. */
+struct ct_retired {
+    struct ct_retired *next;
+    void *memory;
+};
+
+/* Keep memory on *list: 0, or -1 if no node could be allocated (then the
+ * memory leaks rather than being freed under a reader). */
+static inline int ct_retired_push(struct ct_retired **list, void *memory)
+{
+    struct ct_retired *node = malloc(sizeof *node);
+    if (!node)
+        return -1;
+    node->memory = memory;
+    node->next = *list;
+    *list = node;
+    return 0;
+}
+
+/* Free everything on *list and empty it. */
+static inline void ct_retired_free(struct ct_retired **list)
+{
+    while (*list) {
+        struct ct_retired *node = *list;
+        *list = node->next;
+        free(node->memory);
+        free(node);
+    }
+}
+
 /* A position: chunk ci, item k. */
 struct ct_pos {
     uint64_t ci, k;

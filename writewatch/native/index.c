@@ -62,29 +62,14 @@ struct index_entry {
     int users; /* calls scanning this region now */
 };
 
-struct retired {
-    struct retired *next;
-    void *memory;
-};
-
 static struct ct_table index_table; /* entries by base */
 static uint64_t index_epoch;
 static int index_readers[2];  /* readers in each phase */
 static int index_phase;       /* the phase new readers count themselves in */
-static struct retired *retired_now;    /* retired in this phase */
-static struct retired *retired_before; /* retired before the last flip */
-static int retired_pending;            /* either list is non-empty */
+static struct ct_retired *retired_now;    /* retired in this phase */
+static struct ct_retired *retired_before; /* retired before the last flip */
+static int retired_pending;               /* either list is non-empty */
 static pthread_mutex_t index_mutex = PTHREAD_MUTEX_INITIALIZER;
-
-static void free_retired(struct retired *node)
-{
-    while (node) {
-        struct retired *next = node->next;
-        free(node->memory);
-        free(node);
-        node = next;
-    }
-}
 
 /*
  * Free what no reader can reach any more, and flip the phase. A reader that
@@ -100,7 +85,7 @@ static void reclaim(void)
         int phase = index_phase;
         if (__atomic_load_n(&index_readers[1 - phase], __ATOMIC_SEQ_CST))
             break;
-        free_retired(retired_before);
+        ct_retired_free(&retired_before);
         retired_before = retired_now;
         retired_now = NULL;
         __atomic_store_n(&index_phase, 1 - phase, __ATOMIC_SEQ_CST);
@@ -114,13 +99,8 @@ static void retire_block(void *memory, void *context)
     (void)context;
     if (!memory)
         return;
-    struct retired *node = malloc(sizeof *node);
-    if (!node)
-        return; /* leak rather than free under a reader */
-    node->memory = memory;
-    node->next = retired_now;
-    retired_now = node;
-    __atomic_store_n(&retired_pending, 1, __ATOMIC_SEQ_CST);
+    if (!ct_retired_push(&retired_now, memory))
+        __atomic_store_n(&retired_pending, 1, __ATOMIC_SEQ_CST);
 }
 
 static void retire(void *memory)

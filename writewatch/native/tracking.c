@@ -71,14 +71,9 @@ struct track_range {
     uint64_t deferred[TRACK_DEFERRED_MAX];    /* pages written while the lock was held */
 };
 
-struct track_retired {
-    struct track_retired *next;
-    void *memory;
-};
-
 static struct ct_table track_table;   /* ranges by start address */
 static pthread_mutex_t track_slots_mutex = PTHREAD_MUTEX_INITIALIZER; /* attach/detach */
-static struct track_retired *track_retired; /* table memory replaced; mutex held */
+static struct ct_retired *track_retired; /* table memory replaced; mutex held */
 static int track_users;          /* native accesses to ranges in progress */
 static int track_sync_uffd = -1; /* this process's uffd of the uffd backend */
 static struct sigaction track_prev_segv;
@@ -399,12 +394,7 @@ static void drain_deferred(struct track_range *r)
 static void track_retire(void *memory, void *context)
 {
     (void)context;
-    struct track_retired *node = malloc(sizeof *node);
-    if (!node)
-        return; /* leak rather than free under a reader */
-    node->memory = memory;
-    node->next = track_retired;
-    track_retired = node;
+    ct_retired_push(&track_retired, memory);
 }
 
 /* Free the retired memory if no access is counted: one that starts now loads
@@ -413,12 +403,7 @@ static void track_reclaim(void)
 {
     if (__atomic_load_n(&track_users, __ATOMIC_SEQ_CST))
         return;
-    while (track_retired) {
-        struct track_retired *node = track_retired;
-        track_retired = node->next;
-        free(node->memory);
-        free(node);
-    }
+    ct_retired_free(&track_retired);
 }
 
 /*
