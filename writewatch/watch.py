@@ -7,7 +7,8 @@ Only the checks on the Python output array itself are made here.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from writewatch.errors import WriteWatchError, uint
 from writewatch.kernel import page_ceil, page_floor
 
 _UINTP = np.dtype(np.uintp)
+T = TypeVar("T")
 
 
 def _output_array_problem(addresses: Any) -> str:
@@ -109,12 +111,21 @@ def _get_write_watch_checked(flags: Any, base: Any, size: Any, addresses: Any,
     if not addresses.flags.writeable:
         raise WriteWatchError(ERROR_NOACCESS, "the addresses array is read-only")
     flags, base, size = uint(flags, "flags"), uint(base, "base"), uint(size, "size")
+    return _on_index(lambda: index.get_write_watch(flags, base, size, addresses, count),
+                     lambda: _get_latched(flags, base, size, addresses, count), base, size)
+
+
+def _on_index(call: Callable[[], T], on_latched: Callable[[], T], base: int, size: int) -> T:
+    """call() on the native index, with its refusals answered: a region with
+    latched pages goes to on_latched(); a forked child's stale region is
+    registered again and the call retried once; any other refusal is raised,
+    worded."""
     for attempt in range(2):
         try:
-            return index.get_write_watch(flags, base, size, addresses, count)
+            return call()
         except index.RefusedError as refused:
             if refused.reason == index.REFUSED_LATCHED:
-                return _get_latched(flags, base, size, addresses, count)
+                return on_latched()
             if refused.reason != index.REFUSED_STALE or attempt:
                 raise _refusal(refused.reason, base, size) from None
         _refresh_after_fork(base)
@@ -144,20 +155,16 @@ def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count:
 def reset_write_watch(base: Any, size: Any) -> None:
     """ResetWriteWatch: mark every page of [base, base+size) unwritten."""
     base, size = uint(base, "base"), uint(size, "size")
-    for attempt in range(2):
-        try:
-            index.reset_write_watch(base, size)
-            return
-        except index.RefusedError as refused:
-            if refused.reason == index.REFUSED_LATCHED:
-                region = _latched_region(base, size)
-                with region.lock:
-                    region.sync_after_fork()
-                    latch.reset(region, page_floor(base), page_ceil(base + size))
-                return
-            if refused.reason != index.REFUSED_STALE or attempt:
-                raise _refusal(refused.reason, base, size) from None
-        _refresh_after_fork(base)
+    _on_index(lambda: index.reset_write_watch(base, size),
+              lambda: _reset_latched(base, size), base, size)
+
+
+def _reset_latched(base: int, size: int) -> None:
+    """ResetWriteWatch on a region with latched pages: the reset clears them."""
+    region = _latched_region(base, size)
+    with region.lock:
+        region.sync_after_fork()
+        latch.reset(region, page_floor(base), page_ceil(base + size))
 
 
 def prepare_kernel_write(address: Any, size: Any) -> None:
