@@ -46,7 +46,6 @@ struct ct_slot {
 
 struct ct_top {
     uint64_t count; /* chunks */
-    uint64_t items; /* items in all chunks */
     struct ct_slot slots[];
 };
 
@@ -95,11 +94,6 @@ struct ct_pos {
 static inline struct ct_top *ct_load(struct ct_table *table)
 {
     return __atomic_load_n(&table->top, __ATOMIC_SEQ_CST);
-}
-
-static inline uint64_t ct_count(const struct ct_top *top)
-{
-    return top ? top->items : 0;
 }
 
 /* The last item whose start <= address: 1 and *pos, or 0 if none. */
@@ -271,18 +265,15 @@ static int ct_splice(struct ct_table *table, uint64_t from, uint64_t to,
     }
     if (top) {
         top->count = new_count;
-        uint64_t t = 0, old_items = 0;
+        uint64_t t = 0;
         for (uint64_t c = 0; c < lo; c++)
             top->slots[t++] = old->slots[c];
-        for (uint64_t c = lo; c < hi; c++)
-            old_items += old->slots[c].chunk->count;
         for (uint64_t c = 0; c < made; c++) {
             top->slots[t].first = chunks[c]->items[0].start;
             top->slots[t++].chunk = chunks[c];
         }
         for (uint64_t c = hi; c < nchunks; c++)
             top->slots[t++] = old->slots[c];
-        top->items = (old ? old->items : 0) - old_items + total;
     }
     free(chunks);
     __atomic_store_n(&table->top, top, __ATOMIC_SEQ_CST);
@@ -291,16 +282,6 @@ static int ct_splice(struct ct_table *table, uint64_t from, uint64_t to,
     if (old)
         retire(old, context);
     return 0;
-}
-
-/* Free a whole table at once (no reader may be left). */
-static inline void ct_free_all(struct ct_table *table)
-{
-    struct ct_top *top = table->top;
-    for (uint64_t c = 0; top && c < top->count; c++)
-        free(top->slots[c].chunk);
-    free(top);
-    table->top = NULL;
 }
 
 #endif
