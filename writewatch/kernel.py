@@ -324,11 +324,11 @@ class Backend:
         """Does this backend watch the memory at address in this process?"""
         raise NotImplementedError
 
-    def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+    def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        """process_memwatch on [start, end) of this process, which this backend
-        watches (memwatch.py checked the arguments): EINVAL unless all of it is
-        watched memory."""
+        """process_memwatch (the proposal's flags) on [start, end) of this
+        process (memwatch.py checked the arguments): the count of offsets
+        written to out; a refusal is EINVAL with its reason."""
         raise NotImplementedError
 
 

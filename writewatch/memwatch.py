@@ -141,8 +141,7 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
     # lets the kernel say whether the range is registered.
     for each in backends.available_backends()[::-1]:
         if each.watches(start):
-            return _memwatch_check(each.process_memwatch(start, end, get, clear, out,
-                                                         capacity))
+            return _memwatch_check(each.process_memwatch(start, end, flags, out, capacity))
     raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not watched memory")
 
 

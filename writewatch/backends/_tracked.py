@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import kernel
-from writewatch.kernel import check, lib, oserror
+from writewatch.kernel import check, ffi, lib, oserror
 
 
 class TrackedWatcher(kernel.Watcher):
@@ -47,12 +47,22 @@ def watches(mode: int, address: int) -> bool:
     return bool(lib.ww_track_mode_at(address) == mode)
 
 
-def process_memwatch(mode: int, start: int, end: int, get: bool, clear: bool, out: Any,
-                     capacity: int) -> int:
-    """process_memwatch on memory tracked in mode, found, checked and scanned in
-    one native access (a release racing it waits for it); the result is a
-    count or -errno, for memwatch.py to word."""
-    result = int(lib.ww_track_memwatch(mode, start, end, get, clear, out, capacity))
-    if result == -errno.EINVAL:
-        raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not all watched memory")
-    return result
+def memwatch_any(mode: int, start: int, end: int, flags: int, out: Any, capacity: int) -> int:
+    """process_memwatch (the proposal's flags) over any private anonymous memory
+    of this process in [start, end), watched in mode from its first call on
+    (native/foreign.c); the count, or OSError with the refusal's reason."""
+    result = int(lib.ww_track_memwatch_any(mode, start, end, flags, out, capacity))
+    return check(result, _reason(result, "process_memwatch"))
+
+
+def memwatch_unwatch(mode: int, start: int, end: int) -> None:
+    """Stop watching [start, end): armed pages get back the protection their
+    mapping had, and the memory is left as it was."""
+    result = int(lib.ww_track_memwatch_unwatch(mode, start, end))
+    check(result, _reason(result, "process_memwatch unwatch"))
+
+
+def _reason(result: int, what: str) -> str:
+    if result != -errno.EINVAL:
+        return what
+    return ffi.string(lib.ww_memwatch_reason()).decode() or what

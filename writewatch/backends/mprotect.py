@@ -89,7 +89,11 @@ class MprotectBackend(kernel.Backend):
     def watches(self, address: int) -> bool:
         return _tracked.watches(lib.WW_MODE_MPROTECT, address)
 
-    def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+    def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        return _tracked.process_memwatch(lib.WW_MODE_MPROTECT, start, end, get, clear, out,
-                                         capacity)
+        _keep_handler_first()
+        check(lib.ww_segv_install(), "sigaction(SIGSEGV)")
+        return _tracked.memwatch_any(lib.WW_MODE_MPROTECT, start, end, flags, out, capacity)
+
+    def memwatch_unwatch(self, start: int, end: int) -> None:
+        _tracked.memwatch_unwatch(lib.WW_MODE_MPROTECT, start, end)

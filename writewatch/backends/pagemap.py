@@ -72,9 +72,10 @@ class PagemapBackend(kernel.Backend):
         # the kernel knows this backend's, and process_memwatch asks it.
         return True
 
-    def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+    def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        return memwatch_scan(self.pagemap_fd, start, end, get, clear, out, capacity)
+        return memwatch_scan(self.pagemap_fd, start, end, bool(flags & lib.WW_MEMWATCH_GET),
+                             bool(flags & lib.WW_MEMWATCH_CLEAR), out, capacity)
 
 
 def memwatch_scan(pagemap_fd: int, start: int, end: int, get: bool, clear: bool, out: Any,

@@ -44,6 +44,7 @@ class _Descriptor(kernel.PerProcess):
                       | offered & (lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_THREAD_ID))
             self.features = kernel.uffd_enable_features(uffd, wanted) & wanted
             check(lib.ww_uffd_handler_start(uffd), "pthread_create")
+            lib.ww_memwatch_use_uffd(uffd, self.features)
         except OSError:
             os.close(uffd)
             raise
@@ -82,10 +83,14 @@ class UffdBackend(kernel.Backend):
     def watches(self, address: int) -> bool:
         return _tracked.watches(lib.WW_MODE_UFFD, address)
 
-    def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+    def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        return _tracked.process_memwatch(lib.WW_MODE_UFFD, start, end, get, clear, out,
-                                         capacity)
+        self.descriptor.get()  # this process's descriptor and handler thread
+        return _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
+
+    def memwatch_unwatch(self, start: int, end: int) -> None:
+        self.descriptor.get()
+        _tracked.memwatch_unwatch(lib.WW_MODE_UFFD, start, end)
 
 
 class _UffdWatcher(_tracked.TrackedWatcher):
