@@ -52,7 +52,7 @@ struct pm_scan_arg {
 };
 
 /* ---- PROCMAP_QUERY on /proc/PID/maps (Linux 6.11): one VMA per ioctl ---- */
-#define PROCMAP_QUERY 0xC0606611
+#define PROCMAP_QUERY 0xC0686611
 #define PROCMAP_QUERY_VMA_READABLE 0x1
 #define PROCMAP_QUERY_VMA_WRITABLE 0x2
 #define PROCMAP_QUERY_VMA_EXECUTABLE 0x4

@@ -82,6 +82,9 @@ void ww_memwatch_use_uffd(int uffd, uint64_t features)
     pthread_mutex_unlock(&foreign_mutex);
 }
 
+static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+static uint64_t max_u64(uint64_t a, uint64_t b) { return a > b ? a : b; }
+
 /* ---- the watched spans: one tracking range each, sorted by address ---- */
 
 struct span {
@@ -482,12 +485,72 @@ static int expected_prot(int mode, int st)
 }
 
 /*
+ * The tracking state of every watched page of [start, end), read before the
+ * VMAs are: between calls the fault paths only ever unarm a page (mprotect
+ * gives it write access), so a page read armed whose VMA turns out writable
+ * was unarmed meanwhile or replaced, and one read unarmed whose VMA is
+ * read-only had its protection changed by its owner. Read the other way round,
+ * an unarm racing the walk would look like the owner's mprotect.
+ */
+struct snapshot {
+    uint64_t start, end; /* of this part of a span */
+    uint8_t *state;
+};
+
+struct snapshots {
+    struct snapshot *at;
+    size_t count;
+};
+
+static void snapshots_free(struct snapshots *list)
+{
+    for (size_t i = 0; i < list->count; i++)
+        free(list->at[i].state);
+    free(list->at);
+    list->count = 0;
+}
+
+static int take_snapshots(uint64_t start, uint64_t end, struct snapshots *list)
+{
+    size_t first = span_from(start), count = 0;
+    while (first + count < span_count && spans[first + count].start < end)
+        count++;
+    list->at = count ? calloc(count, sizeof *list->at) : NULL;
+    if (count && !list->at)
+        return -ENOMEM;
+    for (size_t i = 0; i < count; i++) {
+        struct snapshot *shot = &list->at[list->count++];
+        const struct span *span = &spans[first + i];
+        shot->start = max_u64(start, span->start);
+        shot->end = min_u64(end, span->end);
+        shot->state = malloc((shot->end - shot->start) / PAGE);
+        if (!shot->state)
+            return -ENOMEM;
+        for (uint64_t page = shot->start; page < shot->end; page += PAGE) {
+            int st = ww_track_state(span->start, page);
+            shot->state[(page - shot->start) / PAGE] = st < 0 ? 0 : (uint8_t)st;
+        }
+    }
+    return 0;
+}
+
+/* A page's state in the snapshot; 0 (never watched) for one it does not hold. */
+static int snapshot_state(const struct snapshots *list, uint64_t page)
+{
+    for (size_t i = 0; i < list->count; i++)
+        if (page >= list->at[i].start && page < list->at[i].end)
+            return list->at[i].state[(page - list->at[i].start) / PAGE];
+    return 0;
+}
+
+/*
  * Bring [a, b) of a span, all inside one VMA of protection prot, up to date:
  * pages never watched, and pages whose kernel state no longer is what was
  * armed (the mapping was replaced or its protection changed), are watched as
  * a new mapping.
  */
-static int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact)
+static int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact,
+                   const struct snapshots *before)
 {
     uint64_t entries[CHUNK_PAGES], run = 0;
     int result = 0;
@@ -499,9 +562,9 @@ static int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, 
             uint64_t page = at + i * PAGE;
             int renew = 0;
             if (i < pages) {
-                int st = ww_track_state(handle, page);
+                int st = snapshot_state(before, page);
                 /* uffd: an armed page must still carry the write-protect bit. */
-                renew = st < 0 || !(st & WW_PAGE_WATCHED) ||
+                renew = !(st & WW_PAGE_WATCHED) ||
                         expected_prot(mode, st) != (prot & (PROT_READ | PROT_WRITE)) ||
                         (mode == WW_MODE_UFFD && (st & WW_PAGE_ARMED) &&
                          !(entries[i] >> WW_PM_UFFD_WP_BIT & 1));
@@ -529,8 +592,6 @@ static void install_fork_handlers(void)
     pthread_atfork(lock_calls, unlock_calls, unlock_calls);
 }
 
-static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
-static uint64_t max_u64(uint64_t a, uint64_t b) { return a > b ? a : b; }
 
 /* Is some span overlapping [a, b) of another mode? */
 static int other_mode(int mode, uint64_t a, uint64_t b)
@@ -592,10 +653,16 @@ static int each_piece(int mode, uint64_t start, uint64_t end, const struct vmas 
     return 0;
 }
 
+struct refreshing {
+    int exact;
+    const struct snapshots *before;
+};
+
 static int refresh_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
                         const struct vma *vma, void *context)
 {
-    return refresh(mode, handle, a, b, vma->prot, *(int *)context);
+    const struct refreshing *how = context;
+    return refresh(mode, handle, a, b, vma->prot, how->exact, how->before);
 }
 
 struct scan {
@@ -668,9 +735,11 @@ int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned f
     }
 
     struct vmas list = { 0 };
-    int exact = !!(flags & WW_MEMWATCH_NO_REUSED_REGIONS);
+    struct snapshots before = { 0 };
+    struct refreshing how = { !!(flags & WW_MEMWATCH_NO_REUSED_REGIONS), &before };
     pthread_mutex_lock(&foreign_mutex);
-    result = walk_vmas(start, end, &list);
+    result = take_snapshots(start, end, &before);
+    result = result ? result : walk_vmas(start, end, &list);
     /* Everything refused is refused before anything is watched, read or cleared. */
     result = result ? result : other_mode(mode, start, end);
     for (size_t v = 0; v < list.count && !result; v++)
@@ -679,11 +748,12 @@ int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned f
     for (size_t v = 0; v < list.count && !result; v++)
         result = cover(mode, max_u64(start, list.at[v].start), min_u64(end, list.at[v].end));
     if (!result)
-        result = each_piece(mode, start, end, &list, refresh_step, &exact);
+        result = each_piece(mode, start, end, &list, refresh_step, &how);
     struct scan scan = { start, vec, vec_len, 0, get, clear };
     if (!result)
         result = each_piece(mode, start, end, &list, scan_step, &scan);
     pthread_mutex_unlock(&foreign_mutex);
+    snapshots_free(&before);
     free(list.at);
     return result < 0 ? result : (int64_t)scan.count;
 }
@@ -691,11 +761,10 @@ int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned f
 static int unwatch_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
                         const struct vma *vma, void *context)
 {
-    (void)context;
     /* Pages whose mapping changed are first made plain watched pages (their
      * kernel state left as the new mapping has it), so that stopping restores
      * only what this watch changed. */
-    int result = refresh(mode, handle, a, b, vma->prot, 0);
+    int result = refresh(mode, handle, a, b, vma->prot, 0, context);
     if (!result)
         result = ww_track_unwatch(handle, a, b - a);
     if (!result && mode == WW_MODE_UFFD)
@@ -710,11 +779,13 @@ int ww_track_memwatch_unwatch(int mode, uint64_t start, uint64_t end)
     if (result || start == end)
         return result;
     struct vmas list = { 0 };
+    struct snapshots before = { 0 };
     pthread_mutex_lock(&foreign_mutex);
-    result = walk_vmas(start, end, &list);
+    result = take_snapshots(start, end, &before);
+    result = result ? result : walk_vmas(start, end, &list);
     result = result ? result : other_mode(mode, start, end);
     if (!result)
-        result = each_piece(mode, start, end, &list, unwatch_step, NULL);
+        result = each_piece(mode, start, end, &list, unwatch_step, &before);
     /* Spans wholly inside [start, end) are done with; their unmapped parts
      * (holes now) hold no protection to restore. */
     for (size_t at = span_from(start); !result && at < span_count && spans[at].start < end;) {
@@ -727,6 +798,7 @@ int ww_track_memwatch_unwatch(int mode, uint64_t start, uint64_t end)
         }
     }
     pthread_mutex_unlock(&foreign_mutex);
+    snapshots_free(&before);
     free(list.at);
     return result;
 }
