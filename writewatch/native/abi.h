@@ -220,6 +220,7 @@ int ww_track_memwatch_unwatch(int mode, uint64_t start, uint64_t end);
 const char *ww_memwatch_reason(void);
 void ww_memwatch_use_uffd(int uffd, uint64_t features);
 int ww_memwatch_maps_method(int force_maps);
+void ww_memwatch_evict(uint64_t start, uint64_t end);
 
 /* The native index of write-watch regions (index.c): GetWriteWatch and
  * ResetWriteWatch in one call each, Windows' checks included. A call the index

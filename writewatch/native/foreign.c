@@ -653,6 +653,27 @@ static int each_piece(int mode, uint64_t start, uint64_t end, const struct vmas 
     return 0;
 }
 
+/* Is [a, b) still all mapped? A piece unmapped during a call (its owner
+ * racing it) became a hole, which holds nothing: what failed on it is moot. */
+static int still_mapped(uint64_t a, uint64_t b)
+{
+    struct vmas list = { 0 };
+    uint64_t covered = a;
+    if (!walk_vmas(a, b, &list))
+        for (size_t v = 0; v < list.count && list.at[v].start <= covered; v++)
+            covered = max_u64(covered, list.at[v].end);
+    free(list.at);
+    return covered >= b;
+}
+
+static int unless_unmapped(int result, uint64_t a, uint64_t b)
+{
+    if (!result || still_mapped(a, b))
+        return result;
+    memwatch_reason[0] = 0;
+    return 0;
+}
+
 struct refreshing {
     int exact;
     const struct snapshots *before;
@@ -662,7 +683,8 @@ static int refresh_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
                         const struct vma *vma, void *context)
 {
     const struct refreshing *how = context;
-    return refresh(mode, handle, a, b, vma->prot, how->exact, how->before);
+    return unless_unmapped(refresh(mode, handle, a, b, vma->prot, how->exact, how->before),
+                           a, b);
 }
 
 struct scan {
@@ -685,7 +707,7 @@ static int scan_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
         n = failed ? failed : ww_track_scan(handle, a, b, scan->clear, out, room, scan->origin);
     }
     if (n < 0)
-        return (int)n;
+        return unless_unmapped((int)n, a, b);
     if (scan->get)
         scan->count += (uint64_t)n;
     return scan->get && scan->count >= scan->capacity; /* 1: stop, vec is full */
@@ -772,20 +794,51 @@ static int unwatch_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
     return result;
 }
 
+/* Stop watching [start, end) in mode, the caller holding the mutex. */
+static int unwatch_locked(int mode, uint64_t start, uint64_t end)
+{
+    struct vmas list = { 0 };
+    struct snapshots before = { 0 };
+    int result = take_snapshots(start, end, &before);
+    result = result ? result : walk_vmas(start, end, &list);
+    result = result ? result : other_mode(mode, start, end);
+    if (!result)
+        result = each_piece(mode, start, end, &list, unwatch_step, &before);
+    snapshots_free(&before);
+    free(list.at);
+    return result;
+}
+
+/*
+ * writewatch maps a region of its own at [start, end): whatever was watched
+ * there was unmapped, and the spans over it are dropped. Their parts outside
+ * stop being watched, their protection restored: a span is all or nothing.
+ */
+void ww_memwatch_evict(uint64_t start, uint64_t end)
+{
+    pthread_mutex_lock(&foreign_mutex);
+    for (size_t at = span_from(start); at < span_count && spans[at].start < end;) {
+        struct span span = spans[at];
+        if (span.start < start)
+            unwatch_locked(span.mode, span.start, start);
+        if (span.end > end)
+            unwatch_locked(span.mode, end, span.end);
+        if (!ww_track_detach(span.start))
+            span_remove(at);
+        else
+            at++;
+    }
+    pthread_mutex_unlock(&foreign_mutex);
+}
+
 int ww_track_memwatch_unwatch(int mode, uint64_t start, uint64_t end)
 {
     memwatch_reason[0] = 0;
     int result = check_call(mode, start, end);
     if (result || start == end)
         return result;
-    struct vmas list = { 0 };
-    struct snapshots before = { 0 };
     pthread_mutex_lock(&foreign_mutex);
-    result = take_snapshots(start, end, &before);
-    result = result ? result : walk_vmas(start, end, &list);
-    result = result ? result : other_mode(mode, start, end);
-    if (!result)
-        result = each_piece(mode, start, end, &list, unwatch_step, &before);
+    result = unwatch_locked(mode, start, end);
     /* Spans wholly inside [start, end) are done with; their unmapped parts
      * (holes now) hold no protection to restore. */
     for (size_t at = span_from(start); !result && at < span_count && spans[at].start < end;) {
@@ -798,7 +851,5 @@ int ww_track_memwatch_unwatch(int mode, uint64_t start, uint64_t end)
         }
     }
     pthread_mutex_unlock(&foreign_mutex);
-    snapshots_free(&before);
-    free(list.at);
     return result;
 }

@@ -461,6 +461,8 @@ int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
     if (mode == WW_MODE_MPROTECT && !foreign)
         share_one_anon_vma(start, length);
     struct ct_item item = { .start = r->start, .end = r->end, .ptr = r };
+    if (!foreign) /* a new reservation replaces whatever was watched there */
+        ww_memwatch_evict(r->start, r->end);
     pthread_mutex_lock(&track_slots_mutex);
     int result = length == 0 || ct_overlaps(track_table.top, r->start, r->end) ? -EEXIST
         : ct_splice(&track_table, r->start, r->start + 1, &item, 1, track_retire, NULL);
