@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from forking import run_forked, scaled_work
+from forking import run_forked, run_python, scaled_work
 from native_writers import NativeWriters
 
 from writewatch import backends, kernel
@@ -346,3 +346,49 @@ def test_refusals_carry_their_reason(backend) -> None:
     assert refused.value.errno == errno.EINVAL
     with pytest.raises(OSError, match="flags"):
         Watched(backend, at, 1).call(0x8 | GET)
+
+
+def test_procmap_query_is_used_where_the_kernel_has_it(watch) -> None:
+    w = watch(map_anon(2), 2)
+    w.call(GET)
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    assert bool(lib.ww_memwatch_maps_method(-1)) == ((major, minor) >= (6, 11))
+
+
+PYTHON_HEAP = """
+import os
+import numpy as np
+from writewatch import backends
+from writewatch.kernel import ffi
+backend = backends.backend("{backend}")
+buffer = bytearray(64 * 1024)  # below the mmap threshold: on the heap
+with open("/proc/self/maps") as maps:
+    low, high = next((int(x, 16) for x in line.split()[0].split("-"))
+                     for line in maps if line.rstrip().endswith("[heap]"))
+vec = np.zeros((high - low) // 4096 + 1, np.int64)
+out = ffi.from_buffer("uint64_t[]", vec)
+backend.process_memwatch(low, high, 3, out, len(vec))   # every heap page armed
+junk = [dict(a=i, b=str(i) * 10) for i in range(20000)]  # the interpreter writes its heap
+zero = os.open("/dev/zero", os.O_RDONLY)
+try:  # the kernel writes into a page of the buffer nobody wrote since the clear
+    got = os.readv(zero, [memoryview(buffer)[32 * 1024:36 * 1024]])
+except OSError as exc:
+    got = -exc.errno
+written = backend.process_memwatch(low, high, 1, out, len(vec))
+backend.memwatch_unwatch(low, high)
+after = os.readv(zero, [memoryview(buffer)[32 * 1024:36 * 1024]])
+print(written > 0, got, after, sum(len(d) for d in junk))
+"""
+
+
+def test_the_interpreters_own_heap_keeps_working_while_armed(backend) -> None:
+    """Every page of the malloc heap armed: the interpreter's writes go through
+    the fault handling, the kernel's own write either works (uffd with kernel
+    faults) or fails with EFAULT (mprotect), and nothing crashes or hangs."""
+    result = run_python(PYTHON_HEAP.format(backend=backend.name), report_hang=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written, got, after, total = result.stdout.split()
+    assert written == "True" and total == "40000"
+    kernel_faults = backend.name == "uffd" and not backend.kernel_writes_fault()
+    assert int(got) == (4096 if kernel_faults else -errno.EFAULT)
+    assert after == "4096", "stopped watching: the kernel writes again"

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import kernel
-from writewatch.kernel import check, ffi, lib, oserror
+from writewatch.kernel import check, ffi, lib
 
 
 class TrackedWatcher(kernel.Watcher):

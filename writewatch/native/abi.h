@@ -207,6 +207,7 @@ int ww_segv_installed(void);
 int ww_uffd_handler_start(int uffd);
 int ww_touch_for_write(uint64_t start, uint64_t length);
 int ww_track_internal_overlaps(uint64_t start, uint64_t end);
+int ww_track_states(uint64_t handle, uint64_t address, uint64_t npages, uint8_t *out);
 
 /* process_memwatch over any private anonymous memory of this process on the
  * fallback backends (foreign.c). A refusal (-EINVAL) leaves its reason in

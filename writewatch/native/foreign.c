@@ -313,15 +313,23 @@ static int refusal(const struct vma *vma, uint64_t a, uint64_t b, int mode)
         return refuse("[%#llx, %#llx) holds writewatch's own write-tracking state, which "
                       "its fault handling writes", (unsigned long long)a, (unsigned long long)b);
     /* The calling thread's stacks: the kernel writes signal frames and system
-     * call results there, which an armed page fails (EFAULT) or kills. */
-    pthread_attr_t self;
-    void *stack = NULL;
-    size_t size = 0;
-    if (!pthread_getattr_np(pthread_self(), &self)) {
-        pthread_attr_getstack(&self, &stack, &size);
-        pthread_attr_destroy(&self);
+     * call results there, which an armed page fails (EFAULT) or kills. Found
+     * once per thread (for the main thread glibc reads /proc/self/maps). */
+    static __thread uint64_t stack_low, stack_size;
+    static __thread int stack_known;
+    if (!stack_known) {
+        pthread_attr_t self;
+        void *stack = NULL;
+        size_t size = 0;
+        if (!pthread_getattr_np(pthread_self(), &self)) {
+            pthread_attr_getstack(&self, &stack, &size);
+            pthread_attr_destroy(&self);
+        }
+        stack_low = (uint64_t)(uintptr_t)stack;
+        stack_size = size;
+        stack_known = 1;
     }
-    uint64_t low = (uint64_t)(uintptr_t)stack;
+    uint64_t low = stack_low, size = stack_size;
     if (size && a < low + size && low < b)
         return refuse("[%#llx, %#llx) holds the calling thread's stack",
                       (unsigned long long)a, (unsigned long long)b);
@@ -523,13 +531,12 @@ static int take_snapshots(uint64_t start, uint64_t end, struct snapshots *list)
         const struct span *span = &spans[first + i];
         shot->start = max_u64(start, span->start);
         shot->end = min_u64(end, span->end);
-        shot->state = malloc((shot->end - shot->start) / PAGE);
+        uint64_t npages = (shot->end - shot->start) / PAGE;
+        shot->state = malloc(npages);
         if (!shot->state)
             return -ENOMEM;
-        for (uint64_t page = shot->start; page < shot->end; page += PAGE) {
-            int st = ww_track_state(span->start, page);
-            shot->state[(page - shot->start) / PAGE] = st < 0 ? 0 : (uint8_t)st;
-        }
+        if (ww_track_states(span->start, shot->start, npages, shot->state))
+            memset(shot->state, 0, npages);
     }
     return 0;
 }
@@ -690,13 +697,37 @@ static int refresh_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
 struct scan {
     uint64_t origin, *vec, capacity, count;
     int get, clear;
+    const struct snapshots *before;
 };
+
+/*
+ * Before Linux 6.4 write-protect skips empty page table entries, and a dirty
+ * page of foreign memory may have none (its owner's MADV_DONTNEED, or a
+ * replaced mapping whose page was dirty before): populate the dirty pages a
+ * clear is about to arm. Armed pages are left alone: populating them for
+ * writing would fault into the handler and dirty them.
+ */
+static void populate_dirty(uint64_t a, uint64_t b, const struct snapshots *before)
+{
+    uint64_t run = 0;
+    for (uint64_t page = a; page <= b; page += PAGE) {
+        int dirty = page < b && (snapshot_state(before, page) & WW_PAGE_DIRTY);
+        if (dirty && !run)
+            run = page;
+        if (!dirty && run) {
+            ww_madvise(run, page - run, MADV_POPULATE_WRITE);
+            run = 0;
+        }
+    }
+}
 
 static int scan_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
                      const struct vma *vma, void *context)
 {
-    (void)vma;
     struct scan *scan = context;
+    if (mode == WW_MODE_UFFD && scan->clear && (vma->prot & PROT_WRITE) &&
+        !(foreign_uffd_features & UFFD_FEATURE_WP_UNPOPULATED))
+        populate_dirty(a, b, scan->before);
     uint64_t room = scan->get ? scan->capacity - scan->count : (b - a) / PAGE;
     uint64_t *out = scan->get ? scan->vec + scan->count : NULL;
     int64_t n = ww_track_scan(handle, a, b, scan->clear, out, room, scan->origin);
@@ -771,7 +802,7 @@ int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned f
         result = cover(mode, max_u64(start, list.at[v].start), min_u64(end, list.at[v].end));
     if (!result)
         result = each_piece(mode, start, end, &list, refresh_step, &how);
-    struct scan scan = { start, vec, vec_len, 0, get, clear };
+    struct scan scan = { start, vec, vec_len, 0, get, clear, &before };
     if (!result)
         result = each_piece(mode, start, end, &list, scan_step, &scan);
     pthread_mutex_unlock(&foreign_mutex);

@@ -535,6 +535,17 @@ int ww_track_internal_overlaps(uint64_t start, uint64_t end)
     return found;
 }
 
+/* The state bytes of npages pages from address, in one counted access. */
+int ww_track_states(uint64_t handle, uint64_t address, uint64_t npages, uint8_t *out)
+{
+    struct track_range *r = range_enter_span(handle, address, npages * WW_PAGE_SIZE);
+    if (!r)
+        return -EINVAL;
+    memcpy(out, r->state + (address - r->start) / WW_PAGE_SIZE, npages);
+    range_exit();
+    return 0;
+}
+
 int ww_track_state(uint64_t handle, uint64_t address)
 {
     struct track_range *r = range_enter(handle);
