@@ -230,26 +230,32 @@ static int query_vmas(int fd, uint64_t start, uint64_t end, struct vmas *list)
 
 static int parse_vmas(uint64_t start, uint64_t end, struct vmas *list)
 {
-    /* Read in one go, so that the lines come from one consistent walk. */
+    /* Read in one go, so that the lines come from one consistent walk, into
+     * memory of its own: the kernel's write into a malloc heap page being
+     * watched would fail with EFAULT. */
     int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
     size_t size = 0, capacity = 1 << 16;
-    char *text = malloc(capacity);
+    char *text = mmap(NULL, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     ssize_t got = 0;
-    while (text && (got = read(fd, text + size, capacity - size - 1)) > 0) {
+    int failed = text == MAP_FAILED ? -ENOMEM : 0;
+    while (!failed && (got = read(fd, text + size, capacity - size - 1)) > 0) {
         size += (size_t)got;
         if (capacity - size < 4096) {
-            char *grown = realloc(text, capacity *= 2);
-            if (!grown)
-                free(text);
-            text = grown;
+            char *grown = mremap(text, capacity, capacity * 2, MREMAP_MAYMOVE);
+            if (grown == MAP_FAILED)
+                failed = -ENOMEM;
+            else
+                text = grown, capacity *= 2;
         }
     }
+    failed = failed ? failed : got < 0 ? -errno : 0;
     close(fd);
-    if (!text || got < 0) {
-        free(text);
-        return -ENOMEM;
+    if (failed) {
+        if (text != MAP_FAILED)
+            munmap(text, capacity);
+        return failed;
     }
     text[size] = 0;
     int result = 0;
@@ -275,7 +281,7 @@ static int parse_vmas(uint64_t start, uint64_t end, struct vmas *list)
         }
         line = next ? next : line + strlen(line);
     }
-    free(text);
+    munmap(text, capacity);
     return result;
 }
 
