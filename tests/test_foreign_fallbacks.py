@@ -74,6 +74,7 @@ class Watched:
         vec = np.full(size, -1, np.int64)
         count = self.backend.process_memwatch(start, end, flags, ffi.from_buffer("uint64_t[]", vec),
                                               capacity or size)
+        assert count >= 0, os.strerror(-count)
         assert (vec[count:] == -1).all(), "wrote past the count"
         return [int(offset) // P for offset in vec[:count]]
 

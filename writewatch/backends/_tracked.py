@@ -50,9 +50,12 @@ def watches(mode: int, address: int) -> bool:
 def memwatch_any(mode: int, start: int, end: int, flags: int, out: Any, capacity: int) -> int:
     """process_memwatch (the proposal's flags) over any private anonymous memory
     of this process in [start, end), watched in mode from its first call on
-    (native/foreign.c); the count, or OSError with the refusal's reason."""
+    (native/foreign.c): the count, or -errno for memwatch.py to decode; a
+    refusal raises OSError(EINVAL) with its reason."""
     result = int(lib.ww_track_memwatch_any(mode, start, end, flags, out, capacity))
-    return check(result, _reason(result, "process_memwatch"))
+    if result == -errno.EINVAL:
+        check(result, _reason(result, "process_memwatch"))
+    return result
 
 
 def memwatch_unwatch(mode: int, start: int, end: int) -> None:
