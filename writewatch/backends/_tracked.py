@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import kernel
-from writewatch.kernel import check, ffi, lib
+from writewatch.kernel import check, ffi, lib, oserror
 
 
 class TrackedWatcher(kernel.Watcher):
@@ -45,6 +45,17 @@ class TrackedWatcher(kernel.Watcher):
 def watches(mode: int, address: int) -> bool:
     """Is address in a range tracked in mode (WW_MODE_MPROTECT or WW_MODE_UFFD)?"""
     return bool(lib.ww_track_mode_at(address) == mode)
+
+
+def region_memwatch(mode: int, start: int, end: int, get: bool, clear: bool, out: Any,
+                    capacity: int) -> int:
+    """process_memwatch on memory tracked in mode, found, checked and scanned in
+    one native access (a release racing it waits for it); the result is a
+    count or -errno, for memwatch.py to word."""
+    result = int(lib.ww_track_memwatch(mode, start, end, get, clear, out, capacity))
+    if result == -errno.EINVAL:
+        raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not all watched memory")
+    return result
 
 
 def memwatch_any(mode: int, start: int, end: int, flags: int, out: Any, capacity: int) -> int:

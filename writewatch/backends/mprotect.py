@@ -89,6 +89,11 @@ class MprotectBackend(kernel.Backend):
     def watches(self, address: int) -> bool:
         return _tracked.watches(lib.WW_MODE_MPROTECT, address)
 
+    def region_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+                        capacity: int) -> int:
+        return _tracked.region_memwatch(lib.WW_MODE_MPROTECT, start, end, get, clear, out,
+                                        capacity)
+
     def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
         _keep_handler_first()

@@ -83,6 +83,11 @@ class UffdBackend(kernel.Backend):
     def watches(self, address: int) -> bool:
         return _tracked.watches(lib.WW_MODE_UFFD, address)
 
+    def region_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+                        capacity: int) -> int:
+        return _tracked.region_memwatch(lib.WW_MODE_UFFD, start, end, get, clear, out,
+                                        capacity)
+
     def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
         self.descriptor.get()  # this process's descriptor and handler thread
