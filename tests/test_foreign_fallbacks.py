@@ -225,7 +225,7 @@ def test_holes_hold_nothing(watch) -> None:
     assert low.call(CLEAR) == [], "the selftest's clear of [0, 0x7FFFFFFF)"
 
 
-def test_file_and_shared_mappings_refused_before_anything_is_cleared(watch) -> None:
+def test_file_mapping_refused_before_anything_is_cleared_shared_memory_watched(watch) -> None:
     start = map_anon(6)  # its last two pages become the file mapping
     with tempfile.TemporaryFile() as file:
         file.write(b"x" * 2 * P)
@@ -240,13 +240,19 @@ def test_file_and_shared_mappings_refused_before_anything_is_cleared(watch) -> N
         with pytest.raises(OSError) as refused:
             w.call(GET | CLEAR, end=start + 6 * P)
         assert refused.value.errno == errno.EINVAL
-        assert "maps the file" in str(refused.value)
+        assert "cannot be watched" in str(refused.value)
+        assert "private file mapping" in str(refused.value)
         assert w.call(GET) == [1], "the refused call cleared nothing"
         libc.munmap(start + 4 * P, 2 * P)
     shared = map_anon(2, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-    with pytest.raises(OSError, match="shared mapping"):
-        Watched(w.backend, shared, 2).call(GET)
-    libc.munmap(shared, 2 * P)
+    try:  # shared memory is watched through this process's mapping of it
+        s = Watched(w.backend, shared, 2)
+        assert s.call(GET | CLEAR) == [0, 1]
+        s.write(1)
+        assert s.call(GET) == [1]
+        s.unwatch()
+    finally:
+        libc.munmap(shared, 2 * P)
 
 
 def test_capped_get_clear_leaves_the_rest(watch) -> None:

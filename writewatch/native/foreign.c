@@ -273,18 +273,24 @@ static int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, 
     int result = 0;
     for (uint64_t at = a; at < b && !result; at += CHUNK_PAGES * PAGE) {
         uint64_t pages = (b - at) / PAGE < CHUNK_PAGES ? (b - at) / PAGE : CHUNK_PAGES;
-        if (mode == WW_MODE_UFFD)
-            result = read_pagemap(at, pages, entries);
+        result = read_pagemap(at, pages, entries);
         for (uint64_t i = 0; i <= pages && !result; i++) {
             uint64_t page = at + i * PAGE;
             int renew = 0;
             if (i < pages) {
                 int st = snapshot_state(before, page);
-                /* uffd: an armed page must still carry the write-protect bit. */
+                uint64_t entry = entries[i];
+                /* uffd: an armed page must still carry the write-protect bit.
+                 * A page written since its clear is present (not the zero
+                 * page) or swapped; one marked written with neither was never
+                 * written in a new mapping (or was dropped by its owner's
+                 * MADV_DONTNEED): it starts again as new, which
+                 * NO_REUSED_REGIONS then reads exactly. */
                 renew = !(st & WW_PAGE_WATCHED) ||
                         expected_prot(mode, st) != (prot & (PROT_READ | PROT_WRITE)) ||
                         (mode == WW_MODE_UFFD && (st & WW_PAGE_ARMED) &&
-                         !(entries[i] >> WW_PM_UFFD_WP_BIT & 1));
+                         !(entry >> WW_PM_UFFD_WP_BIT & 1)) ||
+                        ((st & WW_PAGE_DIRTY) && !(st & WW_PAGE_ARMED) && !entry_written(entry));
             }
             if (renew && !run)
                 run = page;

@@ -5,7 +5,7 @@
 
 struct vma {
     uint64_t start, end;
-    int prot, shared, file;
+    int prot, shared, file, shmem; /* shmem: shared, of an in-memory file system */
     char name[WW_FOREIGN_NAME_SIZE];
 };
 
@@ -18,6 +18,8 @@ struct vmas {
 int walk_vmas(uint64_t start, uint64_t end, struct vmas *list);
 /* pages pagemap entries from address. */
 int read_pagemap(uint64_t address, uint64_t pages, uint64_t *entries);
+/* Was the page of this pagemap entry written since mapped? (as written_pages) */
+int entry_written(uint64_t entry);
 /* One bit per page of [a, b): written since mapped (present, or swapped where
  * with_swapped, and not the zero page), added to bits if given. */
 uint8_t *written_pages(uint64_t a, uint64_t b, int with_swapped, uint8_t *bits, int *error);

@@ -120,6 +120,7 @@ static int query_vmas(int fd, uint64_t start, uint64_t end, struct vmas *list)
                    (q.vma_flags & PROCMAP_QUERY_VMA_EXECUTABLE ? PROT_EXEC : 0);
         vma.shared = !!(q.vma_flags & PROCMAP_QUERY_VMA_SHARED);
         vma.file = q.inode || q.dev_major || q.dev_minor;
+        vma.shmem = vma.shared && !q.dev_major;
         if (!q.vma_name_size)
             vma.name[0] = 0;
         int failed = vma_push(list, &vma);
@@ -178,6 +179,7 @@ static int parse_vmas(uint64_t start, uint64_t end, struct vmas *list)
                        (perms[2] == 'x' ? PROT_EXEC : 0);
             vma.shared = perms[3] == 's';
             vma.file = inode || major || minor;
+            vma.shmem = vma.shared && !major;
             snprintf(vma.name, sizeof vma.name, "%s", name_at ? line + name_at : "");
             result = vma_push(list, &vma);
         }
@@ -247,6 +249,12 @@ static int written_entry(uint64_t entry, int with_swapped)
 
 /* One bit per page of [a, b): written before now (see written_entry), added
  * to bits if given. */
+int entry_written(uint64_t entry)
+{
+    pthread_once(&zero_pfn_once, find_zero_pfn);
+    return written_entry(entry, 1);
+}
+
 uint8_t *written_pages(uint64_t a, uint64_t b, int with_swapped, uint8_t *bits,
                               int *error)
 {
@@ -269,22 +277,26 @@ uint8_t *written_pages(uint64_t a, uint64_t b, int with_swapped, uint8_t *bits,
 /* Why [a, b) of vma cannot be watched, as a refusal (0 if it can). */
 int refusal(const struct vma *vma, uint64_t a, uint64_t b, int mode)
 {
-    if (vma->shared)
-        return refuse("[%#llx, %#llx) is a shared mapping%s%s: writes through its other "
-                      "mappings would not be seen", (unsigned long long)a,
-                      (unsigned long long)b, vma->name[0] ? " of " : "", vma->name);
-    if (vma->file)
-        return refuse("[%#llx, %#llx) maps the file %s: only anonymous memory can be "
-                      "watched", (unsigned long long)a, (unsigned long long)b, vma->name);
-    if (vma->name[0] == '[' && strcmp(vma->name, "[heap]") && strncmp(vma->name, "[anon:", 6))
-        return refuse("[%#llx, %#llx) is the kernel's %s mapping, which the %s backend "
-                      "cannot watch%s", (unsigned long long)a, (unsigned long long)b,
-                      vma->name, mode == WW_MODE_UFFD ? "uffd" : "mprotect",
+    const char *backend = mode == WW_MODE_UFFD ? "uffd" : "mprotect";
+    unsigned long long from = a, to = b;
+    /* Shared memory (MAP_SHARED|MAP_ANONYMOUS, memfd, SysV) is watched through
+     * this process's mapping of it: writes through other mappings (another
+     * process's) are not seen, as on every backend. */
+    if (vma->shared && !vma->shmem)
+        return refuse("[%#llx, %#llx) (%s) cannot be watched by the %s backend: a shared "
+                      "mapping of a file on disk", from, to, vma->name, backend);
+    if (vma->file && !vma->shmem)
+        return refuse("[%#llx, %#llx) (%s) cannot be watched by the %s backend: only "
+                      "anonymous and shared memory can, not a private file mapping",
+                      from, to, vma->name, backend);
+    if (vma->name[0] == '[' && strcmp(vma->name, "[heap]") && strncmp(vma->name, "[anon", 5))
+        return refuse("[%#llx, %#llx) (%s) cannot be watched by the %s backend: a special "
+                      "mapping of the kernel%s", from, to, vma->name, backend,
                       strcmp(vma->name, "[stack]") ? ""
-                      : " (the write-fault handling runs on it)");
+                      : " (the main thread's stack, which write faults are handled on)");
     if (ww_track_internal_overlaps(a, b))
-        return refuse("[%#llx, %#llx) holds writewatch's own write-tracking state, which "
-                      "its fault handling writes", (unsigned long long)a, (unsigned long long)b);
+        return refuse("[%#llx, %#llx) cannot be watched: it holds writewatch's own "
+                      "write-tracking state, which its fault handling writes", from, to);
     /* The calling thread's stacks: the kernel writes signal frames and system
      * call results there, which an armed page fails (EFAULT) or kills. Found
      * once per thread (for the main thread glibc reads /proc/self/maps). */
@@ -304,14 +316,13 @@ int refusal(const struct vma *vma, uint64_t a, uint64_t b, int mode)
     }
     uint64_t low = stack_low, size = stack_size;
     if (size && a < low + size && low < b)
-        return refuse("[%#llx, %#llx) holds the calling thread's stack",
-                      (unsigned long long)a, (unsigned long long)b);
+        return refuse("[%#llx, %#llx) cannot be watched: it holds the calling thread's "
+                      "stack", from, to);
     stack_t alternate;
     low = !sigaltstack(NULL, &alternate) && !(alternate.ss_flags & SS_DISABLE)
         ? (uint64_t)(uintptr_t)alternate.ss_sp : 0;
     if (low && a < low + alternate.ss_size && low < b)
-        return refuse("[%#llx, %#llx) holds the calling thread's alternate signal stack, "
-                      "where the fault handler runs", (unsigned long long)a,
-                      (unsigned long long)b);
+        return refuse("[%#llx, %#llx) cannot be watched: it holds the calling thread's "
+                      "alternate signal stack, where the fault handler runs", from, to);
     return 0;
 }
