@@ -188,8 +188,8 @@ static int parse_vmas(uint64_t start, uint64_t end, struct vmas *list)
                        (perms[2] == 'x' ? PROT_EXEC : 0);
             vma.shared = perms[3] == 's';
             vma.file = inode || major || minor;
-            vma.shmem = shmem_name(vma.shared, vma.name);
             snprintf(vma.name, sizeof vma.name, "%s", name_at ? line + name_at : "");
+            vma.shmem = shmem_name(vma.shared, vma.name); /* after the name is read */
             result = vma_push(list, &vma);
         }
         line = next ? next : line + strlen(line);
