@@ -62,9 +62,13 @@ MAP_FIXED_NOREPLACE = 0x100000
 MADV_POPULATE_WRITE = 23  # Linux 5.14
 
 
-def oserror(err: int, message: str) -> OSError:
-    """OSError(errno, ...) picks the matching subclass (ProcessLookupError, ...)."""
-    return OSError(err, f"{message}: {os.strerror(err)}")
+def oserror(err: int, message: str, *, cause: int = 0) -> OSError:
+    """The one decoder of errno values. OSError(errno, ...) picks the matching
+    subclass (ProcessLookupError for ESRCH, PermissionError for EPERM, ...);
+    the message is the call's own wording, then what the errno means. A call
+    that reports a failure under another errno (process_memwatch's EIO) passes
+    the kernel's as cause: its meaning is what the message says."""
+    return OSError(err, f"{message}: {os.strerror(cause or err)}")
 
 
 def check(result: int, what: str) -> int:
@@ -142,9 +146,7 @@ def open_uffd(flags: int = UFFD_OPEN_FLAGS, *, user_mode_only: bool = True) -> i
 def uffd_enable_features(fd: int, features: int) -> int:
     """UFFDIO_API on a fresh userfaultfd; returns every feature the kernel has."""
     api = ffi.new("struct uffdio_api *")
-    result = lib.ww_uffd_api(fd, features, api)
-    if result < 0:
-        raise oserror(-result, f"UFFDIO_API(features={features:#x})")
+    check(lib.ww_uffd_api(fd, features, api), f"UFFDIO_API(features={features:#x})")
     return int(api.features)
 
 

@@ -114,7 +114,7 @@ def _probe_pagemap_scan() -> tuple[bool, str]:
     if result == -errno.ENOTTY:
         return False, "no PAGEMAP_SCAN ioctl (needs Linux 6.7 or newer)"
     if result < 0:
-        return False, f"PAGEMAP_SCAN failed: {os.strerror(-result)}"
+        return False, str(kernel.oserror(-result, "PAGEMAP_SCAN failed").strerror)
     return True, "PAGEMAP_SCAN available"
 
 

@@ -26,7 +26,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from writewatch.kernel import lib
+from writewatch.kernel import lib, oserror
 
 SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
 CAP_SYS_PTRACE = 19
@@ -142,7 +142,7 @@ def explain(err: int, seen: Facts) -> Denial:
                       "(the kernel accepted the call itself)",
                       "allow this program to create userfaultfd descriptors in the security "
                       "policy (SELinux: see 'ausearch -m avc' for the denial)")
-    return Denial("userfaultfd", "unknown", f"userfaultfd failed: {os.strerror(err)}", "")
+    return Denial("userfaultfd", "unknown", str(oserror(err, "userfaultfd failed").strerror), "")
 
 
 def userfaultfd_denial(err: int) -> Denial:
