@@ -1,16 +1,18 @@
 """The package's shape, as the project's rules state it: every -errno has one
-decoder (kernel.check / kernel.oserror)."""
+decoder (kernel.check / kernel.oserror); /proc is read in one place (kernel.py),
+and the probe and the sandbox diagnosis see the same facts."""
 
 from __future__ import annotations
 
 import ast
 import errno
+import importlib
 import os
 from pathlib import Path
 
 import pytest
 
-from writewatch import index, kernel, memwatch
+from writewatch import index, kernel, memwatch, sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "writewatch"
@@ -68,3 +70,27 @@ def test_only_the_kernel_layer_words_errno_values():
                     and isinstance(node.value, ast.Name) and node.value.id == "os"):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, f"decode errno with kernel.check / kernel.oserror: {offenders}"
+
+
+def test_the_proc_readers_read_this_process():
+    assert kernel.proc_status_field("Pid") == str(os.getpid())
+    assert kernel.proc_status_field("NoSuchField") is None
+    with open("/proc/sys/vm/max_map_count") as f:
+        assert kernel.read_proc_int("/proc/sys/vm/max_map_count") == int(f.read())
+    assert kernel.read_proc_int("/proc/sys/vm/no_such_sysctl") is None
+    assert kernel.kernel_version()[:2] == tuple(
+        int(part) for part in os.uname().release.split(".")[:2])
+
+
+def test_the_probe_reports_the_facts_the_sandbox_diagnosis_sees(monkeypatch):
+    """One reading of the kernel version, the seccomp mode and the sysctl:
+    what `info` shows is what its denials were worked out from."""
+    seen = sandbox.Facts(kernel_version=(5, 10, 7), seccomp_mode=2,
+                         unprivileged_userfaultfd=0, cap_sys_ptrace=False,
+                         invalid_flag_errno=errno.EPERM)
+    monkeypatch.setattr(sandbox, "facts", lambda: seen)
+    # writewatch.probe names the function too (the package exports it).
+    caps = importlib.import_module("writewatch.probe").probe()
+    assert caps.kernel_version == (5, 10, 7)
+    assert caps.seccomp_mode == 2
+    assert caps.unprivileged_userfaultfd == 0

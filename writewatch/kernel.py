@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -143,6 +144,16 @@ def open_uffd(flags: int = UFFD_OPEN_FLAGS, *, user_mode_only: bool = True) -> i
     return check(fd, "userfaultfd")
 
 
+def uffd_open_errno(flags: int) -> int:
+    """0 if userfaultfd(flags) opens here (the descriptor is closed at once),
+    else its errno: a probe that changes nothing."""
+    fd = lib.ww_uffd_open(flags)
+    if fd < 0:
+        return int(-fd)
+    os.close(fd)
+    return 0
+
+
 def uffd_enable_features(fd: int, features: int) -> int:
     """UFFDIO_API on a fresh userfaultfd; returns every feature the kernel has."""
     api = ffi.new("struct uffdio_api *")
@@ -166,6 +177,37 @@ def uffd_register_write_protect(uffd: int, start: int, length: int) -> None:
     if not ioctls[0] & (1 << lib.WW_UFFDIO_WRITEPROTECT_BIT):
         lib.ww_uffd_unregister(uffd, start, length)
         raise oserror(errno.EOPNOTSUPP, "UFFDIO_REGISTER gave no UFFDIO_WRITEPROTECT")
+
+
+# ---------------------------------------------------------------------------
+# What /proc and uname(2) say about this process and kernel (read by probe.py
+# and sandbox.py; None when a file is missing or unreadable, as in a sandbox)
+
+
+def read_proc_int(path: str) -> int | None:
+    """The first number in a /proc file (a sysctl such as vm.max_map_count)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_status_field(name: str) -> str | None:
+    """A field of /proc/self/status (Seccomp, CapEff, ...), as written there."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{name}:\s*(\S+)", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def kernel_version() -> tuple[int, ...]:
+    """(major, minor, patch) of the running kernel's release; () when the
+    release does not start with a version."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", os.uname().release)
+    return tuple(int(part or 0) for part in match.groups()) if match else ()
 
 
 # ---------------------------------------------------------------------------
