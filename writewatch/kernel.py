@@ -1,8 +1,9 @@
-"""The kernel layer: memory system calls, the one -errno helper, the contract every
-write-watch backend implements, and the one ordered fork hook.
+"""The kernel layer: memory system calls, the one -errno helper, the /proc
+readers, what the machine offers (Capabilities, which probe.py fills in), the
+contract every write-watch backend implements, and the one ordered fork hook.
 
-Nothing here knows about regions or Windows; regions.py calls down into this
-layer and nothing calls up. Every native helper returns a value or -errno, and
+Nothing here knows about regions or Windows; every other module calls down into
+this layer and it imports none of them. Every native helper returns a value or -errno, and
 check() is the one place that turns -errno into the right OSError subclass.
 
 The words, used the same way in every layer:
@@ -21,7 +22,8 @@ import os
 import re
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +35,6 @@ except ImportError as exc:  # pragma: no cover - only in a tree that was never b
         "unbuilt source tree. Install the project (pip install -e .) or run from outside "
         f"the checkout. ({exc})"
     ) from exc
-
-if TYPE_CHECKING:
-    from writewatch.probe import Capabilities
 
 # The native code is built for one page size (native/abi.h): refuse to run on
 # another rather than track the wrong pages.
@@ -267,6 +266,57 @@ def process_epoch() -> int:
 check(lib.ww_track_install_fork_handlers(), "pthread_atfork")
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------------
+# What this machine offers: probe.py finds out, Backend.unavailable_reason reads it
+
+@dataclass(frozen=True)
+class KernelFeature:
+    """One kernel feature a backend relies on, and whether this machine has it."""
+
+    name: str
+    present: bool
+    since: str                      # the mainline Linux version that brought it
+    required_by: tuple[str, ...]    # backends that are off without it
+    optional_for: tuple[str, ...]   # backends that work without it, as purpose says
+    purpose: str
+
+    @property
+    def role(self) -> str:
+        parts = []
+        if self.required_by:
+            parts.append("required by " + ", ".join(self.required_by))
+        if self.optional_for:
+            parts.append("optional for " + ", ".join(self.optional_for))
+        return "; ".join(parts) or "used by no backend"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the running kernel and sandbox allow. Each *_detail says why."""
+
+    kernel_release: str
+    kernel_version: tuple[int, ...]
+    userfaultfd: bool
+    userfaultfd_detail: str
+    wp_async: bool
+    wp_unpopulated: bool
+    pagemap_scan: bool
+    pagemap_scan_detail: str
+    soft_dirty: bool
+    soft_dirty_detail: str
+    unprivileged_userfaultfd: int | None
+    seccomp_mode: int | None
+    pagemap_backend: bool
+    pagemap_backend_detail: str
+    uffd_features: int = 0
+    features: tuple[KernelFeature, ...] = ()
+    max_map_count: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field by name (what `python -m writewatch info --json` prints)."""
+        return asdict(self)
 
 
 # ---------------------------------------------------------------------------

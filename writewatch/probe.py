@@ -1,63 +1,15 @@
 """What this machine supports, as data: probe() finds out without changing
-anything, for backend selection and for `python -m writewatch info`."""
+anything, for backend selection and for `python -m writewatch info`. The
+answer's shape (Capabilities, KernelFeature) is the kernel layer's, which the
+backend contract reads."""
 
 from __future__ import annotations
 
 import errno
 import os
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from writewatch import kernel, sandbox
-from writewatch.kernel import ffi, lib
-
-
-@dataclass(frozen=True)
-class KernelFeature:
-    """One kernel feature a backend relies on, and whether this machine has it."""
-
-    name: str
-    present: bool
-    since: str                      # the mainline Linux version that brought it
-    required_by: tuple[str, ...]    # backends that are off without it
-    optional_for: tuple[str, ...]   # backends that work without it, as purpose says
-    purpose: str
-
-    @property
-    def role(self) -> str:
-        parts = []
-        if self.required_by:
-            parts.append("required by " + ", ".join(self.required_by))
-        if self.optional_for:
-            parts.append("optional for " + ", ".join(self.optional_for))
-        return "; ".join(parts) or "used by no backend"
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the running kernel and sandbox allow. Each *_detail says why."""
-
-    kernel_release: str
-    kernel_version: tuple[int, ...]
-    userfaultfd: bool
-    userfaultfd_detail: str
-    wp_async: bool
-    wp_unpopulated: bool
-    pagemap_scan: bool
-    pagemap_scan_detail: str
-    soft_dirty: bool
-    soft_dirty_detail: str
-    unprivileged_userfaultfd: int | None
-    seccomp_mode: int | None
-    pagemap_backend: bool
-    pagemap_backend_detail: str
-    uffd_features: int = 0
-    features: tuple[KernelFeature, ...] = ()
-    max_map_count: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Every field by name (what `python -m writewatch info --json` prints)."""
-        return asdict(self)
+from writewatch.kernel import Capabilities, KernelFeature, ffi, lib
 
 
 def _probe_userfaultfd(seen: sandbox.Facts) -> tuple[bool, str, int]:
