@@ -1,6 +1,7 @@
 """The package's shape, as the project's rules state it: every -errno has one
 decoder (kernel.check / kernel.oserror); /proc is read in one place (kernel.py),
-and the probe and the sandbox diagnosis see the same facts."""
+and the probe and the sandbox diagnosis see the same facts; the benchmark and
+the testing tools stay out of what the API and `info` import."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import ast
 import errno
 import importlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,21 @@ def test_the_probe_reports_the_facts_the_sandbox_diagnosis_sees(monkeypatch):
     assert caps.kernel_version == (5, 10, 7)
     assert caps.seccomp_mode == 2
     assert caps.unprivileged_userfaultfd == 0
+
+
+def test_the_api_and_info_import_no_tooling():
+    """writewatch.bench and writewatch.testing are loaded by the bench command
+    and the tests only: `import writewatch` and `python -m writewatch info`
+    pay for neither (and need neither a compiler nor setuptools)."""
+    script = (
+        "import contextlib, io, sys\n"
+        "import writewatch\n"
+        "import writewatch.__main__ as cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['info'])\n"
+        "print(sorted(name for name in sys.modules\n"
+        "             if name.startswith(('writewatch.bench', 'writewatch.testing'))))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
