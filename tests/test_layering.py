@@ -1,4 +1,6 @@
-"""The package's shape, as the project's rules state it: every -errno has one
+"""The package's shape, as the project's rules state it: imports run one way,
+down the layers pyproject.toml's import-linter contracts name (also checked
+by .ci/run); no product file is over about 600 lines; every -errno has one
 decoder (kernel.check / kernel.oserror); /proc is read in one place (kernel.py),
 and the probe and the sandbox diagnosis see the same facts; the benchmark and
 the testing tools stay out of what the API and `info` import."""
@@ -9,6 +11,7 @@ import ast
 import errno
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,50 @@ pytestmark = pytest.mark.any_backend
 
 def product_sources() -> list[Path]:
     return sorted(PACKAGE.rglob("*.py"))
+
+
+def lint_imports(package_parent: Path) -> subprocess.CompletedProcess[str]:
+    """import-linter's contracts from pyproject.toml, checked against the
+    writewatch package found in package_parent."""
+    command = Path(sys.executable).with_name("lint-imports")
+    assert command.exists(), "lint-imports is missing: install the test extra (README)"
+    return subprocess.run(
+        [str(command), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        capture_output=True, text=True, timeout=120, cwd=package_parent,
+        env={**os.environ, "PYTHONPATH": str(package_parent)})
+
+
+def test_imports_keep_to_the_layers():
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " 0 broken" in result.stdout
+
+
+AGAINST_THE_DESIGN = [
+    ("kernel", "probe"),                    # the kernel layer reaching up
+    ("regions", "latch"),                   # the latch sits on the region table
+    ("memwatch", "errors"),                 # the process_memwatch core knows no Windows
+    ("backends.pagemap", "backends.uffd"),  # each backend stands alone
+    ("watch", "testing.winmodel"),          # the product imports no tooling
+    ("api", "bench.scale"),
+]
+
+
+def test_the_contracts_catch_imports_against_them(tmp_path):
+    """So that a green run above means something: in a copy of the package,
+    each import against the design breaks a contract and is named in the
+    report (one run for all of them: a child interpreter is slow on an
+    emulated CPU)."""
+    shutil.copytree(PACKAGE, tmp_path / "writewatch",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c", "*.h"))
+    for importer, imported in AGAINST_THE_DESIGN:
+        module = tmp_path / "writewatch" / (importer.replace(".", "/") + ".py")
+        with module.open("a") as f:
+            f.write(f"\nimport writewatch.{imported}  # against the design\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0, result.stdout
+    for importer, imported in AGAINST_THE_DESIGN:
+        assert f"writewatch.{importer} -> writewatch.{imported}" in result.stdout, result.stdout
 
 
 def test_the_decoder_picks_the_subclass_and_keeps_the_calls_wording():

@@ -3,7 +3,8 @@ readers, what the machine offers (Capabilities, which probe.py fills in), the
 contract every write-watch backend implements, and the one ordered fork hook.
 
 Nothing here knows about regions or Windows; every other module calls down into
-this layer and it imports none of them. Every native helper returns a value or -errno, and
+this layer and it imports none of them (pyproject.toml's import-linter
+contracts name every layer). Every native helper returns a value or -errno, and
 check() is the one place that turns -errno into the right OSError subclass.
 
 The words, used the same way in every layer:
