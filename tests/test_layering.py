@@ -26,6 +26,10 @@ PACKAGE = ROOT / "writewatch"
 pytestmark = pytest.mark.any_backend
 
 
+TOOLING = ("bench", "testing")  # in the package, but neither the API nor info imports them
+MAX_LINES = 600
+
+
 def product_sources() -> list[Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
@@ -162,3 +166,11 @@ def test_the_api_and_info_import_no_tooling():
                             timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_no_product_python_file_is_over_600_lines():
+    """A file that long holds more than one job: split it by job."""
+    too_long = {str(path.relative_to(ROOT)): lines for path in product_sources()
+                if path.relative_to(PACKAGE).parts[0] not in TOOLING
+                and (lines := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not too_long, too_long
