@@ -26,8 +26,9 @@ PACKAGE = ROOT / "writewatch"
 pytestmark = pytest.mark.any_backend
 
 
-TOOLING = ("bench", "testing")  # in the package, but neither the API nor info imports them
 MAX_LINES = 600
+# Tooling, outside what the API and info import, waiting for its split.
+NOT_YET_SPLIT = {"bench/runner.py"}
 
 
 def product_sources() -> list[Path]:
@@ -168,9 +169,9 @@ def test_the_api_and_info_import_no_tooling():
     assert result.stdout.strip() == "[]"
 
 
-def test_no_product_python_file_is_over_600_lines():
+def test_no_python_file_of_the_package_is_over_600_lines():
     """A file that long holds more than one job: split it by job."""
     too_long = {str(path.relative_to(ROOT)): lines for path in product_sources()
-                if path.relative_to(PACKAGE).parts[0] not in TOOLING
+                if path.relative_to(PACKAGE).as_posix() not in NOT_YET_SPLIT
                 and (lines := len(path.read_text().splitlines())) > MAX_LINES}
     assert not too_long, too_long
