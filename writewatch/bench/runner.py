@@ -890,11 +890,10 @@ def scenario_wine_shape(cfg: Config, impls: list[str], progress: Progress,
 
 def vm_pte_kib() -> int:
     """The process's page-table memory (VmPTE of /proc/self/status), in KiB."""
-    with open("/proc/self/status") as status:
-        match = re.search(r"^VmPTE:\s+(\d+) kB", status.read(), re.MULTILINE)
-    if not match:
+    kib = kernel.proc_status_field("VmPTE")  # "VmPTE:  124 kB"
+    if kib is None:
         raise BenchError("no VmPTE in /proc/self/status")
-    return int(match.group(1))
+    return int(kib)
 
 
 def scenario_reserve(cfg: Config, impls: list[str], progress: Progress) -> Scenario:
