@@ -5,7 +5,8 @@ contract every write-watch backend implements, and the one ordered fork hook.
 Nothing here knows about regions or Windows; every other module calls down into
 this layer and it imports none of them (pyproject.toml's import-linter
 contracts name every layer). Every native helper returns a value or -errno, and
-check() is the one place that turns -errno into the right OSError subclass.
+check() (with oserror() for an errno in hand) is the one place that turns it
+into the right OSError subclass, worded by the caller.
 
 The words, used the same way in every layer:
 - a *backend* is one write-watch mechanism (writewatch/backends/: pagemap,
