@@ -14,7 +14,6 @@ import numpy as np
 
 import writewatch as ww
 from writewatch import backends, sandbox
-from writewatch.bench import runner as benchmarks
 from writewatch.probe import Capabilities
 
 
@@ -208,6 +207,8 @@ def run_example(name: str, example_args: Sequence[str]) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks against the raw kernel and the slow methods (writewatch/bench/)."""
+    from writewatch.bench import runner as benchmarks  # tooling: only this command loads it
+
     return benchmarks.main(args)
 
 
@@ -239,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Time writewatch's backends against a raw C reference making the same "
                     "kernel calls: one table per scenario, medians and ratios to raw C. "
                     "Runs with OPENBLAS_NUM_THREADS=1 (restarting itself to set it).")
-    benchmarks.add_arguments(bench)
+    if arguments[:1] == ["bench"]:
+        # The benchmark is tooling: info, demo and the API never import it.
+        from writewatch.bench import runner as benchmarks
+
+        benchmarks.add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     args = parser.parse_args(arguments)
     if args.command is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from writewatch import kernel
-from writewatch.kernel import check, ffi, lib, oserror
+from writewatch.kernel import check, ffi, lib
 
 # Reasons a call is refused (native/abi.h), as the negative result minus the base.
 REFUSED_FLAGS = lib.WW_REFUSED_FLAGS
@@ -67,10 +67,12 @@ def remove(base: int) -> None:
 
 
 def _verdict(result: int, what: str) -> int:
+    """A count, or a refusal (RefusedError), or a kernel failure: the index
+    returns -(ERRNO_BASE + errno), which shifted back is check()'s -errno."""
     if result >= 0:
         return result
     if result <= -_ERRNO_BASE:
-        raise oserror(-result - _ERRNO_BASE, what)
+        return check(result + _ERRNO_BASE, what)
     raise RefusedError(-result - _REFUSED_BASE)
 
 

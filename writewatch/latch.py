@@ -7,7 +7,9 @@ backend holds their written state; once a latched page is decommitted only
 the region's Latch remembers it. While a region has latched pages the native
 index hands its GetWriteWatch and ResetWriteWatch back to walk() and reset()
 here; a region that never had a VirtualProtect over written pages pays nothing.
-Every function runs with the region's lock held.
+Which pages are latched is the region's state (regions.Latch); this module
+calls down into regions.py, never the other way. Every function runs with the
+region's lock held.
 """
 
 from __future__ import annotations
@@ -19,34 +21,10 @@ import numpy as np
 
 from writewatch import kernel
 from writewatch.kernel import PAGE_SIZE
-from writewatch.pageruns import RESERVED, PageRuns
+from writewatch.pageruns import RESERVED
 
 if TYPE_CHECKING:
     from writewatch.regions import Region
-
-
-class Latch:
-    """The latched pages of one region, as runs of 1."""
-
-    __slots__ = ("base", "pages")
-
-    def __init__(self, base: int, size: int) -> None:
-        self.base = base
-        self.pages = PageRuns(size // PAGE_SIZE)
-
-    def spans(self, first: int, last: int) -> list[tuple[int, int]]:
-        """Address spans of the latched pages in [first, last)."""
-        base = self.base
-        return [(base + start * PAGE_SIZE, base + end * PAGE_SIZE)
-                for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
-                                                         (last - base) // PAGE_SIZE)
-                if value]
-
-    def mark(self, first: int, last: int, latched: bool) -> bool:
-        """Latch or unlatch [first, last); False once no page is latched."""
-        self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
-                          int(latched))
-        return any(self.pages.values)
 
 
 def latch_written(region: Region, first: int, last: int) -> None:

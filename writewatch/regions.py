@@ -25,7 +25,6 @@ from writewatch.constants import (
     PAGE_READONLY,
     PAGE_READWRITE,
 )
-from writewatch.latch import Latch
 from writewatch.pageruns import RESERVED, PageRuns
 
 PAGE_SIZE = kernel.PAGE_SIZE
@@ -39,6 +38,30 @@ POSIX_PROT = {
     PAGE_READONLY: kernel.PROT_READ,
     PAGE_READWRITE: kernel.PROT_READ | kernel.PROT_WRITE,
 }
+
+
+class Latch:
+    """The latched pages of one region, as runs of 1."""
+
+    __slots__ = ("base", "pages")
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.pages = PageRuns(size // PAGE_SIZE)
+
+    def spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Address spans of the latched pages in [first, last)."""
+        base = self.base
+        return [(base + start * PAGE_SIZE, base + end * PAGE_SIZE)
+                for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
+                                                         (last - base) // PAGE_SIZE)
+                if value]
+
+    def mark(self, first: int, last: int, latched: bool) -> bool:
+        """Latch or unlatch [first, last); False once no page is latched."""
+        self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
+                          int(latched))
+        return any(self.pages.values)
 
 
 class Mapping:
