@@ -102,6 +102,8 @@ def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
 
     backend names the write-watch backend of a MEM_WRITE_WATCH reservation
     ("auto" picks the best this machine has)."""
+    if _collected:
+        release_collected()
     address = uint(address, "address")
     size = uint(size, "size")
     allocation_type = uint(allocation_type, "allocation_type")
@@ -228,6 +230,8 @@ def _undo_commit(watcher: kernel.Watcher, done: list[tuple[int, int, int]]) -> N
 
 def free(address: Any, size: Any, free_type: Any) -> None:
     """VirtualFree: MEM_DECOMMIT a range, or MEM_RELEASE a whole region."""
+    if _collected:
+        release_collected()
     address = uint(address, "address")
     size = uint(size, "size")
     free_type = uint(free_type, "free_type")
@@ -280,25 +284,61 @@ def free(address: Any, size: Any, free_type: Any) -> None:
 
 
 def release_region(region: regions.Region) -> None:
-    """Remove the region from the table at once. Its address space stays mapped
-    while a numpy view over it lives, so the view never faults."""
-    try:
-        regions.remove(region)
-    except (KeyError, ValueError):
-        raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released") from None
+    """Release this region object (never whatever region owns its addresses
+    now): out of the table at once, then its index entry and watcher. Its
+    address space stays mapped while a numpy view over it lives, so the view
+    never faults."""
+    if not regions.remove(region):
+        raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released")
     with region.lock:
-        index.remove(region.base)
-        watcher = region.watcher
-        if watcher is not None:
-            if watcher.survives_fork or region.epoch == kernel.process_epoch():
-                # A view may outlive the release: leave its pages plainly
-                # accessible, not armed for a tracker that is about to go.
-                for start, end, value in list(region.spans(region.base, region.end)):
-                    if value != RESERVED:
-                        watcher.unwatch(start, end - start)
-                        kernel.protect(start, end - start, regions.POSIX_PROT[value])
-            watcher.detach()
-        region.mapping = None
+        _release_removed(region)
+
+
+# Regions of collected WatchedMemory objects whose release had to wait: a
+# finalizer runs wherever the garbage collector does, possibly in a thread that
+# holds the region table's or the region's lock, so it never blocks on them.
+_collected: list[regions.Region] = []
+
+
+def release_collected(region: regions.Region | None = None) -> None:
+    """Release a collected object's region (and any whose release was put
+    off) without ever waiting for a lock: a busy one puts the release off to
+    the next VirtualAlloc, VirtualFree or collection. A region already
+    released is left alone (a later region may own its addresses)."""
+    if region is not None:
+        _collected.append(region)
+    for _ in range(len(_collected)):
+        try:
+            each = _collected.pop(0)
+        except IndexError:
+            return
+        if not each.lock.acquire(blocking=False):
+            _collected.append(each)
+            continue
+        try:
+            removed = regions.remove(each, blocking=False)
+            if removed is None:
+                _collected.append(each)
+            elif removed:
+                _release_removed(each)
+        finally:
+            each.lock.release()
+
+
+def _release_removed(region: regions.Region) -> None:
+    """The rest of a release, once the region left the table. Lock held."""
+    index.remove(region.base)
+    watcher = region.watcher
+    if watcher is not None:
+        if watcher.survives_fork or region.epoch == kernel.process_epoch():
+            # A view may outlive the release: leave its pages plainly
+            # accessible, not armed for a tracker that is about to go.
+            for start, end, value in list(region.spans(region.base, region.end)):
+                if value != RESERVED:
+                    watcher.unwatch(start, end - start)
+                    kernel.protect(start, end - start, regions.POSIX_PROT[value])
+        watcher.detach()
+    region.mapping = None
 
 
 def set_protection(address: Any, size: Any, new_protect: Any) -> int:

@@ -59,7 +59,7 @@ class Region:
     """One VirtualAlloc reservation."""
 
     __slots__ = ("_scan_spans", "allocation_protect", "backend", "base",
-                 "epoch", "latched", "lock", "mapping", "pages", "size", "watcher",
+                 "epoch", "latched", "listed", "lock", "mapping", "pages", "size", "watcher",
                  "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
@@ -71,6 +71,10 @@ class Region:
         self.watcher = watcher
         self.write_watch = watcher is not None
         self.lock = threading.Lock()
+        # In the table: False from the moment a release takes it out, so that
+        # whatever holds this object (a WatchedMemory, a finalizer) sees it is
+        # gone even once a new region owns the same addresses.
+        self.listed = False
         self.mapping: Mapping | None = Mapping(base, size)
         self.pages = PageRuns(size // PAGE_SIZE)
         self.epoch = kernel.process_epoch()
@@ -203,11 +207,23 @@ class _Table:
             i = bisect_left(self.bases, region.base)
             self.bases.insert(i, region.base)
             self.regions[region.base] = region
+            region.listed = True
 
-    def remove(self, region: Region) -> None:
-        with self.lock:
+    def remove(self, region: Region, blocking: bool = True) -> bool | None:
+        """Take this very region out (never whatever now lies at its base):
+        True, False if it is not in the table, None if the lock was busy and
+        blocking is False."""
+        if not self.lock.acquire(blocking):
+            return None
+        try:
+            if self.regions.get(region.base) is not region:
+                return False
             del self.regions[region.base]
             self.bases.remove(region.base)
+            region.listed = False
+            return True
+        finally:
+            self.lock.release()
 
     def snapshot(self) -> list[Region]:
         with self.lock:
@@ -231,9 +247,11 @@ def insert(region: Region) -> None:
     _table.insert(region)
 
 
-def remove(region: Region) -> None:
-    """Take region out of the table (KeyError if it is not there)."""
-    _table.remove(region)
+def remove(region: Region, blocking: bool = True) -> bool | None:
+    """Take this region out of the table: True, False if it is not there (a
+    release took it out already), None if blocking is False and the table
+    was busy."""
+    return _table.remove(region, blocking)
 
 
 def live_regions() -> list[Region]:
