@@ -63,7 +63,16 @@ def set_latched(base: int, latched: bool) -> None:
 
 
 def remove(base: int) -> None:
+    """Take a reservation out, once every call using it has finished."""
     check(lib.ww_index_remove(base), "write-watch index")
+
+
+def quiesce(base: int) -> None:
+    """Wait for every call using the reservation (scanning it, or storing its
+    output into it) that began before now. Called after telling the index of
+    a change and before changing the memory, so that no call acts on the old
+    state: region lock held."""
+    check(lib.ww_index_quiesce(base), "write-watch index")
 
 
 def _verdict(result: int, what: str) -> int:

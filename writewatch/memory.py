@@ -23,6 +23,7 @@ from writewatch.constants import (
     MEM_RESERVE,
     MEM_WRITE_WATCH,
     PAGE_NOACCESS,
+    PAGE_READWRITE,
     allocation_type_name,
     protection_name,
 )
@@ -194,6 +195,8 @@ def _commit(region: regions.Region, first: int, last: int, protect: int) -> None
         prot = regions.POSIX_PROT[protect]
         watcher = region.watcher
         done: list[tuple[int, int, int]] = []
+        if protect != PAGE_READWRITE:
+            region.forbid_output(first, last)  # committed pages among them may change
         try:
             if watcher is None:
                 kernel.protect(first, last - first, prot)
@@ -214,6 +217,7 @@ def _commit(region: regions.Region, first: int, last: int, protect: int) -> None
         except OSError as exc:
             if watcher is not None:
                 _undo_commit(watcher, done)
+            region.restore_output(first, last)
             raise _mapping_error(exc, "cannot commit") from exc
         region.assign(first, last, protect)
 
@@ -269,18 +273,25 @@ def free(address: Any, size: Any, free_type: Any) -> None:
         committed = region.committed_spans(first, last)
         if not committed:
             return
+        before = list(region.spans(first, last))
+        # The index learns first, and the calls that began before have
+        # finished: no scan walks pages while they are unregistered (the
+        # pagemap backend would read every one written), and no call stores
+        # its output into them once they are gone.
+        region.assign(first, last, RESERVED)
+        index.quiesce(region.base)
         try:
             # Windows drops the dirty state of decommitted pages: unwatching
-            # forgets it and keeps the pages out of every scan, and dropping the
-            # pages leaves nothing behind.
+            # forgets it, and dropping the pages leaves nothing behind.
             if region.watcher is not None:
                 for start, end in committed:
                     region.watcher.unwatch(start, end - start)
             kernel.discard(first, last - first)
             kernel.protect(first, last - first, kernel.PROT_NONE)
         except OSError as exc:
+            for start, end, value in before:
+                region.assign(start, end, value)
             raise _mapping_error(exc, "cannot decommit") from exc
-        region.assign(first, last, RESERVED)
 
 
 def release_region(region: regions.Region) -> None:
@@ -360,13 +371,18 @@ def set_protection(address: Any, size: Any, new_protect: Any) -> int:
             raise WriteWatchError(ERROR_INVALID_ADDRESS, "the range is not all committed")
         old = region.pages.value_at((first - region.base) // PAGE_SIZE)
         region.sync_after_fork()
+        watcher = region.watcher
+        if new_protect != PAGE_READWRITE:
+            region.forbid_output(first, last)  # quiesces
         try:
-            if region.watcher is None:
+            if watcher is None:
                 kernel.protect(first, last - first, regions.POSIX_PROT[new_protect])
             else:
-                region.watcher.protect(first, last - first, regions.POSIX_PROT[new_protect])
-                latch.latch_written(region, first, last)
+                with latch.latching(region):
+                    watcher.protect(first, last - first, regions.POSIX_PROT[new_protect])
+                    latch.latch_written(region, first, last)
         except OSError as exc:
+            region.restore_output(first, last)
             raise _mapping_error(exc, "cannot change protection") from exc
         # The range is all committed: only protections change.
         region.assign(first, last, new_protect, commit_changes=False)

@@ -128,6 +128,20 @@ class Region:
             self._scan_spans = None
             self._update_index()
 
+    def forbid_output(self, first: int, last: int) -> None:
+        """Before pages [first, last) stop being writable (a protection
+        change, a decommit): the index refuses them as an output array from
+        now on, and the calls storing into them already have finished. Lock
+        held; restore_output undoes it if the change fails."""
+        index.set_writable(self.base, first, last, False)
+        index.quiesce(self.base)
+
+    def restore_output(self, first: int, last: int) -> None:
+        """Tell the index again which pages of [first, last) are writable, as
+        the table has them (a change after forbid_output failed). Lock held."""
+        for start, end, value in list(self.spans(first, last)):
+            index.set_writable(self.base, start, end, value == PAGE_READWRITE)
+
     def writable_spans(self, first: int, last: int) -> list[tuple[int, int]]:
         """Address spans of the committed read-write pages in [first, last): the
         pages the kernel may write for a caller (prepare_kernel_write) and
@@ -236,6 +250,21 @@ _table = _Table()
 def find(address: int) -> Region | None:
     """The region holding address, if writewatch allocated it."""
     return _table.find(address)
+
+
+def overlapping(start: int, end: int) -> list[Region]:
+    """The regions holding any byte of [start, end), by ascending base."""
+    found = []
+    region = _table.find(start)
+    if region is not None:
+        found.append(region)
+    at = start
+    while (base := _table.next_base_after(at)) < end:
+        region = _table.find(base)
+        if region is not None:
+            found.append(region)
+        at = base
+    return found
 
 
 def next_base_after(address: int) -> int:

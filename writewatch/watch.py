@@ -7,6 +7,7 @@ Only the checks on the Python output array itself are made here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -145,10 +146,22 @@ def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count:
     which the index leaves to the region's own walk."""
     first, last = page_floor(base), page_ceil(base + size)
     region = _latched_region(base, size)
-    with region.lock:
+    # The regions the output array lies in are locked too (all by ascending
+    # base, so two such calls never wait for each other): no protection change
+    # or decommit makes the array unwritable between its check and the store.
+    out = addresses.ctypes.data
+    held = {each.base: each for each in regions.overlapping(out, out + count * _UINTP.itemsize)}
+    held[region.base] = region
+    with contextlib.ExitStack() as stack:
+        for base_of in sorted(held):
+            stack.enter_context(held[base_of].lock)
+        if region.released:
+            raise _refusal(index.REFUSED_NOT_WATCHED, base, size)
+        if not index.output_writable(addresses, count):
+            raise _refusal(index.REFUSED_OUTPUT, base, size)
         region.sync_after_fork()
         found = latch.walk(region, first, last, bool(flags & WRITE_WATCH_FLAG_RESET), count)
-    addresses[:len(found)] = found
+        addresses[:len(found)] = found
     return len(found)
 
 
@@ -163,6 +176,8 @@ def _reset_latched(base: int, size: int) -> None:
     """ResetWriteWatch on a region with latched pages: the reset clears them."""
     region = _latched_region(base, size)
     with region.lock:
+        if region.released:
+            raise _refusal(index.REFUSED_NOT_WATCHED, base, size)
         region.sync_after_fork()
         latch.reset(region, page_floor(base), page_ceil(base + size))
 

@@ -197,5 +197,6 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                  uint64_t *out, uint64_t capacity);
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
 int ww_index_set_latched(uint64_t base, int latched);
+int ww_index_quiesce(uint64_t base);
 int ww_output_check(const void *out, uint64_t size);
 void ww_index_after_fork_child(void);

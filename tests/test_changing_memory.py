@@ -1,0 +1,178 @@
+"""Memory that another thread changes while a call runs.
+
+A call checks its arguments once and uses them later: whatever another thread
+does in between (making the output array PAGE_NOACCESS, decommitting it,
+decommitting pages the call scans, latching pages the call resets) must leave
+the call either done before the change or answering as Windows does (998 for
+an output array that cannot be written), never crashing the process or
+reporting a page nothing wrote. Each race runs many rounds beside the call, in
+a child interpreter where a crash can only fail its own test.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from forking import patience, run_python, scaled_work
+
+import writewatch as ww
+from writewatch import latch
+
+P = ww.PAGE_SIZE
+RESET = ww.WRITE_WATCH_FLAG_RESET
+WATCHED = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
+RW = ww.PAGE_READWRITE
+
+OUTPUT_CHANGED_DURING_CALL = """
+import json, threading
+import numpy as np
+import writewatch as ww
+
+P = ww.PAGE_SIZE
+NPAGES = 8192        # every page written: each scan fills the whole array
+SCANNED = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
+x = ww.VirtualAlloc(0, NPAGES * P, SCANNED, ww.PAGE_READWRITE)
+assert x
+ww.as_array(x, NPAGES * P)[::P] = 1
+if {latched}:
+    # A latched page decommitted: the region's calls take the walk in Python.
+    assert ww.VirtualProtect(x, P, ww.PAGE_READWRITE)[0]
+    assert ww.VirtualFree(x, P, ww.MEM_DECOMMIT)
+out_size = NPAGES * 8
+y = ww.VirtualAlloc(0, out_size, ww.MEM_RESERVE | ww.MEM_COMMIT | {out_kind}, ww.PAGE_READWRITE)
+assert y
+out = ww.as_array(y, out_size, np.uintp)
+stop = threading.Event()
+changes = [0]
+
+def change_the_array():
+    while not stop.is_set():
+        if changes[0] % 2:
+            assert ww.VirtualProtect(y, out_size, ww.PAGE_NOACCESS)[0]
+            assert ww.VirtualProtect(y, out_size, ww.PAGE_READWRITE)[0]
+        else:
+            assert ww.VirtualFree(y, out_size, ww.MEM_DECOMMIT)
+            assert ww.VirtualAlloc(y, out_size, ww.MEM_COMMIT, ww.PAGE_READWRITE) == y
+        changes[0] += 1
+
+changer = threading.Thread(target=change_the_array)
+changer.start()
+answers = {{}}
+try:
+    for _ in range({calls}):
+        ret, count, _ = ww.GetWriteWatch(0, x, NPAGES * P, out)
+        answer = "ok" if ret == 0 else str(ww.GetLastError())
+        if ret == 0:
+            assert count == NPAGES, count
+        answers[answer] = answers.get(answer, 0) + 1
+finally:
+    stop.set()
+    changer.join()
+print(json.dumps({{"answers": answers, "changes": changes[0]}}))
+"""
+
+
+@pytest.mark.parametrize("latched", [False, True], ids=["index", "latched"])
+@pytest.mark.parametrize("out_kind", ["0", "ww.MEM_WRITE_WATCH"], ids=["plain", "watched"])
+def test_output_array_made_unwritable_during_the_call(write_watch_backend, latched, out_kind):
+    """GetWriteWatch's output array lies in VirtualAlloc memory that another
+    thread makes PAGE_NOACCESS or decommits while the call scans. The array
+    was checked once and used later: the process died with SIGSEGV. Now the
+    change waits for the call: each call succeeds or answers 998."""
+    calls = scaled_work(1000, at_least=100)
+    result = run_python(OUTPUT_CHANGED_DURING_CALL.format(latched=latched, out_kind=out_kind,
+                                                          calls=calls),
+                        timeout=patience(240), report_hang=True)
+    assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
+    outcome = json.loads(result.stdout)
+    assert set(outcome["answers"]) <= {"ok", str(ww.ERROR_NOACCESS)}, outcome
+    assert sum(outcome["answers"].values()) == calls
+    assert outcome["changes"] > 0
+
+
+def test_a_decommit_never_makes_a_racing_scan_report_its_pages(write_watch_backend):
+    """GetWriteWatch(0) while another thread decommits (and recommits) most of
+    the region: nothing writes, so nothing may be reported. The pagemap
+    backend reported every decommitted page (240 of 240): they were
+    unregistered before the index learned they were gone."""
+    npages, kept = 256, 16
+    base = ww.VirtualAlloc(0, npages * P, WATCHED, RW)
+    assert base
+    rest, rest_size = base + kept * P, (npages - kept) * P
+    stop = threading.Event()
+    cycles = [0]
+
+    def decommit_and_recommit() -> None:
+        while not stop.is_set():
+            assert ww.VirtualFree(rest, rest_size, ww.MEM_DECOMMIT)
+            assert ww.VirtualAlloc(rest, rest_size, ww.MEM_COMMIT, RW) == rest
+            cycles[0] += 1
+
+    out = np.zeros(npages, np.uintp)
+    reported = 0
+    worker = threading.Thread(target=decommit_and_recommit)
+    worker.start()
+    try:
+        target = scaled_work(300, at_least=50)
+        for _ in range(scaled_work(200_000, at_least=20_000)):
+            ret, count, _ = ww.GetWriteWatch(0, base, npages * P, out)
+            assert ret == 0, ww.GetLastError()
+            reported += count
+            if cycles[0] >= target:
+                break
+    finally:
+        stop.set()
+        worker.join()
+        assert ww.VirtualFree(base, 0, ww.MEM_RELEASE)
+    assert cycles[0] > 0
+    assert reported == 0
+
+
+def test_a_reset_between_the_latch_scan_and_the_latch_unlatches(write_watch_backend,
+                                                                 monkeypatch):
+    """VirtualProtect latches the pages it finds written (rule 11). A
+    GetWriteWatch(RESET) that ran between its scan and its latch reported and
+    reset the page, and the latch then marked it anyway: after a decommit the
+    page was reported although in either serial order of the two calls it
+    ends unlatched. The VirtualProtect here stops right after its scan while
+    a RESET runs; the RESET now waits for it."""
+    base = ww.VirtualAlloc(0, 4 * P, WATCHED, RW)
+    assert base
+    scanned, go = threading.Event(), threading.Event()
+    address_runs = latch._address_runs
+
+    def paused_after_scan(addresses: np.ndarray) -> list[tuple[int, int]]:
+        runs = address_runs(addresses)
+        scanned.set()
+        go.wait(patience(30))
+        return runs
+
+    monkeypatch.setattr(latch, "_address_runs", paused_after_scan)
+    try:
+        for _ in range(3):
+            ww.as_array(base, P)[0] = 1
+            scanned.clear()
+            go.clear()
+            protect = threading.Thread(target=ww.VirtualProtect, args=(base, P, RW))
+            protect.start()
+            assert scanned.wait(patience(30))
+            out = np.zeros(4, np.uintp)
+            answer: list[tuple[int, int, int]] = []
+            reset = threading.Thread(
+                target=lambda answer=answer, out=out:
+                answer.append(ww.GetWriteWatch(RESET, base, 4 * P, out)))
+            reset.start()
+            reset.join(patience(0.3))  # before the fix it completed here
+            go.set()
+            protect.join()
+            reset.join()
+            assert answer[0][:2] == (0, 1) and out[0] == base
+            assert ww.VirtualFree(base, P, ww.MEM_DECOMMIT)
+            assert ww.GetWriteWatch(0, base, 4 * P, out)[:2] == (0, 0), out
+            assert ww.VirtualAlloc(base, P, ww.MEM_COMMIT, RW) == base
+    finally:
+        go.set()
+        assert ww.VirtualFree(base, 0, ww.MEM_RELEASE)
