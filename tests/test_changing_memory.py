@@ -33,9 +33,8 @@ import writewatch as ww
 
 P = ww.PAGE_SIZE
 NPAGES = 8192        # every page written: each scan fills the whole array
-SCANNED = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
-x = ww.VirtualAlloc(0, NPAGES * P, SCANNED, ww.PAGE_READWRITE)
-assert x
+mem = ww.WatchedMemory(NPAGES * P)
+x = mem.address
 ww.as_array(x, NPAGES * P)[::P] = 1
 if {latched}:
     # A latched page decommitted: the region's calls take the walk in Python.
@@ -63,7 +62,14 @@ changer.start()
 answers = {{}}
 try:
     for _ in range({calls}):
-        ret, count, _ = ww.GetWriteWatch(0, x, NPAGES * P, out)
+        if {written}:
+            try:
+                ret, count = 0, len(mem.written(out=out, unit="page"))
+            except ww.WriteWatchError as exc:
+                ret = 1
+                ww.SetLastError(exc.winerror)
+        else:
+            ret, count, _ = ww.GetWriteWatch(0, x, NPAGES * P, out)
         answer = "ok" if ret == 0 else str(ww.GetLastError())
         if ret == 0:
             assert count == NPAGES, count
@@ -75,16 +81,22 @@ print(json.dumps({{"answers": answers, "changes": changes[0]}}))
 """
 
 
-@pytest.mark.parametrize("latched", [False, True], ids=["index", "latched"])
-@pytest.mark.parametrize("out_kind", ["0", "ww.MEM_WRITE_WATCH"], ids=["plain", "watched"])
-def test_output_array_made_unwritable_during_the_call(write_watch_backend, latched, out_kind):
-    """GetWriteWatch's output array lies in VirtualAlloc memory that another
-    thread makes PAGE_NOACCESS or decommits while the call scans. The array
-    was checked once and used later: the process died with SIGSEGV. Now the
-    change waits for the call: each call succeeds or answers 998."""
+@pytest.mark.parametrize(("latched", "out_kind", "written"), [
+    (False, "0", False), (False, "ww.MEM_WRITE_WATCH", False), (True, "0", False),
+    (True, "ww.MEM_WRITE_WATCH", False), (False, "ww.MEM_WRITE_WATCH", True), (True, "0", True),
+], ids=["index-plain", "index-watched", "latched-plain", "latched-watched",
+        "index-watched-written", "latched-plain-written"])
+def test_output_array_made_unwritable_during_the_call(write_watch_backend, latched, out_kind,
+                                                      written):
+    """GetWriteWatch's output array (or WatchedMemory.written's out) lies in
+    VirtualAlloc memory that another thread makes PAGE_NOACCESS or decommits
+    while the call scans. The array was checked once and used later (by
+    written() a second time, to convert the addresses): the process died with
+    SIGSEGV. Now the change waits for the call: each call succeeds or answers
+    998, on the index's path and on the latched walk."""
     calls = scaled_work(1000, at_least=100)
     result = run_python(OUTPUT_CHANGED_DURING_CALL.format(latched=latched, out_kind=out_kind,
-                                                          calls=calls),
+                                                          written=written, calls=calls),
                         timeout=patience(240), report_hang=True)
     assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
     outcome = json.loads(result.stdout)
@@ -176,3 +188,40 @@ def test_a_reset_between_the_latch_scan_and_the_latch_unlatches(write_watch_back
     finally:
         go.set()
         assert ww.VirtualFree(base, 0, ww.MEM_RELEASE)
+
+
+WRITTEN_THEN_PROTECTED = """
+import sys
+import numpy as np
+import writewatch as ww
+
+P = ww.PAGE_SIZE
+mem = ww.WatchedMemory(16 * P)
+mem.array[3 * P] = 1
+y = ww.VirtualAlloc(0, P, ww.MEM_RESERVE | ww.MEM_COMMIT, ww.PAGE_READWRITE)
+out = ww.as_array(y, P, np.uintp)
+
+def protect_once_the_scan_returns(frame, event, arg):
+    # Another thread's VirtualProtect, landing the moment the scan's native
+    # call has returned.
+    if event == "c_return" and "get_write_watch" in getattr(arg, "__name__", ""):
+        sys.setprofile(None)
+        assert ww.VirtualProtect(y, P, ww.PAGE_NOACCESS)[0]
+
+sys.setprofile(protect_once_the_scan_returns)
+found = mem.written(out=out, unit="page")
+sys.setprofile(None)
+assert ww.VirtualProtect(y, P, ww.PAGE_READWRITE)[0]
+assert found.tolist() == [3], found
+print("ok")
+"""
+
+
+def test_written_stores_into_its_out_array_only_during_the_call(write_watch_backend):
+    """WatchedMemory.written(out=..., unit="page") converted the addresses in
+    out after the call had returned: an out array that another thread made
+    PAGE_NOACCESS by then killed the process. The conversion now happens
+    before the store, inside the call."""
+    result = run_python(WRITTEN_THEN_PROTECTED, timeout=patience(60), report_hang=True)
+    assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
+    assert result.stdout.strip() == "ok"

@@ -359,13 +359,12 @@ class WatchedMemory:
             out = np.empty(memory.committed_size(self.address) // PAGE_SIZE, np.uintp)
             if len(out) == 0:
                 return out
-        found = out[:watch.get_write_watch(WRITE_WATCH_FLAG_RESET if reset else 0,
-                                           self.address, self.size, out)]
-        if unit != "address":
-            np.subtract(found, np.uintp(self.address), out=found)
-            if unit == "page":
-                np.right_shift(found, np.uintp(_PAGE_SHIFT), out=found)
-        return found
+        # Converted natively before the store: out may lie in memory another
+        # thread makes unwritable once the call is over.
+        origin = 0 if unit == "address" else self.address
+        shift = _PAGE_SHIFT if unit == "page" else 0
+        return out[:watch.get_write_watch_as(WRITE_WATCH_FLAG_RESET if reset else 0,
+                                             self.address, self.size, out, origin, shift)]
 
     def reset(self) -> None:
         """Mark every page unwritten."""

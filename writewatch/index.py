@@ -101,6 +101,14 @@ def get_write_watch(flags: int, base: int, size: int, out: np.ndarray, capacity:
     return _verdict(found, "GetWriteWatch scan")
 
 
+def get_write_watch_as(flags: int, base: int, size: int, out: np.ndarray, capacity: int,
+                       origin: int, shift: int) -> int:
+    """get_write_watch with each address stored as (address - origin) >> shift."""
+    found: int = lib.ww_index_get_write_watch_as(flags, base, size, _from_buffer(_UINT64S, out),
+                                                 capacity, origin, shift)
+    return found if found >= 0 else _verdict(found, "GetWriteWatch scan")
+
+
 def reset_write_watch(base: int, size: int) -> None:
     """ResetWriteWatch in one native call. Raises RefusedError, or OSError."""
     _verdict(lib.ww_index_reset_write_watch(base, size), "ResetWriteWatch")

@@ -92,8 +92,16 @@ def get_write_watch(flags: Any, base: Any, size: Any, addresses: Any,
     return _get_write_watch_checked(flags, base, size, addresses, count)
 
 
+def get_write_watch_as(flags: Any, base: Any, size: Any, addresses: Any, origin: int,
+                       shift: int) -> int:
+    """get_write_watch storing each address as (address - origin) >> shift
+    (offsets, page indices) into addresses: converted before the store, so
+    the array is stored into once, while the call still holds it."""
+    return _get_write_watch_checked(flags, base, size, addresses, None, origin, shift)
+
+
 def _get_write_watch_checked(flags: Any, base: Any, size: Any, addresses: Any,
-                             count: Any) -> int:
+                             count: Any, origin: int = 0, shift: int = 0) -> int:
     """get_write_watch for every other call: the array's checks here, with
     their own errors, then the index's verdict."""
     if addresses is not None:
@@ -112,8 +120,9 @@ def _get_write_watch_checked(flags: Any, base: Any, size: Any, addresses: Any,
     if not addresses.flags.writeable:
         raise WriteWatchError(ERROR_NOACCESS, "the addresses array is read-only")
     flags, base, size = uint(flags, "flags"), uint(base, "base"), uint(size, "size")
-    return _on_index(lambda: index.get_write_watch(flags, base, size, addresses, count),
-                     lambda: _get_latched(flags, base, size, addresses, count), base, size)
+    return _on_index(
+        lambda: index.get_write_watch_as(flags, base, size, addresses, count, origin, shift),
+        lambda: _get_latched(flags, base, size, addresses, count, origin, shift), base, size)
 
 
 def _on_index(call: Callable[[], T], on_latched: Callable[[], T], base: int, size: int) -> T:
@@ -141,7 +150,8 @@ def _latched_region(base: int, size: int) -> regions.Region:
     return region
 
 
-def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count: int) -> int:
+def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count: int,
+                 origin: int, shift: int) -> int:
     """GetWriteWatch on a region with latched pages (docs/semantics.md rule 11),
     which the index leaves to the region's own walk."""
     first, last = page_floor(base), page_ceil(base + size)
@@ -161,7 +171,7 @@ def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count:
             raise _refusal(index.REFUSED_OUTPUT, base, size)
         region.sync_after_fork()
         found = latch.walk(region, first, last, bool(flags & WRITE_WATCH_FLAG_RESET), count)
-        addresses[:len(found)] = found
+        addresses[:len(found)] = (found - np.uintp(origin)) >> np.uintp(shift)
     return len(found)
 
 

@@ -488,8 +488,9 @@ static int64_t watched_range(const struct ct_top *table, uint64_t flags, uint64_
  * Returns the count, REFUSED(reason), or -(WW_INDEX_ERRNO_BASE + errno) for a
  * kernel failure.
  */
-int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
-                                 uint64_t *out, uint64_t capacity)
+static inline __attribute__((always_inline)) int64_t
+get_write_watch(uint64_t flags, uint64_t base, uint64_t size, uint64_t *out, uint64_t capacity,
+                uint64_t origin, unsigned shift)
 {
     struct index_entry *entry;
     struct output_hold hold; /* not zeroed whole: this is the per-frame path */
@@ -527,6 +528,8 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                              (int)flags, dest, room)
                 : ww_track_get_write_watch((uint64_t)handle, spans->bounds, spans->count, first, last,
                                            (int)flags, dest, room);
+            for (int64_t i = 0; (origin || shift) && i < n; i++)
+                dest[i] = (dest[i] - origin) >> shift;
             if (dest != out) {
                 if (n > 0)
                     memcpy(out, dest, (uint64_t)n * sizeof *out);
@@ -540,6 +543,24 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
         entry_exit(entry, entry_phase);
     reader_exit(phase);
     return result;
+}
+
+int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
+                                 uint64_t *out, uint64_t capacity)
+{
+    return get_write_watch(flags, base, size, out, capacity, 0, 0);
+}
+
+/*
+ * GetWriteWatch with each address given as (address - origin) >> shift (an
+ * offset, a page index): converted before the store, so that the output array
+ * is stored into once, while the call holds it, never by a second pass after.
+ */
+int64_t ww_index_get_write_watch_as(uint64_t flags, uint64_t base, uint64_t size,
+                                    uint64_t *out, uint64_t capacity, uint64_t origin,
+                                    unsigned shift)
+{
+    return get_write_watch(flags, base, size, out, capacity, origin, shift);
 }
 
 /* ResetWriteWatch: the same checks, then every committed page re-armed. */
