@@ -28,20 +28,15 @@
  * decommit and protect).
  *
  * A call counts itself in the entry of every region it uses (the one it
- * scans, and any whose memory holds its output array) before it reads
- * anything of the entry, and ww_index_quiesce waits for the calls counted
- * before it began. So a change is made in two steps: tell the index (new calls
- * then see it), quiesce, and only then change the memory. A release waits so
- * that no call goes on scanning (and re-arming) its old address range once
- * another region may be made there; a decommit, so that no scan walks pages
- * being unregistered (pagemap would read them all written); a protection
- * change or decommit of an output array's pages, so that no call stores into
- * them after they stopped being writable; a VirtualProtect's latch, so that
- * no lock-free reset interleaves with its scan (the latched flag sends calls
- * to the region's lock meanwhile). Calls count themselves in one of two
- * phases and a quiesce flips the phase, so it waits only for calls already
- * counted, never for a quiet moment: constant traffic on a region does not
- * hold a change back.
+ * scans, any holding its output array) before reading anything of it, and
+ * ww_index_quiesce waits for the calls counted before it began. A change is
+ * made in two steps: tell the index (new calls see it), quiesce, then change
+ * the memory. So no call scans (and re-arms) a released range a new region
+ * may own, walks pages being unregistered by a decommit (pagemap would read
+ * them written), stores into an output array made unwritable, or resets
+ * between a VirtualProtect's latch scan and its latch (the latched flag
+ * sends calls to the region's lock meanwhile). Two phases, flipped by each
+ * quiesce: it waits only for calls already counted, never for a quiet moment.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
