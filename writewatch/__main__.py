@@ -61,6 +61,16 @@ def _kernel_writes_note(report: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+RELIABILITY_LIMITS = """\
+Promises narrowed on every backend (README, "Reliability"):
+  - An output array (GetWriteWatch's addresses, WatchedMemory.written's out) in VirtualAlloc
+    memory stays writable for the call only against VirtualProtect/VirtualFree made through
+    writewatch (they wait for the call); an array spanning more than 64 reservations
+    answers 998.
+  - A WatchedMemory collected while its thread held writewatch's locks is released at the
+    next VirtualAlloc, VirtualFree or collection."""
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     caps = ww.probe()
     report = backends.backend_report()
@@ -92,6 +102,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  The {chosen} backend is a fallback: {sandbox.FALLBACK_MEANS[chosen]}.")
     print()
     print(_kernel_writes_note(report))
+    print()
+    print(RELIABILITY_LIMITS)
     print()
     print("Kernel features each backend relies on:")
     for feature in caps.features:

@@ -15,16 +15,34 @@ region's lock held.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from writewatch import kernel
+from writewatch import index, kernel
 from writewatch.kernel import PAGE_SIZE
 from writewatch.pageruns import RESERVED
 
 if TYPE_CHECKING:
     from writewatch.regions import Region
+
+
+@contextmanager
+def latching(region: Region) -> Iterator[None]:
+    """Around a VirtualProtect's latch (latch_written): the index sends this
+    region's GetWriteWatch and ResetWriteWatch to the region's lock meanwhile,
+    and the calls that began before have finished, so the latch and a reset
+    are ordered one way or the other (a reset interleaved with the latch's
+    scan once left a page latched that the reset had just cleared, reported
+    after a decommit). Afterwards the index walks the region only if it has
+    latched pages."""
+    index.set_latched(region.base, True)
+    try:
+        index.quiesce(region.base)
+        yield
+    finally:
+        index.set_latched(region.base, region.latched is not None)
 
 
 def latch_written(region: Region, first: int, last: int) -> None:
