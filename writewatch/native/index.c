@@ -599,3 +599,83 @@ void ww_index_after_fork_child(void)
         } while (ct_next(top, &pos));
     index_epoch++;
 }
+
+/*
+ * process_memwatch's checks for the calling process, in one native call:
+ * the arguments (ww_memwatch_args), then vec (WW_MEMWATCH_BAD_VEC when it lies
+ * in region memory that cannot be written). Returns the page-aligned end of
+ * the range, -WW_MEMWATCH_* for a refusal (EINVAL), or -WW_MEMWATCH_IN_REGION
+ * when the range overlaps a region of the index (watched or not): such ranges
+ * keep the regions' rules (M12).
+ */
+/* ww_memwatch_checked's work. On success the regions vec lies in stay counted
+ * in hold, and this reader in *phase, until memwatch_release: the caller stores
+ * into vec in between (entries stay reachable while the reader is counted). */
+static int64_t memwatch_checked_held(uint64_t start, int64_t length, unsigned int flags,
+                                     int64_t vec_len, const void *vec, struct output_hold *hold,
+                                     int *phase)
+{
+    uint64_t end;
+    hold->count = 0;
+    int bad = ww_memwatch_args(start, length, flags, vec_len, &end);
+    if (bad)
+        return -bad;
+    *phase = reader_enter();
+    const struct ct_top *table = ct_load(&index_table);
+    if (vec && vec_len > 0 &&
+        output_hold(table, (uint64_t)(uintptr_t)vec, (uint64_t)vec_len * 8, hold)
+            == OUTPUT_REFUSED)
+        bad = WW_MEMWATCH_BAD_VEC;
+    else if (ct_overlaps(table, start, end))
+        bad = WW_MEMWATCH_IN_REGION;
+    if (bad) {
+        output_release(hold);
+        reader_exit(*phase);
+        return -bad;
+    }
+    return (int64_t)end;
+}
+
+static void memwatch_release(struct output_hold *hold, int phase)
+{
+    output_release(hold);
+    reader_exit(phase);
+}
+
+int64_t ww_memwatch_checked(uint64_t start, int64_t length, unsigned int flags,
+                            int64_t vec_len, const void *vec)
+{
+    struct output_hold hold;
+    int phase;
+    int64_t end = memwatch_checked_held(start, length, flags, vec_len, vec, &hold, &phase);
+    if (end >= 0)
+        memwatch_release(&hold, phase);
+    return end;
+}
+
+/*
+ * process_memwatch on the calling process in one native call: the checks of
+ * ww_memwatch_checked, then the backend's walk (kind WW_INDEX_PAGEMAP: its
+ * userfaultfd and pagemap descriptors). Returns the count, -errno, or
+ * -(WW_MEMWATCH_REFUSED_BASE + reason) for a refusal or a range of region
+ * memory (WW_MEMWATCH_IN_REGION). Another kind answers -EOPNOTSUPP before
+ * anything is done: Python serves it.
+ */
+int64_t ww_memwatch_call(int kind, int64_t uffd, int64_t pagemap_fd, uint64_t start,
+                         int64_t length, unsigned int flags, int64_t vec_len, uint64_t *vec,
+                         struct ww_memwatch_refusal *why)
+{
+    if (kind != WW_INDEX_PAGEMAP)
+        return -EOPNOTSUPP;
+    /* vec stays counted in its regions until the walk has stored into it (a
+     * protection change or decommit of them waits), as GetWriteWatch's output. */
+    struct output_hold hold;
+    int phase;
+    int64_t end = memwatch_checked_held(start, length, flags, vec_len, vec, &hold, &phase);
+    if (end < 0)
+        return -WW_MEMWATCH_REFUSED_BASE + end;
+    int64_t result = ww_memwatch((int)uffd, (int)pagemap_fd, start, (uint64_t)end, flags, vec,
+                                 (flags & MEMWATCH_SD_GET) ? (uint64_t)vec_len : 0, why);
+    memwatch_release(&hold, phase);
+    return result;
+}
