@@ -166,6 +166,7 @@ int ww_track_mode_at(uint64_t address);
 int64_t ww_track_memwatch(int mode, uint64_t start, uint64_t end, int get, int clear,
                           uint64_t *out, uint64_t capacity);
 int ww_track_state(uint64_t handle, uint64_t address);
+int64_t ww_track_retired_waiting(void);
 int ww_track_install_fork_handlers(void);
 int ww_segv_install(void);
 int ww_segv_installed(void);

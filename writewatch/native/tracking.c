@@ -20,21 +20,30 @@
  * more threads than CPUs a holder preempted mid-call gets the CPU back instead
  * of waiters yielding to one another.
  *
- * The fault path never waits for something the faulting thread may hold: a
- * fault taken while the faulting thread itself holds the range lock (a signal
- * handler storing into watched memory in the middle of a reset) gives the page
- * write access at once and leaves the page in the range's deferred list; the
- * lock holder records it as written when it lets the lock go, after anything
- * it did to the page.
+ * The fault path never waits for a thread that may be waiting for it: a
+ * fault on a range whose lock is held by the faulting thread itself (a signal
+ * handler storing into watched memory in the middle of a reset), or by a
+ * thread stopped in the fault path (track_blocked: two threads whose handlers
+ * store into each other's regions), gives the page write access at once and
+ * leaves the page in the range's deferred list; the lock holder records it as
+ * written when it lets the lock go, after anything it did to the page. The
+ * uffd handler thread never waits for a range lock at all: a fault whose
+ * range is locked by a running thread waits in its queue, tried again after
+ * short naps, while it serves every other fault.
  *
  * The range table is a two-level copy-on-write table by address (ctable.h):
  * read lock-free and without allocating, by the fault path included, in
  * O(log n); updated by attach and detach in O(chunk + n / chunk), never O(n),
  * and with no cap on the number of ranges. A range's handle is its start
  * address (opaque to Python). Every native access to a range, by a call or by
- * a fault, is counted in track_users; a range, and any table memory an update
- * replaced, is freed only once no counted access is left that could reach it.
+ * a fault, is counted in that range's users, and detach waits for those only:
+ * a release never waits for calls on other regions. Table memory an update
+ * replaced, and the range itself, are freed after a grace period (ct_grace)
+ * that covers only the lookup, so it ends under constant traffic too.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* ppoll */
+#endif
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -64,6 +73,8 @@ struct track_range {
     uint8_t *state;
     uint64_t state_size;
     int mode;
+    int users;                                /* counted native accesses (range_enter) */
+    int detached;                             /* out of the table: no new access */
     int lock;                                 /* 0 free, 1 held, 2 held, sleepers */
     int owner;                                /* the lock holder's thread id */
     int deferred_pending;                     /* pages below, or an overflow */
@@ -73,10 +84,8 @@ struct track_range {
 
 static struct ct_table track_table;   /* ranges by start address */
 static pthread_mutex_t track_slots_mutex = PTHREAD_MUTEX_INITIALIZER; /* attach/detach */
-static struct ct_retired *track_retired; /* table memory replaced; mutex held */
-static int track_users;          /* native accesses to ranges in progress */
+static struct ct_grace track_grace;   /* table memory and ranges replaced */
 static int track_sync_uffd = -1; /* this process's uffd of the uffd backend */
-static struct sigaction track_prev_segv;
 
 static int this_thread(void)
 {
@@ -174,33 +183,44 @@ static void defer_page(struct track_range *r, uint64_t page)
     __atomic_store_n(&r->deferred_pending, 1, __ATOMIC_SEQ_CST);
 }
 
-/* Count a native access to the range with this handle (NULL, uncounted, if none). */
-static struct track_range *range_enter(uint64_t handle);
-static void range_exit(void)
+/*
+ * Count a native access to the range holding address (NULL, uncounted, if
+ * none): lock-free, no allocation, O(log n), so the fault path uses it too.
+ * The lookup runs in a grace window, so the table memory and the range it
+ * reads stay allocated; the count then keeps the range from being freed
+ * until range_exit. A range being detached is not entered: detach marks it
+ * before it waits for the count, and the count is made before the mark is
+ * read, so either detach waits for this access or this access sees the mark.
+ */
+static struct track_range *range_enter_at(uint64_t address)
 {
-    __atomic_sub_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
-}
-
-/* The range holding address (caller counted in track_users): lock-free,
- * no allocation, O(log n): the fault path's lookup. */
-static struct track_range *range_of(uint64_t address)
-{
+    int phase = ct_grace_enter(&track_grace);
     const struct ct_item *item = ct_find(ct_load(&track_table), address);
-    return item ? item->ptr : NULL;
+    struct track_range *r = item ? item->ptr : NULL;
+    if (r) {
+        __atomic_add_fetch(&r->users, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&r->detached, __ATOMIC_SEQ_CST)) {
+            __atomic_sub_fetch(&r->users, 1, __ATOMIC_SEQ_CST);
+            r = NULL;
+        }
+    }
+    ct_grace_exit(&track_grace, phase);
+    return r;
 }
 
-static struct track_range *range_at_handle(uint64_t handle)
+static void range_exit(struct track_range *r)
 {
-    struct track_range *r = range_of(handle);
-    return r && r->start == handle ? r : NULL;
+    __atomic_sub_fetch(&r->users, 1, __ATOMIC_SEQ_CST);
 }
 
+/* range_enter_at for the range with this handle (its start). */
 static struct track_range *range_enter(uint64_t handle)
 {
-    __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
-    struct track_range *r = range_at_handle(handle);
-    if (!r)
-        range_exit();
+    struct track_range *r = range_enter_at(handle);
+    if (r && r->start != handle) {
+        range_exit(r);
+        return NULL;
+    }
     return r;
 }
 
@@ -209,7 +229,7 @@ static struct track_range *range_enter_span(uint64_t handle, uint64_t start, uin
 {
     struct track_range *r = range_enter(handle);
     if (r && (start < r->start || start + length > r->end)) {
-        range_exit();
+        range_exit(r);
         return NULL;
     }
     return r;
@@ -389,21 +409,21 @@ static void drain_deferred(struct track_range *r)
 
 /* ---- the range table (Python never uses one handle from two threads at once) ---- */
 
-/* Table memory an update replaced: freed once no counted access may hold it.
- * track_slots_mutex held. */
-static void track_retire(void *memory, void *context)
+/* The range with this handle, in the current table. track_slots_mutex held. */
+static struct track_range *range_at_handle(uint64_t handle)
 {
-    (void)context;
-    ct_retired_push(&track_retired, memory);
+    const struct ct_item *item = ct_find(track_table.top, handle);
+    struct track_range *r = item ? item->ptr : NULL;
+    return r && r->start == handle ? r : NULL;
 }
 
-/* Free the retired memory if no access is counted: one that starts now loads
- * the current table, which reaches none of it. track_slots_mutex held. */
-static void track_reclaim(void)
+/* Table memory (and ranges) replaced and waiting for their grace period. */
+int64_t ww_track_retired_waiting(void)
 {
-    if (__atomic_load_n(&track_users, __ATOMIC_SEQ_CST))
-        return;
-    ct_retired_free(&track_retired);
+    pthread_mutex_lock(&track_slots_mutex);
+    int64_t count = ct_grace_waiting(&track_grace);
+    pthread_mutex_unlock(&track_slots_mutex);
+    return count;
 }
 
 /*
@@ -445,8 +465,9 @@ int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
     struct ct_item item = { .start = r->start, .end = r->end, .ptr = r };
     pthread_mutex_lock(&track_slots_mutex);
     int result = length == 0 || ct_overlaps(track_table.top, r->start, r->end) ? -EEXIST
-        : ct_splice(&track_table, r->start, r->start + 1, &item, 1, track_retire, NULL);
-    track_reclaim();
+        : ct_splice(&track_table, r->start, r->start + 1, &item, 1, ct_grace_retire,
+                    &track_grace);
+    ct_grace_reclaim(&track_grace);
     pthread_mutex_unlock(&track_slots_mutex);
     if (result) {
         munmap(state, r->state_size);
@@ -460,18 +481,25 @@ int ww_track_detach(uint64_t handle)
 {
     pthread_mutex_lock(&track_slots_mutex);
     struct track_range *r = range_at_handle(handle);
-    int result = r ? ct_splice(&track_table, handle, handle + 1, NULL, 0, track_retire, NULL)
-                   : -EINVAL;
+    int result = -EINVAL;
+    if (r) {
+        __atomic_store_n(&r->detached, 1, __ATOMIC_SEQ_CST);
+        result = ct_splice(&track_table, handle, handle + 1, NULL, 0, ct_grace_retire,
+                           &track_grace);
+        if (result)
+            __atomic_store_n(&r->detached, 0, __ATOMIC_SEQ_CST);
+    }
     pthread_mutex_unlock(&track_slots_mutex);
     if (result)
         return result;
-    /* A call or fault that found r before the store is still counted. */
-    while (__atomic_load_n(&track_users, __ATOMIC_SEQ_CST))
+    /* Wait for the calls and faults counted on this range, and only those:
+     * a release does not wait for other regions' traffic. */
+    while (__atomic_load_n(&r->users, __ATOMIC_SEQ_CST))
         sched_yield();
-    munmap(r->state, r->state_size);
-    free(r);
+    munmap(r->state, r->state_size); /* read only under a count */
     pthread_mutex_lock(&track_slots_mutex);
-    track_reclaim();
+    ct_grace_retire(r, &track_grace); /* a lookup may still hold it */
+    ct_grace_reclaim(&track_grace);
     pthread_mutex_unlock(&track_slots_mutex);
     return 0;
 }
@@ -480,10 +508,11 @@ int ww_track_detach(uint64_t handle)
  * or -ENOENT. */
 int ww_track_mode_at(uint64_t address)
 {
-    __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
-    struct track_range *r = range_of(address);
-    int mode = r ? r->mode : -ENOENT;
-    range_exit();
+    struct track_range *r = range_enter_at(address);
+    if (!r)
+        return -ENOENT;
+    int mode = r->mode;
+    range_exit(r);
     return mode;
 }
 
@@ -494,7 +523,7 @@ int ww_track_state(uint64_t handle, uint64_t address)
         return -EINVAL;
     int result = address < r->start || address >= r->end
         ? -EINVAL : r->state[(address - r->start) / WW_PAGE_SIZE];
-    range_exit();
+    range_exit(r);
     return result;
 }
 
@@ -524,7 +553,7 @@ int ww_track_watch(uint64_t handle, uint64_t start, uint64_t length, int prot, i
     if (!result)
         memset(r->state + first, clean ? bits : bits | WW_PAGE_DIRTY, last - first);
     range_unlock(r);
-    range_exit();
+    range_exit(r);
     return result;
 }
 
@@ -559,7 +588,7 @@ int ww_track_unwatch(uint64_t handle, uint64_t start, uint64_t length)
     if (!result)
         memset(r->state + first, 0, last - first);
     range_unlock(r);
-    range_exit();
+    range_exit(r);
     return result;
 }
 
@@ -586,14 +615,17 @@ int ww_track_protect(uint64_t handle, uint64_t start, uint64_t length, int prot)
             r->state[i] = (r->state[i] & WW_PAGE_DIRTY) | bits | armed;
     }
     range_unlock(r);
-    range_exit();
+    range_exit(r);
     return result;
 }
 
 /* True when [p, p+size) overlaps memory that faults into a tracking handler. */
 static int overlaps_tracked(uint64_t p, uint64_t size)
 {
-    return ct_overlaps(ct_load(&track_table), p, p + size);
+    int phase = ct_grace_enter(&track_grace);
+    int overlaps = ct_overlaps(ct_load(&track_table), p, p + size);
+    ct_grace_exit(&track_grace, phase);
+    return overlaps;
 }
 
 /*
@@ -616,7 +648,7 @@ int64_t ww_track_scan(uint64_t handle, uint64_t start, uint64_t end, int reset,
     int64_t result = -EINVAL;
     if (start >= r->start && end <= r->end && start <= end)
         result = track_written(r, start, end, reset, out, capacity, origin);
-    range_exit();
+    range_exit(r);
     return result;
 }
 
@@ -629,8 +661,7 @@ int64_t ww_track_scan(uint64_t handle, uint64_t start, uint64_t end, int reset,
 int64_t ww_track_memwatch(int mode, uint64_t start, uint64_t end, int get, int clear,
                           uint64_t *out, uint64_t capacity)
 {
-    __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
-    struct track_range *r = range_of(start);
+    struct track_range *r = range_enter_at(start);
     int64_t result = -EINVAL;
     if (r && r->mode == mode && end <= r->end && start <= end) {
         int watched = 1;
@@ -643,7 +674,8 @@ int64_t ww_track_memwatch(int mode, uint64_t start, uint64_t end, int get, int c
         if (result > 0 && !get)
             result = 0;
     }
-    range_exit();
+    if (r)
+        range_exit(r);
     return result;
 }
 
@@ -720,7 +752,7 @@ int64_t ww_track_get_write_watch(uint64_t handle, const uint64_t *spans, uint64_
     if (r && r->mode == WW_MODE_MPROTECT)
         ww_segv_install();
     if (r)
-        range_exit();
+        range_exit(r);
     uint64_t count = 0;
     int64_t result = 0;
     for (uint64_t i = 0; i < nspans && count < capacity; i++) {
@@ -767,28 +799,85 @@ int ww_track_prepare_write(uint64_t handle, uint64_t start, uint64_t length)
             r->state[i] |= WW_PAGE_DIRTY;
     }
     range_unlock(r);
-    range_exit();
+    range_exit(r);
     return result;
+}
+
+/* ---- who is stopped in the fault path ---- */
+
+/*
+ * Threads stopped in our fault path: in the SIGSEGV handler trying to take a
+ * range lock, or stopped in a uffd write fault the handler thread has read
+ * and not let go yet. A fault on a range whose lock holder is listed here
+ * never waits for it: the holder may be stopped until this very fault is
+ * resolved (its signal handler stored into watched memory while it held the
+ * lock). Each waiter lists itself before it looks at the holder, so of two
+ * threads that would wait for each other the later one sees the earlier and
+ * does not wait. Lock-free and signal-safe.
+ */
+#define TRACK_BLOCKED_MAX 256
+static int track_blocked[TRACK_BLOCKED_MAX];
+
+/* List tid; the slot, or -1 if the list is full (then the caller must not wait). */
+static int blocked_add(int tid)
+{
+    for (int i = 0; tid && i < TRACK_BLOCKED_MAX; i++) {
+        int free = 0;
+        if (__atomic_compare_exchange_n(&track_blocked[i], &free, tid, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED))
+            return i;
+    }
+    return -1;
+}
+
+static void blocked_remove(int slot)
+{
+    if (slot >= 0)
+        __atomic_store_n(&track_blocked[slot], 0, __ATOMIC_SEQ_CST);
+}
+
+static int is_blocked(int tid)
+{
+    for (int i = 0; tid && i < TRACK_BLOCKED_MAX; i++)
+        if (__atomic_load_n(&track_blocked[i], __ATOMIC_SEQ_CST) == tid)
+            return 1;
+    return 0;
+}
+
+/* Is r's lock held by a thread stopped in the fault path (itself included)? */
+static int holder_blocked(const struct track_range *r)
+{
+    return __atomic_load_n(&r->lock, __ATOMIC_ACQUIRE) &&
+           is_blocked(__atomic_load_n(&r->owner, __ATOMIC_RELAXED));
 }
 
 /* ---- the mprotect backend's SIGSEGV handler ---- */
 
-static void chain_segv(int sig, siginfo_t *info, void *context)
+/*
+ * Where our handler stands in a chain of handlers. Each time it takes first
+ * place from a foreign handler it is installed through another entry point
+ * (a level), and that level remembers the handler it displaced. A foreign
+ * handler that chains to the one it replaced (crash reporters, JITs,
+ * language runtimes do) reaches us again through the older level, which
+ * passes the fault on to what that level displaced, down to the first
+ * handler we replaced. One that declines a fault by putting back the handler
+ * it replaced and returning puts back the older level, so the repeated fault
+ * goes down the same way. A fault that is not ours thus ends in the default
+ * action at the bottom of the chain instead of going round it forever.
+ */
+#define TRACK_SEGV_LEVELS 8
+static struct sigaction track_displaced[TRACK_SEGV_LEVELS]; /* what level k replaced */
+static int track_segv_front = -1; /* the level last seen in front */
+
+/* 1 + the level this thread is passing a fault down from (0: none). A fault
+ * reaching a level at or above it again has gone round a cycle. Initial-exec
+ * TLS: a signal handler must not allocate it lazily. */
+static __thread int track_chaining __attribute__((tls_model("initial-exec")));
+
+/* A real fault repeats on return and kills the process with SIGSEGV as if we
+ * had never been here; a sent signal is raised again. */
+static void default_action(int sig, const siginfo_t *info)
 {
-    if (info->si_code > 0 && (track_prev_segv.sa_flags & SA_SIGINFO)) {
-        track_prev_segv.sa_sigaction(sig, info, context);
-        return;
-    }
-    /* A sent (or re-raised) SIGSEGV means "die": a handler like faulthandler
-     * reports a fault, restores the handler it replaced (possibly this one) and
-     * raises the signal again; passing that on again would loop. */
-    if (info->si_code > 0 && track_prev_segv.sa_handler != SIG_DFL &&
-        track_prev_segv.sa_handler != SIG_IGN) {
-        track_prev_segv.sa_handler(sig);
-        return;
-    }
-    /* Default action: a real fault repeats on return and kills the process
-     * with SIGSEGV as if we had never been here; a sent signal is re-raised. */
     struct sigaction dfl;
     memset(&dfl, 0, sizeof dfl);
     dfl.sa_handler = SIG_DFL;
@@ -798,59 +887,115 @@ static void chain_segv(int sig, siginfo_t *info, void *context)
         raise(sig);
 }
 
+static void chain_segv(int level, int sig, siginfo_t *info, void *context)
+{
+    const struct sigaction *prev = &track_displaced[level];
+    int chaining = track_chaining - 1;
+    /* A sent (or re-raised) SIGSEGV means "die": a handler like faulthandler
+     * reports a fault, restores the handler it replaced (possibly this one) and
+     * raises the signal again; passing that on again would loop. */
+    int callable = info->si_code > 0 && (chaining < 0 || level < chaining) &&
+        ((prev->sa_flags & SA_SIGINFO) ||
+         (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN));
+    if (!callable) {
+        default_action(sig, info);
+        return;
+    }
+    track_chaining = level + 1;
+    if (prev->sa_flags & SA_SIGINFO)
+        prev->sa_sigaction(sig, info, context);
+    else
+        prev->sa_handler(sig);
+    track_chaining = chaining + 1;
+}
+
 /* The last write fault this thread could not claim: retried once, since a
  * release or decommit racing the write may have given the page its access
  * back (and forgotten it) between the fault and this handler. Initial-exec
  * TLS: a signal handler must not allocate it lazily. */
 static __thread uint64_t track_unclaimed_fault __attribute__((tls_model("initial-exec")));
 
-static void segv_handler(int sig, siginfo_t *info, void *context)
+/*
+ * The lock holder cannot settle this write now (it is this thread, which a
+ * signal handler interrupted inside a call, or it is stopped in the fault
+ * path itself): give the page write access at once and leave it in the
+ * deferred list, which the holder drains when it unlocks, after anything it
+ * did to the page (or the next holder, when it took the lock). 1 if the
+ * write may go on.
+ */
+static int defer_write(struct track_range *r, uint64_t page)
+{
+    uint8_t st = __atomic_load_n(&r->state[(page - r->start) / WW_PAGE_SIZE], __ATOMIC_RELAXED);
+    if (!(st & WW_PAGE_WRITE))
+        return 0; /* not writable: a real access violation */
+    /* Read-only here whether or not it is marked armed yet (a reset makes
+     * pages read-only before it marks them armed). */
+    if (mprotect((void *)(uintptr_t)page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE))
+        return 0;
+    defer_page(r, page);
+    return 1;
+}
+
+/* Take r's lock, unless its holder is stopped in the fault path: 0 then. */
+static int lock_unless_holder_blocked(struct track_range *r, int tid, int listed)
+{
+    for (int spin = 0;; spin++) {
+        if (spin < TRACK_LOCK_SPINS ? range_trylock(r, tid) : range_trylock_contended(r, tid))
+            return 1;
+        if (!listed || holder_blocked(r))
+            return 0;
+        if (spin < TRACK_LOCK_SPINS)
+            cpu_relax();
+        else /* re-checked after each nap: the holder may stop in the fault path later */
+            lock_sleep(&r->lock, TRACK_LOCK_NAP_NS);
+    }
+}
+
+/* Record a write fault on page of r (mprotect) and give the page write access
+ * back; 1 if the write may go on. */
+static int claim_write_fault(struct track_range *r, uint64_t page)
+{
+    uint64_t i = (page - r->start) / WW_PAGE_SIZE;
+    int tid = this_thread();
+    if (held_by(r, tid))
+        return defer_write(r, page); /* never wait for ourselves */
+    int slot = blocked_add(tid);
+    int locked = lock_unless_holder_blocked(r, tid, slot >= 0);
+    blocked_remove(slot);
+    if (!locked)
+        return defer_write(r, page);
+    int handled = 0;
+    uint8_t st = r->state[i];
+    if (st & WW_PAGE_WRITE) {
+        /* Not armed: another thread disarmed it first (then this mprotect
+         * changes nothing), or a failed coalesce left it read-only. */
+        int err = mprotect_coalescing(r, page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE);
+        if (!err) {
+            r->state[i] = (st & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+            handled = 1;
+        } else if (err == -ENOMEM && !unarm_around(r, i)) {
+            handled = 1; /* the write proceeds, over-reported */
+        }
+    }
+    range_unlock(r);
+    return handled;
+}
+
+static void segv_handler(int level, int sig, siginfo_t *info, void *context)
 {
     int saved_errno = errno;
     int handled = 0;
     if (info->si_code == SEGV_ACCERR) {
         uint64_t page = (uint64_t)(uintptr_t)info->si_addr & ~(uint64_t)(WW_PAGE_SIZE - 1);
-        __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
-        struct track_range *r = range_of(page);
-        if (r && r->mode == WW_MODE_MPROTECT) {
-            uint64_t i = (page - r->start) / WW_PAGE_SIZE;
-            int tid = this_thread();
-            if (held_by(r, tid)) {
-                /* This thread holds the lock: a signal handler interrupted it
-                 * inside a call. Never wait for ourselves: give the page write
-                 * access now and let the holder record it when it unlocks.
-                 * Nobody else changes the state while we hold the lock. */
-                uint8_t st = r->state[i];
-                if ((st & WW_PAGE_ARMED) && (st & WW_PAGE_WRITE)) {
-                    if (!mprotect((void *)(uintptr_t)page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE)) {
-                        defer_page(r, page);
-                        handled = 1;
-                    }
-                } else if (st & WW_PAGE_WRITE) {
-                    handled = 1;
-                }
-            } else {
-                range_lock(r);
-                uint8_t st = r->state[i];
-                if (st & WW_PAGE_WRITE) {
-                    /* Not armed: another thread disarmed it first (then this
-                     * mprotect changes nothing), or a failed coalesce left it
-                     * read-only. */
-                    int err = mprotect_coalescing(r, page, WW_PAGE_SIZE, PROT_READ | PROT_WRITE);
-                    if (!err) {
-                        r->state[i] = (st & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
-                        handled = 1;
-                    } else if (err == -ENOMEM && !unarm_around(r, i)) {
-                        handled = 1; /* the write proceeds, over-reported */
-                    }
-                }
-                range_unlock(r);
-            }
+        struct track_range *r = range_enter_at(page);
+        if (r) {
+            if (r->mode == WW_MODE_MPROTECT)
+                handled = claim_write_fault(r, page);
+            range_exit(r);
         }
-        range_exit();
         if (handled) {
             track_unclaimed_fault = 0;
-        } else if (track_unclaimed_fault != page) {
+        } else if (!track_chaining && track_unclaimed_fault != page) {
             track_unclaimed_fault = page; /* retry once; a real fault comes back */
             handled = 1;
         } else {
@@ -859,21 +1004,75 @@ static void segv_handler(int sig, siginfo_t *info, void *context)
     }
     errno = saved_errno;
     if (!handled)
-        chain_segv(sig, info, context);
+        chain_segv(level, sig, info, context);
 }
 
+#define TRACK_SEGV_ENTRY(k) \
+    static void segv_entry_##k(int sig, siginfo_t *info, void *context) \
+    { segv_handler(k, sig, info, context); }
+TRACK_SEGV_ENTRY(0) TRACK_SEGV_ENTRY(1) TRACK_SEGV_ENTRY(2) TRACK_SEGV_ENTRY(3)
+TRACK_SEGV_ENTRY(4) TRACK_SEGV_ENTRY(5) TRACK_SEGV_ENTRY(6) TRACK_SEGV_ENTRY(7)
+static void (*const track_segv_entries[TRACK_SEGV_LEVELS])(int, siginfo_t *, void *) = {
+    segv_entry_0, segv_entry_1, segv_entry_2, segv_entry_3,
+    segv_entry_4, segv_entry_5, segv_entry_6, segv_entry_7,
+};
+
+/* The level of our entry point installed in front, or -1. */
+static int segv_level_in_front(const struct sigaction *current)
+{
+    if (!(current->sa_flags & SA_SIGINFO))
+        return -1;
+    for (int k = 0; k < TRACK_SEGV_LEVELS; k++)
+        if (current->sa_sigaction == track_segv_entries[k])
+            return k;
+    return -1;
+}
+
+static pthread_mutex_t track_segv_mutex = PTHREAD_MUTEX_INITIALIZER;
+static const int track_sync_signals[] = { SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGTRAP, SIGSYS };
+
 /* Put the handler first, in front of whatever handler is there now (one
- * installed after ours, like a late faulthandler.enable(), included). */
+ * installed after ours, like a late faulthandler.enable(), included), at the
+ * level above the one that handler most likely displaced: the last one seen
+ * in front. */
 int ww_segv_install(void)
 {
-    if (ww_segv_installed() == 1)
+    struct sigaction current;
+    if (sigaction(SIGSEGV, NULL, &current))
+        return -errno;
+    int level = segv_level_in_front(&current);
+    if (level >= 0) {
+        __atomic_store_n(&track_segv_front, level, __ATOMIC_RELAXED);
         return 0;
-    struct sigaction action;
-    memset(&action, 0, sizeof action);
-    action.sa_sigaction = segv_handler;
-    action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
-    sigemptyset(&action.sa_mask);
-    return sigaction(SIGSEGV, &action, &track_prev_segv) ? -errno : 0;
+    }
+    pthread_mutex_lock(&track_segv_mutex);
+    int result = 0;
+    if (sigaction(SIGSEGV, NULL, &current)) {
+        result = -errno;
+    } else if (segv_level_in_front(&current) < 0) {
+        /* Past the last level the top one is reused: a chain through it
+         * still ends, by the cycle check, in the default action. */
+        level = track_segv_front + 1 < TRACK_SEGV_LEVELS ? track_segv_front + 1
+                                                         : TRACK_SEGV_LEVELS - 1;
+        struct sigaction action;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = track_segv_entries[level];
+        action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+        /* Other signals wait until the handler returns: one whose handler
+         * stores into watched memory would otherwise fault while SIGSEGV is
+         * blocked, and the kernel kills a thread that does. Faults stay
+         * deliverable. */
+        sigfillset(&action.sa_mask);
+        for (int k = 0; k < (int)(sizeof track_sync_signals / sizeof *track_sync_signals); k++)
+            sigdelset(&action.sa_mask, track_sync_signals[k]);
+        track_displaced[level] = current;
+        if (sigaction(SIGSEGV, &action, NULL))
+            result = -errno;
+        else
+            __atomic_store_n(&track_segv_front, level, __ATOMIC_RELAXED);
+    }
+    pthread_mutex_unlock(&track_segv_mutex);
+    return result;
 }
 
 int ww_segv_installed(void)
@@ -881,7 +1080,7 @@ int ww_segv_installed(void)
     struct sigaction current;
     if (sigaction(SIGSEGV, NULL, &current))
         return -errno;
-    return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == segv_handler;
+    return segv_level_in_front(&current) >= 0;
 }
 
 /* ---- the uffd backend's handler thread ---- */
@@ -896,59 +1095,97 @@ static void release_writer(uint64_t page)
     }
 }
 
-/* Is tid among the threads whose faults wait in batch[0..n)? */
-static int faulting(const struct uffd_msg *batch, size_t n, int tid)
-{
-    for (size_t i = 0; i < n; i++)
-        if (batch[i].event == UFFD_EVENT_PAGEFAULT && (int)(uint32_t)batch[i].pagefault_feat == tid)
-            return 1;
-    return 0;
-}
+/* A write fault read from the uffd and not resolved yet; its thread is stopped
+ * until it is (listed in track_blocked at slot). */
+struct track_fault {
+    uint64_t page;
+    int slot;
+};
+
+/* Faults waiting for a range lock: the handler thread's own, never shared
+ * (reset in a forked child, which has no handler thread). */
+static struct track_fault *track_waiting;
+static size_t track_waiting_count, track_waiting_room;
 
 /*
- * Record the write fault batch[k] and let its thread go. The lock holder may
- * itself be stopped in a write fault this thread has yet to resolve (a signal
- * handler interrupted it inside a call): then the page is deferred to the
- * holder instead of waiting for it.
+ * Try to resolve a write fault: record the page as written and let its thread
+ * go. The handler thread never waits for a range lock: it could be held by a
+ * thread stopped in a fault only this thread resolves. If the lock is held
+ * by a thread stopped in the fault path, the page is deferred to it (released
+ * now, recorded when it unlocks); if it is held by a running thread, the
+ * fault waits in the queue and is tried again (0). 1 once resolved.
  */
-static void resolve_write_fault(const struct uffd_msg *batch, size_t n, size_t k)
+static int resolve_write_fault(uint64_t page)
 {
-    uint64_t page = batch[k].pagefault_address & ~(uint64_t)(WW_PAGE_SIZE - 1);
-    __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
-    struct track_range *r = range_of(page);
-    if (r && r->mode == WW_MODE_UFFD) {
-        int tid = this_thread(), waits = 0;
-        for (;;) {
-            if (waits > TRACK_LOCK_SPINS ? range_trylock_contended(r, tid)
-                                         : range_trylock(r, tid)) {
-                uint64_t i = (page - r->start) / WW_PAGE_SIZE;
-                if (r->state[i] & WW_PAGE_WATCHED)
-                    r->state[i] = (r->state[i] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
-                release_writer(page);
-                range_unlock(r);
-                break;
-            }
-            int owner = __atomic_load_n(&r->owner, __ATOMIC_RELAXED);
-            if (owner && faulting(batch, n, owner)) {
-                release_writer(page);
-                defer_page(r, page);
-                break;
-            }
-            /* Spin briefly, then sleep until the holder unlocks, but never
-             * for long: the checks above are made again after each nap. */
-            if (++waits <= TRACK_LOCK_SPINS) {
-                cpu_relax();
-                continue;
-            }
-            int held = 1;
-            if (__atomic_compare_exchange_n(&r->lock, &held, 2, 0, __ATOMIC_RELAXED,
-                                            __ATOMIC_RELAXED) || held == 2)
-                lock_sleep(&r->lock, TRACK_LOCK_NAP_NS);
-        }
-    } else {
+    struct track_range *r = range_enter_at(page);
+    if (!r || r->mode != WW_MODE_UFFD) {
+        if (r)
+            range_exit(r);
         release_writer(page); /* unknown page: the faulting thread must not hang */
+        return 1;
     }
-    range_exit();
+    int resolved = 1;
+    if (range_trylock(r, this_thread())) {
+        uint64_t i = (page - r->start) / WW_PAGE_SIZE;
+        if (r->state[i] & WW_PAGE_WATCHED)
+            r->state[i] = (r->state[i] & ~WW_PAGE_ARMED) | WW_PAGE_DIRTY;
+        release_writer(page);
+        range_unlock(r);
+    } else if (holder_blocked(r)) {
+        release_writer(page);
+        defer_page(r, page);
+    } else {
+        resolved = 0;
+    }
+    range_exit(r);
+    return resolved;
+}
+
+/* Queue a fault read from the uffd (listing its thread); resolve it at once
+ * if it cannot be queued. */
+static void queue_write_fault(uint64_t page, int tid)
+{
+    if (track_waiting_count == track_waiting_room) {
+        size_t room = track_waiting_room ? 2 * track_waiting_room : 64;
+        struct track_fault *grown = realloc(track_waiting, room * sizeof *grown);
+        if (grown) {
+            track_waiting = grown;
+            track_waiting_room = room;
+        }
+    }
+    int slot = track_waiting_count < track_waiting_room ? blocked_add(tid) : -1;
+    if (slot < 0) {
+        /* Not listed, it must not wait behind a lock it may hold: defer. */
+        struct track_range *r = range_enter_at(page);
+        release_writer(page);
+        if (r) {
+            if (r->mode == WW_MODE_UFFD)
+                defer_page(r, page);
+            range_exit(r);
+        }
+        return;
+    }
+    track_waiting[track_waiting_count++] = (struct track_fault){ .page = page, .slot = slot };
+}
+
+/* Resolve what can be resolved; repeated while it makes progress, since a
+ * fault resolved may let a lock holder go on. */
+static void resolve_waiting(void)
+{
+    for (int progress = 1; progress;) {
+        progress = 0;
+        size_t kept = 0;
+        for (size_t k = 0; k < track_waiting_count; k++) {
+            struct track_fault fault = track_waiting[k];
+            if (resolve_write_fault(fault.page)) {
+                blocked_remove(fault.slot);
+                progress = 1;
+            } else {
+                track_waiting[kept++] = fault;
+            }
+        }
+        track_waiting_count = kept;
+    }
 }
 
 static void *uffd_handler_main(void *arg)
@@ -956,24 +1193,25 @@ static void *uffd_handler_main(void *arg)
     int uffd = (int)(intptr_t)arg;
     struct uffd_msg messages[64];
     for (;;) {
+        /* Faults waiting for a lock are tried again after a short nap. */
+        struct timespec nap = { .tv_sec = 0, .tv_nsec = TRACK_LOCK_NAP_NS };
         struct pollfd ready = { .fd = uffd, .events = POLLIN };
-        if (poll(&ready, 1, -1) < 0) {
-            if (errno == EINTR)
-                continue;
+        int polled = ppoll(&ready, 1, track_waiting_count ? &nap : NULL, NULL);
+        if (polled < 0 && errno != EINTR)
             break;
+        if (polled > 0 && (ready.revents & (POLLERR | POLLHUP | POLLNVAL)))
+            break;
+        if (polled > 0) {
+            ssize_t got = read(uffd, messages, sizeof messages);
+            if (got < 0 && errno != EAGAIN && errno != EINTR)
+                break;
+            for (ssize_t i = 0; got > 0 && i < got / (ssize_t)sizeof messages[0]; i++)
+                if (messages[i].event == UFFD_EVENT_PAGEFAULT)
+                    queue_write_fault(messages[i].pagefault_address &
+                                          ~(uint64_t)(WW_PAGE_SIZE - 1),
+                                      (int)(uint32_t)messages[i].pagefault_feat);
         }
-        if (ready.revents & (POLLERR | POLLHUP | POLLNVAL))
-            break;
-        ssize_t got = read(uffd, messages, sizeof messages);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            break;
-        }
-        size_t n = (size_t)got / sizeof messages[0];
-        for (size_t i = 0; i < n; i++)
-            if (messages[i].event == UFFD_EVENT_PAGEFAULT)
-                resolve_write_fault(messages, n, i);
+        resolve_waiting();
     }
     return NULL;
 }
@@ -1033,8 +1271,16 @@ static void track_unlock_all(void)
  * thread exists (threads do not survive fork). */
 static void track_after_fork_child(void)
 {
+    struct ct_top *top = track_table.top;
+    struct ct_pos pos = { 0, 0 };
+    if (top && top->count)
+        do
+            ((struct track_range *)ct_at(top, pos)->ptr)->users = 0;
+        while (ct_next(top, &pos));
+    track_grace.readers[0] = track_grace.readers[1] = 0;
+    memset(track_blocked, 0, sizeof track_blocked);
+    track_waiting_count = 0;
     track_unlock_all();
-    track_users = 0;
     track_sync_uffd = -1;
 }
 
