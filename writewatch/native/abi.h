@@ -139,7 +139,7 @@ int64_t ww_pagemap_reset_write_watch(int pagemap_fd, const uint64_t *spans, uint
 int64_t ww_pagemap_check_watched(int pagemap_fd, uint64_t start, uint64_t end);
 int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg);
 
-/* Userspace tracking for the fallback backends (tracking.c): one range per
+/* Userspace tracking for the fallback backends (tracking.h): one range per
  * reservation, one state byte per page. */
 #define WW_MODE_MPROTECT 1
 #define WW_MODE_UFFD 2
