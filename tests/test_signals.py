@@ -253,91 +253,103 @@ from stall import StalledMemory
 
 P = ww.PAGE_SIZE
 KIND = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
-RECEIVER, TARGET = {receiver!r}, {target!r}
-stall = StalledMemory(1)
-base = ww.VirtualAlloc(0, 16 * P, KIND, ww.PAGE_READWRITE)
-other = ww.VirtualAlloc(0, 16 * P, KIND, ww.PAGE_READWRITE)
-view, other_view = ww.as_array(base, 16 * P), ww.as_array(other, 16 * P)
-view[::P] = 1
-other_view[::P] = 1
-out = np.zeros(16, np.uintp)
-for region in (base, other):                     # every page armed again
-    assert ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, region, 16 * P, out)[:2] == (0, 16)
-# A read-only page 5 ends the run of pages to re-arm that page 3 starts.
-assert ww.VirtualProtect(base + 5 * P, P, ww.PAGE_READONLY)[0]
-view[3 * P] = 1
-view[9 * P] = 1
-# Page 3: re-armed (made read-only or write-protected again) before the call
-# pauses at its second store, page 9's address; page 7: clean and armed.
-region, page = {{"page being reset": (base, 3), "clean page": (base, 7),
-                 "another region": (other, 5)}}[TARGET]
-assert lib.store_on_signal(signal.SIGUSR1, region + page * P) == 0
-paused = stall.array(16, before=1)
-first = {{}}
-
-def reset_call():
-    first["result"] = ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, base, 16 * P, paused)
-    first["pages"] = [(int(a) - base) // P for a in paused[:first["result"][1]]]
-
 idle_event = threading.Event()
 idle = threading.Thread(target=idle_event.wait, daemon=True)  # like an idle worker
 idle.start()
-caller = threading.Thread(target=reset_call)
-caller.start()
-stall.wait_for_fault()       # the call is inside its scan, holding what it holds
-signal.pthread_kill((caller if RECEIVER == "the resetting thread" else idle).ident,
-                    signal.SIGUSR1)
-for _ in range(int(patience(400))):  # a store that can complete now does
-    if lib.stores_done(signal.SIGUSR1):
-        break
-    threading.Event().wait(0.005)
-stored_during_pause = lib.stores_done(signal.SIGUSR1)
-# Meanwhile the fault path serves everyone else: a write into another region
-# (from a thread that does not hold the GIL while it writes) completes.
-writer = threading.Thread(target=ctypes.memset, args=(other + 11 * P, 1, 1), daemon=True)
-writer.start()
-writer.join(patience(10))
-other_write_done = not writer.is_alive()
-stall.resolve()
-caller.join()
+
+
+def stores():
+    return lib.stores_done(signal.SIGUSR1)
+
+
+def wait_for_store(before, limit):
+    for _ in range(int(patience(limit) / 0.005)):
+        if stores() > before:
+            break
+        threading.Event().wait(0.005)
+    return stores() - before
+
+
+def case(receiver, target):
+    stall = StalledMemory(1)
+    base = ww.VirtualAlloc(0, 16 * P, KIND, ww.PAGE_READWRITE)
+    other = ww.VirtualAlloc(0, 16 * P, KIND, ww.PAGE_READWRITE)
+    ww.as_array(base, 16 * P)[::P] = 1
+    ww.as_array(other, 16 * P)[::P] = 1
+    out = np.zeros(16, np.uintp)
+    for region in (base, other):                   # every page armed again
+        assert ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, region, 16 * P, out)[:2] == (0, 16)
+    # A read-only page 5 ends the run of pages to re-arm that page 3 starts.
+    assert ww.VirtualProtect(base + 5 * P, P, ww.PAGE_READONLY)[0]
+    view = ww.as_array(base, 5 * P)
+    view[3 * P] = 1
+    ww.as_array(base + 9 * P, P)[0] = 1
+    # Page 3: re-armed (made read-only or write-protected again) before the
+    # call pauses at its second store, page 9's address; page 7: clean, armed.
+    region, page = {"page being reset": (base, 3), "clean page": (base, 7),
+                    "another region": (other, 5)}[target]
+    assert lib.store_on_signal(signal.SIGUSR1, region + page * P) == 0
+    paused = stall.array(16, before=1)
+    first = {}
+
+    def reset_call():
+        first["result"] = ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, base, 16 * P, paused)
+        first["pages"] = [(int(a) - base) // P for a in paused[:first["result"][1]]]
+
+    caller = threading.Thread(target=reset_call)
+    caller.start()
+    stall.wait_for_fault()     # the call is inside its scan, holding what it holds
+    before = stores()
+    signal.pthread_kill((caller if receiver == "the resetting thread" else idle).ident,
+                        signal.SIGUSR1)
+    stored_during_pause = wait_for_store(before, 2)  # a store that can complete now does
+    # Meanwhile the fault path serves everyone else: a write into another
+    # region (from a thread that does not hold the GIL while it writes) completes.
+    writer = threading.Thread(target=ctypes.memset, args=(other + 11 * P, 1, 1), daemon=True)
+    writer.start()
+    writer.join(patience(10))
+    other_write_done = not writer.is_alive()
+    stall.resolve()
+    caller.join()
+    stored = wait_for_store(before, 10)
+    ret, count, _ = ww.GetWriteWatch(0, region, 16 * P, out)
+    stall.close()
+    return {"receiver": receiver, "target": target, "page": page,
+            "stored_during_pause": stored_during_pause, "other_write_done": other_write_done,
+            "stored": stored, "first": first["pages"],
+            "after": [(int(a) - region) // P for a in out[:count]]}
+
+
+print(json.dumps([case(receiver, target)
+                  for receiver in ("the resetting thread", "another thread")
+                  for target in ("page being reset", "clean page", "another region")]))
 idle_event.set()
-for _ in range(int(patience(2000))):
-    if lib.stores_done(signal.SIGUSR1):
-        break
-    threading.Event().wait(0.005)
-ret, count, _ = ww.GetWriteWatch(0, region, 16 * P, out)
-print(json.dumps({{"stored_during_pause": stored_during_pause, "other_write_done": other_write_done,
-                  "stored": lib.stores_done(signal.SIGUSR1), "first": first["pages"],
-                  "after": [(int(a) - region) // P for a in out[:count]], "page": page}}))
 """
 
 
-@pytest.mark.parametrize("target", ["page being reset", "clean page", "another region"])
-@pytest.mark.parametrize("receiver", ["the resetting thread", "another thread"])
-def test_signal_handler_stores_during_a_paused_reset(write_watch_backend, receiver, target):
+def test_signal_handler_stores_during_a_paused_reset(write_watch_backend):
     """GetWriteWatch(RESET) paused inside its scan (holding its region's lock
     on the fallbacks), after it made page 3 read-only again; a native signal
     handler, run by that thread or by an idle one, stores into page 3, a clean
     page or another region. Nothing hangs; the store completes at once when
     its own thread holds the lock or it targets another region (otherwise it
     may wait for the call), and is reported; the fault path keeps serving
-    writes into other regions meanwhile."""
-    code = SIGNAL_STORE_WHILE_PAUSED.format(receiver=receiver, target=target)
-    result = run_python(code, timeout=patience(90), report_hang=True)
+    writes into other regions meanwhile. (One child runs the six cases.)"""
+    result = run_python(SIGNAL_STORE_WHILE_PAUSED, timeout=patience(150), report_hang=True)
     if "needs userfaultfd to pause a call" in result.stderr:
         pytest.skip(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr[-4000:]
-    seen = json.loads(result.stdout)
-    assert seen["other_write_done"], f"a write into another region waited for the call: {seen}"
-    if receiver == "the resetting thread" or target == "another region":
-        assert seen["stored_during_pause"] == 1, f"the handler's store did not complete: {seen}"
-    assert seen["stored"] == 1, seen
-    page = seen["page"]
-    if target == "another region":
-        assert seen["first"] == [3, 9] and page in seen["after"], seen
-    else:
-        assert {3, 9} <= set(seen["first"]) <= {3, 9, page}, seen
-        assert page in seen["first"] + seen["after"], f"the handler's store was lost: {seen}"
+    for seen in json.loads(result.stdout):
+        assert seen["other_write_done"], f"a write into another region waited for the call: {seen}"
+        if seen["receiver"] == "the resetting thread" or seen["target"] == "another region":
+            assert seen["stored_during_pause"] == 1, f"the handler's store waited: {seen}"
+        assert seen["stored"] == 1, seen
+        page = seen["page"]
+        if seen["target"] == "another region":
+            assert seen["first"] == [3, 9] and page in seen["after"], seen
+        else:
+            assert {3, 9} <= set(seen["first"]) <= {3, 9, page}, seen
+            assert page in seen["first"] + seen["after"], f"the handler's store was lost: {seen}"
 
 
 CROSSED_STORES = """
