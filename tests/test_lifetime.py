@@ -302,3 +302,73 @@ def test_a_finalizer_never_waits_for_a_lock_its_thread_holds(write_watch_backend
     assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
     # Still listed while the lock was held, released by the next VirtualAlloc.
     assert json.loads(result.stdout) == [True, False, True, False]
+
+
+RELEASE_BESIDE_A_PAUSED_CALL = """
+import json, threading
+import numpy as np
+import writewatch as ww
+from forking import patience
+from native_writers import NativeWriters
+from stall import StalledMemory
+from writewatch.kernel import lib
+
+P = ww.PAGE_SIZE
+KIND = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
+stall = StalledMemory(1)
+busy = ww.VirtualAlloc(0, 64 * P, KIND, ww.PAGE_READWRITE)
+view = ww.as_array(busy, 64 * P)
+view[::2 * P] = 1                      # half the pages written, half armed
+paused = stall.array(64)
+first_call = {}
+
+def scan_busy():
+    first_call["result"] = ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, busy, 64 * P, paused)
+
+caller = threading.Thread(target=scan_busy)
+caller.start()
+stall.wait_for_fault()                 # a call on the busy region is paused inside its scan
+writers = NativeWriters(busy, 64, nthreads=2, seed=5)   # and writers fault on its armed pages
+retired = []
+
+def make_and_release_others():
+    for _ in range(CYCLES):
+        other = ww.VirtualAlloc(0, 16 * P, KIND, ww.PAGE_READWRITE)
+        assert other
+        ww.as_array(other, 16 * P)[::P] = 1
+        out = np.zeros(16, np.uintp)
+        assert ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, other, 16 * P, out)[:2] == (0, 16)
+        assert ww.VirtualFree(other, 0, ww.MEM_RELEASE)
+        retired.append(lib.ww_track_retired_waiting())
+
+releaser = threading.Thread(target=make_and_release_others, daemon=True)
+releaser.start()
+releaser.join(patience(30))
+released_during_pause = not releaser.is_alive()
+stall.resolve()
+caller.join()
+writers.stop()
+releaser.join()
+print(json.dumps({"released_during_pause": released_during_pause, "retired": retired,
+                  "first_call": first_call["result"][:2]}))
+"""
+
+
+def test_a_release_waits_only_for_its_own_regions_calls(write_watch_backend):
+    """A GetWriteWatch on one region is paused inside its scan (holding that
+    region's lock on the fallbacks, with native writers stopped in faults on
+    it); meanwhile other regions are made, used, and released: each release
+    completes while the call stays paused, since it waits only for the users
+    of its own region, and the table memory those releases replaced is freed
+    meanwhile, not held until no call runs anywhere."""
+    cycles = scaled_work(40, at_least=10)
+    result = run_python(RELEASE_BESIDE_A_PAUSED_CALL.replace("CYCLES", str(cycles)),
+                        timeout=patience(120), report_hang=True)
+    if "needs userfaultfd to pause a call" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-4000:]
+    seen = json.loads(result.stdout)
+    assert seen["released_during_pause"], f"a release waited for another region's call: {seen}"
+    assert seen["first_call"] == [0, 32], seen
+    # Each release retires a few blocks; a grace period that ends lets them go.
+    assert len(seen["retired"]) == cycles and max(seen["retired"]) <= 8, seen

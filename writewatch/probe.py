@@ -112,7 +112,7 @@ def _features(uffd_ok: bool, offered: int, scan_ok: bool) -> tuple[KernelFeature
                       "writes need prepare_kernel_write)"),
         KernelFeature("UFFD THREAD_ID", uffd(lib.UFFD_FEATURE_THREAD_ID), "4.14", (), ("uffd",),
                       "tells the handler thread which thread faulted, so a signal handler's "
-                      "store during a call never waits for its own thread"),
+                      "store never waits for a thread stopped in a fault"),
         KernelFeature("MADV_POPULATE_WRITE", _probe_madvise(kernel.MADV_POPULATE_WRITE), "5.14",
                       (), ("pagemap", "uffd"),
                       "prepare_kernel_write marks pages without changing them (pagemap); "

@@ -162,7 +162,8 @@ FALLBACK_MEANS = {
                 "and friends) fail with EFAULT unless prepare_kernel_write comes first; "
                 "a thread that blocks SIGSEGV (as many native worker threads block every "
                 "signal) dies on its first write to a watched page, so such threads need "
-                "the uffd or pagemap backend, or SIGSEGV unblocked",
+                "the uffd or pagemap backend, or SIGSEGV unblocked; other signals wait "
+                "while the SIGSEGV handler records a first write",
 }
 
 

@@ -1,7 +1,7 @@
 """The uffd backend: synchronous userfaultfd write-protect (Linux 5.7+).
 
 Each first write to an armed page blocks until a native handler thread
-(native/tracking.c) records it and removes the protection, which also wakes
+(native/tracking_faults.c) records it and removes the protection, which also wakes
 the writer. The handler must be native: a Python one would wait for the GIL
 that the faulting thread may hold.
 """
@@ -39,7 +39,7 @@ class _Descriptor(kernel.PerProcess):
         try:
             offered = kernel.uffd_offered_features()
             # THREAD_ID lets the handler thread see that a lock holder is itself
-            # stopped in a fault, and not wait for it (native/tracking.c).
+            # stopped in a fault, and not wait for it (native/tracking_faults.c).
             wanted = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP
                       | offered & (lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_THREAD_ID))
             self.features = kernel.uffd_enable_features(uffd, wanted) & wanted

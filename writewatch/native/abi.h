@@ -187,7 +187,7 @@ int64_t ww_memwatch(int uffd, int pagemap_fd, uint64_t start, uint64_t end, unsi
 int64_t ww_memwatch_unwatch(int uffd, int pagemap_fd, uint64_t start, uint64_t end);
 int ww_memwatch_open(int *uffd, int *pagemap_fd);
 
-/* Userspace tracking for the fallback backends (tracking.c): one range per
+/* Userspace tracking for the fallback backends (tracking.h): one range per
  * reservation, one state byte per page. */
 #define WW_MODE_MPROTECT 1
 #define WW_MODE_UFFD 2
@@ -214,6 +214,7 @@ int ww_track_mode_at(uint64_t address);
 int64_t ww_track_memwatch(int mode, uint64_t start, uint64_t end, int get, int clear,
                           uint64_t *out, uint64_t capacity);
 int ww_track_state(uint64_t handle, uint64_t address);
+int64_t ww_track_retired_waiting(void);
 int ww_track_install_fork_handlers(void);
 int ww_segv_install(void);
 int ww_segv_installed(void);
