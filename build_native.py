@@ -4,8 +4,8 @@ setup.py names this file in cffi_modules; it is a build input, never imported
 by the package. The C sources live in writewatch/native/, split by job:
 abi.h (the kernel ABI and every helper's prototype, read both as the cdef and
 by the C compiler, so each struct is declared once), syscalls.c (system-call
-wrappers), pagemap.c (PAGEMAP_SCAN scans), tracking.c (the fallback backends'
-per-page state, SIGSEGV handler and userfaultfd handler thread), foreign.c and
+wrappers), pagemap.c (PAGEMAP_SCAN scans), tracking*.c (the fallback backends'
+per-page state, by concern: tracking.h says which file holds what), foreign.c and
 foreign_maps.c (process_memwatch over memory writewatch did not allocate, on
 the fallbacks: the kernel's mappings and pagemap read per call), index.c
 (the native index behind one-call GetWriteWatch/ResetWriteWatch) and
@@ -18,8 +18,8 @@ from typing import Any
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent / "writewatch" / "native"
-SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "index.c", "foreign.c",
-           "foreign_maps.c"]
+SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "tracking_arming.c",
+           "tracking_scan.c", "tracking_faults.c", "index.c", "foreign.c", "foreign_maps.c"]
 # libprocess_memwatch (process_memwatch.h): the proposal's C entry point, pure C
 # from the same sources; only process_memwatch is exported.
 LIBRARY = "process_memwatch"

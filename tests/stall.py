@@ -39,20 +39,24 @@ class StalledMemory:
         except OSError as exc:
             denial = sandbox.userfaultfd_denial(exc.errno or 0).detail
             pytest.skip(f"needs userfaultfd to pause a call: {denial}")
-        self.size = npages * kernel.PAGE_SIZE
-        self.address = kernel.check(kernel.lib.ww_mmap(
-            0, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
+        # One ordinary page in front (array(count, before=...)), then the stalled ones.
+        self.lead = kernel.check(kernel.lib.ww_mmap(
+            0, (npages + 1) * kernel.PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE,
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), "mmap")
+        self.size = npages * kernel.PAGE_SIZE
+        self.address = self.lead + kernel.PAGE_SIZE
         kernel.uffd_enable_features(self.uffd, 0)
         fcntl.ioctl(self.uffd, UFFDIO_REGISTER,
                     struct.pack("QQQQ", self.address, self.size, UFFDIO_REGISTER_MODE_MISSING, 0))
 
-    def array(self, count: int) -> np.ndarray:
-        """A uintp array of count entries at the start of the memory."""
-        assert count * 8 <= self.size
+    def array(self, count: int, before: int = 0) -> np.ndarray:
+        """A uintp array of count entries; its first `before` entries (at most a
+        page's worth) lie in ordinary memory, so the call pauses at its store
+        into entry `before`, the first in the stalled memory."""
+        assert (count - before) * 8 <= self.size and before * 8 <= kernel.PAGE_SIZE
         anchor = type("Anchor", (), {})()
         anchor.__array_interface__ = {"version": 3, "shape": (count,), "typestr": "<u8",
-                                      "data": (self.address, False)}
+                                      "data": (self.address - before * 8, False)}
         return np.asarray(anchor).view(np.uintp)
 
     def wait_for_fault(self, timeout: float | None = None) -> int:
@@ -82,4 +86,4 @@ class StalledMemory:
     def close(self) -> None:
         self.resolve()
         os.close(self.uffd)
-        kernel.unmap(self.address, self.size)
+        kernel.unmap(self.lead, kernel.PAGE_SIZE + self.size)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 
+import numpy as np
 import pytest
 from forking import patience, run_python, scaled_work
 
@@ -209,3 +210,165 @@ def test_dropped_watched_memory_is_released_when_collected(write_watch_backend):
     assert len(regions.live_regions()) == before
     view[0] = 1  # still mapped, no longer watched
     assert view[0] == 1
+
+
+KIND = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
+
+
+def _reserve_again(address: int, size: int) -> int:
+    """A new write-watch region at exactly the addresses just released (the
+    kernel would often hand them back anyway; asking makes it certain)."""
+    base = ww.VirtualAlloc(address, size, KIND, ww.PAGE_READWRITE)
+    assert base == address, ww.GetLastError()
+    return base
+
+
+def _assert_intact(base: int, size: int) -> None:
+    """The region at base is whole and watched: committed, scanned, and its
+    writes reported."""
+    info = ww.VirtualQuery(base)
+    assert info is not None and info.State == ww.MEM_COMMIT and info.AllocationBase == base, info
+    ww.ResetWriteWatch(base, size)
+    ww.as_array(base, size)[ww.PAGE_SIZE] = 7
+    out = np.zeros(size // ww.PAGE_SIZE, np.uintp)
+    assert ww.GetWriteWatch(0, base, size, out)[:2] == (0, 1), ww.GetLastError()
+    assert out[0] == base + ww.PAGE_SIZE
+
+
+def test_a_collected_block_releases_its_own_region_not_the_next_one(write_watch_backend):
+    """A WatchedMemory released through the Windows face and then dropped:
+    collecting it once destroyed whatever region the kernel had handed its
+    addresses to next (VirtualQuery said MEM_FREE, GetWriteWatch failed with
+    87, and the next write killed the process)."""
+    size = 16 * ww.PAGE_SIZE
+    for _ in range(3):
+        mem = ww.WatchedMemory(size)
+        address = mem.address
+        assert ww.VirtualFree(address, 0, ww.MEM_RELEASE)
+        new = _reserve_again(address, size)
+        del mem
+        gc.collect()
+        _assert_intact(new, size)
+        assert ww.VirtualFree(new, 0, ww.MEM_RELEASE)
+
+
+def test_a_block_released_through_windows_acts_on_nothing_else(write_watch_backend):
+    """Once its region is gone, a WatchedMemory refuses every use, and
+    close() leaves the region now at its address alone."""
+    size = 16 * ww.PAGE_SIZE
+    mem = ww.WatchedMemory(size)
+    assert ww.VirtualFree(mem.address, 0, ww.MEM_RELEASE)
+    new = _reserve_again(mem.address, size)
+    for use in (lambda: mem.written(), mem.reset, lambda: mem.array, lambda: mem.view(),
+                lambda: mem.commit(0, ww.PAGE_SIZE)):
+        with pytest.raises(ValueError, match="freed"):
+            use()
+    assert "closed" in repr(mem)
+    mem.close()
+    mem.close()
+    _assert_intact(new, size)
+    assert ww.VirtualFree(new, 0, ww.MEM_RELEASE)
+
+
+FINALIZER_UNDER_LOCKS = """
+import gc, json
+import writewatch as ww
+from writewatch import memory, regions
+
+# A finalizer runs wherever the collector does: in a thread that holds the
+# region table's lock, or the lock of the very region it releases.
+released = []
+def drop_under(lock):
+    mem = ww.WatchedMemory(ww.PAGE_SIZE)
+    region = regions.find(mem.address)
+    with lock(region):
+        del mem
+        gc.collect()
+        released.append(region.listed)
+    ww.VirtualAlloc(0, ww.PAGE_SIZE, ww.MEM_RESERVE, ww.PAGE_READWRITE)  # releases what waited
+    released.append(region.listed)
+
+drop_under(lambda region: regions._table.lock)
+drop_under(lambda region: region.lock)
+print(json.dumps(released))
+"""
+
+
+def test_a_finalizer_never_waits_for_a_lock_its_thread_holds(write_watch_backend):
+    """Collecting a WatchedMemory while its thread holds the region table's
+    lock or the region's own lock puts the release off to the next
+    VirtualAlloc instead of deadlocking."""
+    result = run_python(FINALIZER_UNDER_LOCKS, timeout=patience(30), report_hang=True)
+    assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
+    # Still listed while the lock was held, released by the next VirtualAlloc.
+    assert json.loads(result.stdout) == [True, False, True, False]
+
+
+RELEASE_BESIDE_A_PAUSED_CALL = """
+import json, threading
+import numpy as np
+import writewatch as ww
+from forking import patience
+from native_writers import NativeWriters
+from stall import StalledMemory
+from writewatch.kernel import lib
+
+P = ww.PAGE_SIZE
+KIND = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
+stall = StalledMemory(1)
+busy = ww.VirtualAlloc(0, 64 * P, KIND, ww.PAGE_READWRITE)
+view = ww.as_array(busy, 64 * P)
+view[::2 * P] = 1                      # half the pages written, half armed
+paused = stall.array(64)
+first_call = {}
+
+def scan_busy():
+    first_call["result"] = ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, busy, 64 * P, paused)
+
+caller = threading.Thread(target=scan_busy)
+caller.start()
+stall.wait_for_fault()                 # a call on the busy region is paused inside its scan
+writers = NativeWriters(busy, 64, nthreads=2, seed=5)   # and writers fault on its armed pages
+retired = []
+
+def make_and_release_others():
+    for _ in range(CYCLES):
+        other = ww.VirtualAlloc(0, 16 * P, KIND, ww.PAGE_READWRITE)
+        assert other
+        ww.as_array(other, 16 * P)[::P] = 1
+        out = np.zeros(16, np.uintp)
+        assert ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, other, 16 * P, out)[:2] == (0, 16)
+        assert ww.VirtualFree(other, 0, ww.MEM_RELEASE)
+        retired.append(lib.ww_track_retired_waiting())
+
+releaser = threading.Thread(target=make_and_release_others, daemon=True)
+releaser.start()
+releaser.join(patience(30))
+released_during_pause = not releaser.is_alive()
+stall.resolve()
+caller.join()
+writers.stop()
+releaser.join()
+print(json.dumps({"released_during_pause": released_during_pause, "retired": retired,
+                  "first_call": first_call["result"][:2]}))
+"""
+
+
+def test_a_release_waits_only_for_its_own_regions_calls(write_watch_backend):
+    """A GetWriteWatch on one region is paused inside its scan (holding that
+    region's lock on the fallbacks, with native writers stopped in faults on
+    it); meanwhile other regions are made, used, and released: each release
+    completes while the call stays paused, since it waits only for the users
+    of its own region, and the table memory those releases replaced is freed
+    meanwhile, not held until no call runs anywhere."""
+    cycles = scaled_work(40, at_least=10)
+    result = run_python(RELEASE_BESIDE_A_PAUSED_CALL.replace("CYCLES", str(cycles)),
+                        timeout=patience(120), report_hang=True)
+    if "needs userfaultfd to pause a call" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-4000:]
+    seen = json.loads(result.stdout)
+    assert seen["released_during_pause"], f"a release waited for another region's call: {seen}"
+    assert seen["first_call"] == [0, 32], seen
+    # Each release retires a few blocks; a grace period that ends lets them go.
+    assert len(seen["retired"]) == cycles and max(seen["retired"]) <= 8, seen

@@ -14,7 +14,6 @@ import numpy as np
 
 import writewatch as ww
 from writewatch import backends, sandbox
-from writewatch.bench import runner as benchmarks
 from writewatch.probe import Capabilities
 
 
@@ -67,6 +66,16 @@ def _kernel_writes_note(report: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+RELIABILITY_LIMITS = """\
+Promises narrowed on every backend (README, "Reliability"):
+  - An output array (GetWriteWatch's addresses, WatchedMemory.written's out) in VirtualAlloc
+    memory stays writable for the call only against VirtualProtect/VirtualFree made through
+    writewatch (they wait for the call); an array spanning more than 64 reservations
+    answers 998.
+  - A WatchedMemory collected while its thread held writewatch's locks is released at the
+    next VirtualAlloc, VirtualFree or collection."""
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     caps = ww.probe()
     report = backends.backend_report()
@@ -98,6 +107,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  The {chosen} backend is a fallback: {sandbox.FALLBACK_MEANS[chosen]}.")
     print()
     print(_kernel_writes_note(report))
+    print()
+    print(RELIABILITY_LIMITS)
     print()
     print("Kernel features each backend relies on:")
     for feature in caps.features:
@@ -213,6 +224,8 @@ def run_example(name: str, example_args: Sequence[str]) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks against the raw kernel and the slow methods (writewatch/bench/)."""
+    from writewatch.bench import runner as benchmarks  # tooling: only this command loads it
+
     return benchmarks.main(args)
 
 
@@ -255,7 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Time writewatch's backends against a raw C reference making the same "
                     "kernel calls: one table per scenario, medians and ratios to raw C. "
                     "Runs with OPENBLAS_NUM_THREADS=1 (restarting itself to set it).")
-    benchmarks.add_arguments(bench)
+    if arguments[:1] == ["bench"]:
+        # The benchmark is tooling: info, demo and the API never import it.
+        from writewatch.bench import runner as benchmarks
+
+        benchmarks.add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     cflags = sub.add_parser(
         "cflags", help="compiler flags for C code calling process_memwatch()",

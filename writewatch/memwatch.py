@@ -22,7 +22,7 @@ import numpy as np
 
 from writewatch import backends, kernel
 from writewatch.backends.pagemap import memwatch_scan, refusal_struct, refusal_text
-from writewatch.kernel import PAGE_MASK, ffi, lib, oserror
+from writewatch.kernel import PAGE_MASK, check, ffi, lib, oserror
 
 
 class MemwatchFlags(IntFlag):
@@ -251,8 +251,6 @@ def memwatch_unwatch(start: int, length: int) -> None:
 
 def _memwatch_check(result: int) -> int:
     """The proposal's errors: EINVAL and ESRCH pass through, any other failure is EIO."""
-    if result < 0:
-        if -result in (errno.EINVAL, errno.ESRCH):
-            raise oserror(-result, "process_memwatch")
-        raise OSError(errno.EIO, f"PAGEMAP_SCAN failed: {os.strerror(-result)}")
-    return result
+    if result < 0 and -result not in (errno.EINVAL, errno.ESRCH):
+        raise oserror(errno.EIO, "PAGEMAP_SCAN failed", cause=-result)
+    return check(result, "process_memwatch")

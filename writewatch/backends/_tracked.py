@@ -1,5 +1,5 @@
 """The watcher of the two fallback backends: per-page state kept in user space
-by native/tracking.c (one range per reservation, one state byte per page)."""
+by native/tracking*.c (one range per reservation, one state byte per page)."""
 
 from __future__ import annotations
 

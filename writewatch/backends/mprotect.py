@@ -1,5 +1,5 @@
 """The mprotect backend: armed pages are read-only, and a native SIGSEGV handler
-(native/tracking.c) records the first write and gives write access back.
+(native/tracking_faults.c) records the first write and gives write access back.
 
 Works on any Linux and in any sandbox; each first write costs a signal and an
 mprotect. Its limits, which follow from the mechanism:
@@ -29,7 +29,7 @@ from writewatch.backends import _tracked
 from writewatch.kernel import check, lib
 
 if TYPE_CHECKING:
-    from writewatch.probe import Capabilities
+    from writewatch.kernel import Capabilities
 
 F = TypeVar("F", bound=Callable[..., Any])
 _wrapped = False

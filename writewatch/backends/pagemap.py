@@ -18,7 +18,7 @@ import numpy as np
 from writewatch import kernel
 
 if TYPE_CHECKING:
-    from writewatch.probe import Capabilities
+    from writewatch.kernel import Capabilities
 
 from writewatch.kernel import check, ffi, lib, oserror
 
@@ -117,7 +117,7 @@ def refusal_text(why: Any) -> str:
     if why.err == -errno.EAGAIN:
         return f"{where}: the mappings kept changing during the call"
     return (f"{where} cannot be watched: the kernel refused to register it for "
-            f"write-protect ({os.strerror(-why.err)})")
+            f"write-protect ({kernel.errno_words(-why.err)})")
 
 
 def memwatch_scan(pagemap_fd: int, start: int, end: int, get: bool, clear: bool, out: Any,

@@ -1,7 +1,7 @@
 """The uffd backend: synchronous userfaultfd write-protect (Linux 5.7+).
 
 Each first write to an armed page blocks until a native handler thread
-(native/tracking.c) records it and removes the protection, which also wakes
+(native/tracking_faults.c) records it and removes the protection, which also wakes
 the writer. The handler must be native: a Python one would wait for the GIL
 that the faulting thread may hold.
 """
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from writewatch import kernel
 from writewatch.backends import _tracked
 
 if TYPE_CHECKING:
-    from writewatch.probe import Capabilities
+    from writewatch.kernel import Capabilities
 
 from writewatch.kernel import check, lib, oserror
 
@@ -40,7 +41,7 @@ class _Descriptor(kernel.PerProcess):
         try:
             offered = kernel.uffd_offered_features()
             # THREAD_ID lets the handler thread see that a lock holder is itself
-            # stopped in a fault, and not wait for it (native/tracking.c).
+            # stopped in a fault, and not wait for it (native/tracking_faults.c).
             wanted = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP
                       | offered & (lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_THREAD_ID))
             self.features = kernel.uffd_enable_features(uffd, wanted) & wanted
@@ -61,8 +62,12 @@ class UffdBackend(kernel.Backend):
     summary = "userfaultfd write-protect + handler thread (native)"
     preference = 2
 
-    def __init__(self) -> None:
+    def __init__(self, release_foreign: Callable[[int, int], bool] | None = None) -> None:
         self.descriptor = _Descriptor()
+        # Has the backend that registered [start, end) with userfaultfd before
+        # (pagemap) stop watching it: True if it did. The registry supplies it,
+        # so this backend knows no other.
+        self.release_foreign = release_foreign
 
     def unavailable_reason(self, caps: Capabilities) -> str:
         if not caps.userfaultfd:
@@ -93,7 +98,8 @@ class UffdBackend(kernel.Backend):
                          capacity: int) -> int:
         self.descriptor.get()  # this process's descriptor and handler thread
         result = _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
-        if result == -errno.EBUSY and _release_from_pagemap(start, end):
+        if (result == -errno.EBUSY and self.release_foreign is not None
+                and self.release_foreign(start, end)):
             # The pagemap backend watched this memory (freed since and reused,
             # or watched through both): it stops, and this backend starts afresh.
             result = _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
@@ -104,19 +110,6 @@ class UffdBackend(kernel.Backend):
     def memwatch_unwatch(self, start: int, end: int) -> None:
         self.descriptor.get()
         _tracked.memwatch_unwatch(lib.WW_MODE_UFFD, start, end)
-
-
-def _release_from_pagemap(start: int, end: int) -> bool:
-    """Have the pagemap backend stop watching [start, end) if it runs here."""
-    from writewatch import backends  # the registry imports this module
-
-    if backends.backend_status().get("pagemap"):
-        return False
-    try:
-        backends.backend("pagemap").memwatch_unwatch(start, end)
-    except OSError:
-        return False
-    return True
 
 
 class _UffdWatcher(_tracked.TrackedWatcher):

@@ -219,7 +219,7 @@ int64_t ww_memwatch(int uffd, int pagemap_fd, uint64_t start, uint64_t end, unsi
 int64_t ww_memwatch_unwatch(int uffd, int pagemap_fd, uint64_t start, uint64_t end);
 int ww_memwatch_open(int *uffd, int *pagemap_fd);
 
-/* Userspace tracking for the fallback backends (tracking.c): one range per
+/* Userspace tracking for the fallback backends (tracking.h): one range per
  * reservation, one state byte per page. */
 #define WW_MODE_MPROTECT 1
 #define WW_MODE_UFFD 2
@@ -249,6 +249,7 @@ int ww_track_mode_at(uint64_t address);
 int64_t ww_track_memwatch(int mode, uint64_t start, uint64_t end, int get, int clear,
                           uint64_t *out, uint64_t capacity);
 int ww_track_state(uint64_t handle, uint64_t address);
+int64_t ww_track_retired_waiting(void);
 int ww_track_install_fork_handlers(void);
 int ww_segv_install(void);
 int ww_segv_installed(void);
@@ -294,8 +295,12 @@ int ww_index_update(uint64_t base, int64_t handle, const uint64_t *bounds, uint6
 int ww_index_set_writable(uint64_t base, uint64_t first, uint64_t last, int writable);
 int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                  uint64_t *out, uint64_t capacity);
+int64_t ww_index_get_write_watch_as(uint64_t flags, uint64_t base, uint64_t size,
+                                    uint64_t *out, uint64_t capacity, uint64_t origin,
+                                    unsigned shift);
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
 int ww_index_set_latched(uint64_t base, int latched);
+int ww_index_quiesce(uint64_t base);
 int ww_output_check(const void *out, uint64_t size);
 int64_t ww_memwatch_checked(uint64_t start, int64_t length, unsigned int flags,
                             int64_t vec_len, const void *vec);

@@ -60,19 +60,28 @@ typedef void (*ct_retire_fn)(void *memory, void *context);
 struct ct_retired {
     struct ct_retired *next;
     void *memory;
+    void (*release)(void *memory); /* how to free it; NULL: free() */
 };
 
-/* Keep memory on *list: 0, or -1 if no node could be allocated (then the
- * memory leaks rather than being freed under a reader). */
-static inline int ct_retired_push(struct ct_retired **list, void *memory)
+/* Keep memory, to be freed by release (NULL: free()), on *list: 0, or -1 if
+ * no node could be allocated (then the memory leaks rather than being freed
+ * under a reader). */
+static inline int ct_retired_push_release(struct ct_retired **list, void *memory,
+                                          void (*release)(void *memory))
 {
     struct ct_retired *node = malloc(sizeof *node);
     if (!node)
         return -1;
     node->memory = memory;
+    node->release = release;
     node->next = *list;
     *list = node;
     return 0;
+}
+
+static inline int ct_retired_push(struct ct_retired **list, void *memory)
+{
+    return ct_retired_push_release(list, memory, NULL);
 }
 
 /* Free everything on *list and empty it. */
@@ -81,9 +90,90 @@ static inline void ct_retired_free(struct ct_retired **list)
     while (*list) {
         struct ct_retired *node = *list;
         *list = node->next;
-        free(node->memory);
+        if (node->release)
+            node->release(node->memory);
+        else
+            free(node->memory);
         free(node);
     }
+}
+
+/*
+ * A grace period for memory an update replaced, that makes progress under
+ * constant traffic. Readers count themselves in the phase of the moment
+ * (ct_grace_enter/exit: two atomic operations, signal-safe) around the short
+ * window in which they may hold replaced memory. The phase flips only once
+ * every reader of the other phase has left, and memory retired before the
+ * last flip is freed at the next one: a reader that could reach it counted
+ * itself in the phase of its retirement or, having read the phase just
+ * before a flip, in the phase before it, which holds the next flip back. So
+ * retired memory waits only for the windows open when it was retired, never
+ * for a quiet moment. Writers (retire, reclaim) are serialised by the
+ * caller's mutex.
+ */
+struct ct_grace {
+    int readers[2];               /* readers in each phase */
+    int phase;                    /* the phase new readers count themselves in */
+    struct ct_retired *now;       /* retired in this phase */
+    struct ct_retired *before;    /* retired before the last flip */
+    int pending;                  /* either list is non-empty */
+};
+
+static inline int ct_grace_enter(struct ct_grace *g)
+{
+    int phase = __atomic_load_n(&g->phase, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&g->readers[phase], 1, __ATOMIC_SEQ_CST);
+    return phase;
+}
+
+/* Leave the window entered in phase; 1 if it was the last reader of that
+ * phase while memory waits (the caller may reclaim, if it can lock). */
+static inline int ct_grace_exit(struct ct_grace *g, int phase)
+{
+    return __atomic_sub_fetch(&g->readers[phase], 1, __ATOMIC_SEQ_CST) == 0 &&
+           __atomic_load_n(&g->pending, __ATOMIC_SEQ_CST);
+}
+
+/* Keep memory until no reader may hold it, then free it with release (NULL:
+ * free(); ct_grace_retire is the ct_retire_fn-shaped form; NULL memory is
+ * ignored). Caller's mutex held. */
+static inline void ct_grace_retire_release(void *memory, struct ct_grace *g,
+                                           void (*release)(void *memory))
+{
+    if (memory && !ct_retired_push_release(&g->now, memory, release))
+        __atomic_store_n(&g->pending, 1, __ATOMIC_SEQ_CST);
+}
+
+static inline void ct_grace_retire(void *memory, void *grace)
+{
+    ct_grace_retire_release(memory, grace, NULL);
+}
+
+/* Free what no reader can reach any more, flipping the phase (at most twice).
+ * Caller's mutex held. */
+static inline void ct_grace_reclaim(struct ct_grace *g)
+{
+    for (int round = 0; round < 2 && __atomic_load_n(&g->pending, __ATOMIC_SEQ_CST); round++) {
+        int phase = g->phase;
+        if (__atomic_load_n(&g->readers[1 - phase], __ATOMIC_SEQ_CST))
+            break;
+        ct_retired_free(&g->before);
+        g->before = g->now;
+        g->now = NULL;
+        __atomic_store_n(&g->phase, 1 - phase, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&g->pending, g->before != NULL, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* How many blocks wait to be freed (for tests). Caller's mutex held. */
+static inline int64_t ct_grace_waiting(const struct ct_grace *g)
+{
+    int64_t count = 0;
+    for (const struct ct_retired *node = g->now; node; node = node->next)
+        count++;
+    for (const struct ct_retired *node = g->before; node; node = node->next)
+        count++;
+    return count;
 }
 
 /* A position: chunk ci, item k. */
