@@ -87,7 +87,7 @@ class BenchError(RuntimeError):
 def reference() -> ModuleType:
     """The compiled reference (ffi, lib): writewatch.bench._reference."""
     try:
-        from writewatch.bench import _reference
+        import writewatch.bench._reference as _reference
     except ImportError as exc:  # a tree whose extension was built before the reference
         raise BenchError(f"the raw C reference is not built ({exc}): reinstall writewatch "
                          "(pip install -e . in a checkout) to compile it") from exc
