@@ -51,6 +51,7 @@ import numpy as np
 
 import writewatch as ww
 from writewatch import backends, kernel, memory, regions
+from writewatch.bench import scale
 
 P = ww.PAGE_SIZE
 KiB = 1 << 10
@@ -1024,9 +1025,22 @@ def _thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _scale() -> ModuleType:
-    from writewatch.bench import scale  # imports this module
-    return scale
+def scenario_scale(cfg: Config, impls: list[str], progress: Progress) -> Scenario:
+    """Scenario 6 (opt-in; bench/scale.py measures): sizes from ScaleSizes,
+    quick() ones when the run's other sizes are reduced."""
+    sizes = scale.ScaleSizes() if cfg.at_full_sizes() else scale.ScaleSizes.quick()
+    found = scale.measure(impls, sizes, progress)
+    result = Scenario(
+        6, "Scale",
+        f"{scale.SMALL_PAGES}-page GetWriteWatch (nothing written) and first write (us per "
+        "page) with no other region and with many alive; VirtualAlloc+VirtualFree of a 64 KiB "
+        "write-watch region beside 1k..100k live ones; VirtualProtect of one page in a "
+        f"region cut into 8k and 32k protection runs. Median of {sizes.calls} calls.",
+        "us", list(impls), scale.cases(sizes))
+    for (case, backend), value in found.items():
+        result.add(Result(case, backend, "us", [value]))
+    result.notes.append("nan: the backend could not hold that many live regions.")
+    return result
 
 
 def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
@@ -1065,7 +1079,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         3: lambda: scenario_small_call(cfg, impls, progress, floors),
         4: lambda: scenario_wine_shape(cfg, impls, progress, floors),
         5: lambda: scenario_reserve(cfg, impls, progress),
-        6: lambda: _scale().scenario(cfg, backends, progress),  # opt-in: bench/scale.py
+        6: lambda: scenario_scale(cfg, backends, progress),  # opt-in
     }
     started = time.monotonic()
     try:
