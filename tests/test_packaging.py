@@ -47,3 +47,38 @@ def test_the_wheel_command_is_executable_documented_and_named_in_the_readme():
     assert subprocess.run([str(script), "--bogus"], capture_output=True,
                           timeout=60).returncode == 2
     assert "tools/build-wheel" in (ROOT / "README.md").read_text()
+
+
+def test_classifiers_name_each_supported_python_and_typing():
+    project = pyproject()["project"]
+    assert project["requires-python"] == ">=3.10"
+    classifiers = project["classifiers"]
+    for minor in (10, 11, 12, 13):
+        assert f"Programming Language :: Python :: 3.{minor}" in classifiers
+    assert "Typing :: Typed" in classifiers
+    assert (ROOT / "writewatch" / "py.typed").exists()
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml takes it from writewatch.__version__; the installed
+    metadata agrees."""
+    from importlib import metadata
+
+    import writewatch
+
+    project = pyproject()
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "writewatch.__version__"}
+    assert metadata.version("writewatch") == writewatch.__version__
+
+
+def test_the_sdist_manifest_carries_the_build_script_sources_and_tests():
+    """pip builds an sdist from what MANIFEST.in and the package data list:
+    without build_native.py it cannot build at all, and the tests need their
+    conftest.py and helper modules (CI builds, installs and runs one)."""
+    manifest = (ROOT / "MANIFEST.in").read_text().split("\n")
+    for line in ("include build_native.py LICENSE README.md", "graft writewatch",
+                 "graft tests", "graft examples", "graft docs"):
+        assert line in manifest
+    assert (ROOT / "tests" / "conftest.py").exists()
