@@ -2,4 +2,9 @@
 # everything else about the package is in pyproject.toml.
 from setuptools import setup
 
-setup(cffi_modules=["build_native.py:ffibuilder", "build_native.py:reference_builder"])
+setup(
+    cffi_modules=["build_native.py:ffibuilder", "build_native.py:reference_builder"],
+    # cffi compiles against the stable ABI (the modules are *.abi3.so): one
+    # wheel serves every CPython from 3.10 on.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
