@@ -46,6 +46,9 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <dirent.h>
+#include <stdio.h>
+#include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <linux/futex.h>
@@ -951,18 +954,34 @@ static void resolve_write_fault(const struct uffd_msg *batch, size_t n, size_t k
     range_exit();
 }
 
+/*
+ * The handler thread is stopped around os.fork() (ww_uffd_handler_pause from
+ * the fork hook's before step, ww_uffd_handler_resume after it in the parent),
+ * so that the process forks with no thread of ours: Python 3.12 warns about
+ * (and counts, through /proc) every thread alive at a fork. Faults arriving
+ * meanwhile wait in the userfaultfd for the restarted thread.
+ */
+static pthread_t uffd_handler_thread;
+static int uffd_handler_running;
+static int uffd_handler_stop_fd = -1; /* eventfd: ends the handler's poll */
+static pid_t uffd_handler_tid;
+
 static void *uffd_handler_main(void *arg)
 {
     int uffd = (int)(intptr_t)arg;
     struct uffd_msg messages[64];
+    __atomic_store_n(&uffd_handler_tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
     for (;;) {
-        struct pollfd ready = { .fd = uffd, .events = POLLIN };
-        if (poll(&ready, 1, -1) < 0) {
+        struct pollfd ready[2] = { { .fd = uffd, .events = POLLIN },
+                                   { .fd = uffd_handler_stop_fd, .events = POLLIN } };
+        if (poll(ready, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
-        if (ready.revents & (POLLERR | POLLHUP | POLLNVAL))
+        if (ready[1].revents)
+            break; /* asked to stop: faults still queued go to the next thread */
+        if (ready[0].revents & (POLLERR | POLLHUP | POLLNVAL))
             break;
         ssize_t got = read(uffd, messages, sizeof messages);
         if (got < 0) {
@@ -981,19 +1000,74 @@ static void *uffd_handler_main(void *arg)
 int ww_uffd_handler_start(int uffd)
 {
     pthread_attr_t attr;
-    pthread_t thread;
     sigset_t all, old;
+    if (uffd_handler_running)
+        return 0;
+    if (uffd_handler_stop_fd < 0) {
+        uffd_handler_stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (uffd_handler_stop_fd < 0)
+            return -errno;
+    }
     track_sync_uffd = uffd;
     pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 64 * 1024);
     /* Signals stay with Python's threads: the handler thread blocks them all. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int result = pthread_create(&thread, &attr, uffd_handler_main, (void *)(intptr_t)uffd);
+    int result = pthread_create(&uffd_handler_thread, &attr, uffd_handler_main,
+                                (void *)(intptr_t)uffd);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
+    if (!result)
+        uffd_handler_running = 1;
     return -result;
+}
+
+static int thread_count(void)
+{
+    DIR *tasks = opendir("/proc/self/task");
+    int count = 0;
+    if (!tasks)
+        return -1;
+    for (struct dirent *entry; (entry = readdir(tasks)) != NULL;)
+        count += entry->d_name[0] != '.';
+    closedir(tasks);
+    return count;
+}
+
+/* Stop the handler thread and wait until the kernel has let it go: the thread
+ * count drops a moment after pthread_join returns. Only when it is the one
+ * thread besides the caller: another thread could fault on watched memory
+ * while holding the GIL the caller waits for, with no handler to release it
+ * (and with another thread alive, the fork is multi-threaded anyway).
+ * Returns 0 or -errno. */
+int ww_uffd_handler_pause(void)
+{
+    uint64_t one = 1;
+    char task[64];
+    if (!uffd_handler_running || thread_count() != 2)
+        return 0;
+    if (write(uffd_handler_stop_fd, &one, sizeof one) != (ssize_t)sizeof one)
+        return -errno;
+    int result = pthread_join(uffd_handler_thread, NULL);
+    if (result)
+        return -result;
+    uffd_handler_running = 0;
+    uint64_t ignored;
+    while (read(uffd_handler_stop_fd, &ignored, sizeof ignored) < 0 && errno == EINTR)
+        ;
+    snprintf(task, sizeof task, "/proc/self/task/%d",
+             (int)__atomic_load_n(&uffd_handler_tid, __ATOMIC_ACQUIRE));
+    for (int i = 0; i < 100000 && access(task, F_OK) == 0; i++)
+        sched_yield();
+    return 0;
+}
+
+/* Start the handler thread again after a pause (a no-op if it runs, or if
+ * this process has no uffd of the uffd backend: a forked child). */
+int ww_uffd_handler_resume(void)
+{
+    return track_sync_uffd < 0 ? 0 : ww_uffd_handler_start(track_sync_uffd);
 }
 
 /*
@@ -1036,6 +1110,10 @@ static void track_after_fork_child(void)
     track_unlock_all();
     track_users = 0;
     track_sync_uffd = -1;
+    uffd_handler_running = 0;
+    if (uffd_handler_stop_fd >= 0)
+        close(uffd_handler_stop_fd);
+    uffd_handler_stop_fd = -1;
 }
 
 static pthread_once_t track_fork_handlers_once = PTHREAD_ONCE_INIT;
