@@ -4,7 +4,9 @@ documented command for a wheel that installs without a compiler."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +85,38 @@ def test_the_sdist_manifest_carries_the_build_script_sources_and_tests():
                  "graft tests", "graft examples", "graft docs"):
         assert line in manifest
     assert (ROOT / "tests" / "conftest.py").exists()
+
+
+NO_SETUPTOOLS = """
+import os, sys
+sys.modules["setuptools"] = sys.modules["distutils"] = None   # as in a 3.12+ venv
+from pathlib import Path
+from writewatch.bench import runner
+from writewatch.testing import cbuild
+
+assert runner.reference().lib.wwb_segv_first is not None      # compiled at install time
+cache = Path(sys.argv[1])
+add = cbuild.build_cached("add", "int add(int, int);", "int add(int a, int b) { return a + b; }",
+                          cache=cache)
+assert add.lib.add(2, 3) == 5
+os.environ["PATH"] = ""
+os.environ.pop("CC", None)
+try:
+    cbuild.build_cached("sub", "int sub(int, int);", "int sub(int a, int b) { return a - b; }",
+                        cache=cache)
+except cbuild.CompilerMissingError as exc:
+    print(exc)
+"""
+
+
+def test_nothing_at_run_time_needs_setuptools(tmp_path):
+    """Virtual environments on Python 3.12+ have no setuptools: the bench's
+    reference is compiled at install time, the tests' C helpers are compiled
+    by calling the compiler directly, and without one the error says what to
+    install."""
+    if shutil.which(os.environ.get("CC", "gcc")) is None:
+        pytest.skip("no C compiler")
+    result = subprocess.run([sys.executable, "-c", NO_SETUPTOOLS, str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "needs a C compiler: install gcc" in result.stdout
