@@ -100,14 +100,24 @@ class Shadow:
         self.polls = 0
         self.pages_copied = 0
         self.full_polls = 0
+        self.refused = 0
 
-    def poll(self, first: int, last: int, capacity: int, out: np.ndarray) -> int:
+    def poll(self, first: int, last: int, capacity: int, out: np.ndarray,
+             out_readable: contextlib.AbstractContextManager[object] | None = None) -> int:
+        """One GetWriteWatch(RESET), its pages copied. With out_readable
+        (held while out is read), out lies in memory another thread makes
+        unwritable at times: the call may then answer 998, and must have
+        reset nothing."""
         ret, found, granularity = ww.GetWriteWatch(RESET, self.base + first * P,
                                                    (last - first) * P, out, capacity)
+        if out_readable is not None and ret != 0 and ww.GetLastError() == ww.ERROR_NOACCESS:
+            self.refused += 1
+            return 0
         if (ret, granularity) != (0, P) or not 0 <= found <= capacity:
             raise AssertionError(f"GetWriteWatch returned {(ret, found, granularity)}, "
                                  f"last error {ww.GetLastError()}")
-        pages = (out[:found].astype(np.int64) - self.base) // P
+        with out_readable or contextlib.nullcontext():
+            pages = (out[:found].astype(np.int64) - self.base) // P
         if found and not ((np.diff(pages) > 0).all() and first <= pages[0]
                           and pages[-1] < last):
             raise AssertionError(f"pages {pages.tolist()} not ascending inside "
@@ -493,12 +503,13 @@ SCENARIOS = {
 }
 
 
-def run_isolated(name: str, soak: bool) -> None:
+def run_isolated(name: str, soak: bool, module: str = "test_concurrency") -> None:
+    """Scenario name of module's SCENARIOS, in a child interpreter."""
     timeout = patience((SOAK_SECONDS + 250) if soak else 50)  # a CI scenario takes a few seconds
     try:
         result = run_python(f"""
-            import test_concurrency
-            test_concurrency.SCENARIOS[{name!r}]({soak!r})
+            import {module}
+            {module}.SCENARIOS[{name!r}]({soak!r})
             print("scenario done", flush=True)
             """, timeout=timeout, report_hang=True)
     except subprocess.TimeoutExpired as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 
+import numpy as np
 import pytest
 from forking import patience, run_python, scaled_work
 
@@ -213,3 +214,95 @@ def test_dropped_watched_memory_is_released_when_collected(write_watch_backend, 
     assert len(regions.live_regions()) == before
     view[0] = 1  # still mapped, no longer watched
     assert view[0] == 1
+
+
+KIND = ww.MEM_RESERVE | ww.MEM_COMMIT | ww.MEM_WRITE_WATCH
+
+
+def _reserve_again(address: int, size: int) -> int:
+    """A new write-watch region at exactly the addresses just released (the
+    kernel would often hand them back anyway; asking makes it certain)."""
+    base = ww.VirtualAlloc(address, size, KIND, ww.PAGE_READWRITE)
+    assert base == address, ww.GetLastError()
+    return base
+
+
+def _assert_intact(base: int, size: int) -> None:
+    """The region at base is whole and watched: committed, scanned, and its
+    writes reported."""
+    info = ww.VirtualQuery(base)
+    assert info is not None and info.State == ww.MEM_COMMIT and info.AllocationBase == base, info
+    ww.ResetWriteWatch(base, size)
+    ww.as_array(base, size)[ww.PAGE_SIZE] = 7
+    out = np.zeros(size // ww.PAGE_SIZE, np.uintp)
+    assert ww.GetWriteWatch(0, base, size, out)[:2] == (0, 1), ww.GetLastError()
+    assert out[0] == base + ww.PAGE_SIZE
+
+
+def test_a_collected_block_releases_its_own_region_not_the_next_one(write_watch_backend):
+    """A WatchedMemory released through the Windows face and then dropped:
+    collecting it once destroyed whatever region the kernel had handed its
+    addresses to next (VirtualQuery said MEM_FREE, GetWriteWatch failed with
+    87, and the next write killed the process)."""
+    size = 16 * ww.PAGE_SIZE
+    for _ in range(3):
+        mem = ww.WatchedMemory(size)
+        address = mem.address
+        assert ww.VirtualFree(address, 0, ww.MEM_RELEASE)
+        new = _reserve_again(address, size)
+        del mem
+        gc.collect()
+        _assert_intact(new, size)
+        assert ww.VirtualFree(new, 0, ww.MEM_RELEASE)
+
+
+def test_a_block_released_through_windows_acts_on_nothing_else(write_watch_backend):
+    """Once its region is gone, a WatchedMemory refuses every use, and
+    close() leaves the region now at its address alone."""
+    size = 16 * ww.PAGE_SIZE
+    mem = ww.WatchedMemory(size)
+    assert ww.VirtualFree(mem.address, 0, ww.MEM_RELEASE)
+    new = _reserve_again(mem.address, size)
+    for use in (lambda: mem.written(), mem.reset, lambda: mem.array, lambda: mem.view(),
+                lambda: mem.commit(0, ww.PAGE_SIZE)):
+        with pytest.raises(ValueError, match="freed"):
+            use()
+    assert "closed" in repr(mem)
+    mem.close()
+    mem.close()
+    _assert_intact(new, size)
+    assert ww.VirtualFree(new, 0, ww.MEM_RELEASE)
+
+
+FINALIZER_UNDER_LOCKS = """
+import gc, json
+import writewatch as ww
+from writewatch import memory, regions
+
+# A finalizer runs wherever the collector does: in a thread that holds the
+# region table's lock, or the lock of the very region it releases.
+released = []
+def drop_under(lock):
+    mem = ww.WatchedMemory(ww.PAGE_SIZE)
+    region = regions.find(mem.address)
+    with lock(region):
+        del mem
+        gc.collect()
+        released.append(region.listed)
+    ww.VirtualAlloc(0, ww.PAGE_SIZE, ww.MEM_RESERVE, ww.PAGE_READWRITE)  # releases what waited
+    released.append(region.listed)
+
+drop_under(lambda region: regions._table.lock)
+drop_under(lambda region: region.lock)
+print(json.dumps(released))
+"""
+
+
+def test_a_finalizer_never_waits_for_a_lock_its_thread_holds(write_watch_backend):
+    """Collecting a WatchedMemory while its thread holds the region table's
+    lock or the region's own lock puts the release off to the next
+    VirtualAlloc instead of deadlocking."""
+    result = run_python(FINALIZER_UNDER_LOCKS, timeout=patience(30), report_hang=True)
+    assert result.returncode == 0, (result.returncode, result.stderr[-4000:])
+    # Still listed while the lock was held, released by the next VirtualAlloc.
+    assert json.loads(result.stdout) == [True, False, True, False]

@@ -34,7 +34,6 @@ from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
     ERROR_NOACCESS,
     MEM_COMMIT,
-    MEM_RELEASE,
     MEM_RESERVE,
     MEM_WRITE_WATCH,
     PAGE_READWRITE,
@@ -231,13 +230,6 @@ WrittenUnit = Literal["address", "offset", "page"]
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 
-def _release_quietly(region: regions.Region) -> None:
-    """Release a collected WatchedMemory's region, unless the Windows face
-    released it already (then a later region may own the address)."""
-    with contextlib.suppress(WriteWatchError):
-        memory.release_region(region)
-
-
 class WatchedMemory:
     """A write-watched block of memory for Python code.
 
@@ -271,17 +263,22 @@ class WatchedMemory:
         self.backend: str = name
         self._array: np.ndarray | None = None
         self._closed = False
-        # Released when collected, like an mmap or a file, if never closed.
+        # The block acts on this region object, never on whatever region owns
+        # its address: after VirtualFree(mem.address, 0, MEM_RELEASE) the
+        # kernel hands the same addresses to the next reservation.
         region = regions.find(self.address)
         assert region is not None
-        self._finalizer = weakref.finalize(self, _release_quietly, region)
+        self._region = region
+        # Released when collected, like an mmap or a file, if never closed.
+        self._finalizer = weakref.finalize(self, memory.release_collected, region)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{self._size:#x} bytes"
+        state = ("closed" if self._closed or not self._region.listed
+                 else f"{self._size:#x} bytes")
         return f"<WatchedMemory at {self.address:#x}, {state}, backend {self.backend}>"
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or not self._region.listed:
             raise ValueError("the memory was freed")
 
     # One object owns the memory: a copy would free it a second time, and a
@@ -385,13 +382,12 @@ class WatchedMemory:
             out = np.empty(memory.committed_size(self.address) // PAGE_SIZE, np.uintp)
             if len(out) == 0:
                 return out
-        found = out[:watch.get_write_watch(WRITE_WATCH_FLAG_RESET if reset else 0,
-                                           self.address, self.size, out)]
-        if unit != "address":
-            np.subtract(found, np.uintp(self.address), out=found)
-            if unit == "page":
-                np.right_shift(found, np.uintp(_PAGE_SHIFT), out=found)
-        return found
+        # Converted natively before the store: out may lie in memory another
+        # thread makes unwritable once the call is over.
+        origin = 0 if unit == "address" else self.address
+        shift = _PAGE_SHIFT if unit == "page" else 0
+        return out[:watch.get_write_watch_as(WRITE_WATCH_FLAG_RESET if reset else 0,
+                                             self.address, self.size, out, origin, shift)]
 
     def reset(self) -> None:
         """Mark every page unwritten."""
@@ -404,7 +400,9 @@ class WatchedMemory:
             self._closed = True
             self._array = None
             self._finalizer.detach()
-            memory.free(self.address, 0, MEM_RELEASE)
+            # Released through VirtualFree already: nothing left to do.
+            with contextlib.suppress(WriteWatchError):
+                memory.release_region(self._region)
 
     def __enter__(self) -> WatchedMemory:
         self._check_open()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from writewatch import kernel
-from writewatch.kernel import check, ffi, lib, oserror
+from writewatch.kernel import check, ffi, lib
 
 # Reasons a call is refused (native/abi.h), as the negative result minus the base.
 REFUSED_FLAGS = lib.WW_REFUSED_FLAGS
@@ -63,14 +63,25 @@ def set_latched(base: int, latched: bool) -> None:
 
 
 def remove(base: int) -> None:
+    """Take a reservation out, once every call using it has finished."""
     check(lib.ww_index_remove(base), "write-watch index")
 
 
+def quiesce(base: int) -> None:
+    """Wait for every call using the reservation (scanning it, or storing its
+    output into it) that began before now. Called after telling the index of
+    a change and before changing the memory, so that no call acts on the old
+    state: region lock held."""
+    check(lib.ww_index_quiesce(base), "write-watch index")
+
+
 def _verdict(result: int, what: str) -> int:
+    """A count, or a refusal (RefusedError), or a kernel failure: the index
+    returns -(ERRNO_BASE + errno), which shifted back is check()'s -errno."""
     if result >= 0:
         return result
     if result <= -_ERRNO_BASE:
-        raise oserror(-result - _ERRNO_BASE, what)
+        return check(result + _ERRNO_BASE, what)
     raise RefusedError(-result - _REFUSED_BASE)
 
 
@@ -90,6 +101,14 @@ def get_write_watch(flags: int, base: int, size: int, out: np.ndarray, capacity:
     if found >= 0:
         return found
     return _verdict(found, "GetWriteWatch scan")
+
+
+def get_write_watch_as(flags: int, base: int, size: int, out: np.ndarray, capacity: int,
+                       origin: int, shift: int) -> int:
+    """get_write_watch with each address stored as (address - origin) >> shift."""
+    found: int = lib.ww_index_get_write_watch_as(flags, base, size, _from_buffer(_UINT64S, out),
+                                                 capacity, origin, shift)
+    return found if found >= 0 else _verdict(found, "GetWriteWatch scan")
 
 
 def reset_write_watch(base: int, size: int) -> None:

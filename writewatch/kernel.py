@@ -1,9 +1,12 @@
-"""The kernel layer: memory system calls, the one -errno helper, the contract every
-write-watch backend implements, and the one ordered fork hook.
+"""The kernel layer: memory system calls, the one -errno helper, the /proc
+readers, what the machine offers (Capabilities, which probe.py fills in), the
+contract every write-watch backend implements, and the one ordered fork hook.
 
-Nothing here knows about regions or Windows; regions.py calls down into this
-layer and nothing calls up. Every native helper returns a value or -errno, and
-check() is the one place that turns -errno into the right OSError subclass.
+Nothing here knows about regions or Windows; every other module calls down into
+this layer and it imports none of them (pyproject.toml's import-linter
+contracts name every layer). Every native helper returns a value or -errno, and
+check() (with oserror() for an errno in hand) is the one place that turns it
+into the right OSError subclass, worded by the caller.
 
 The words, used the same way in every layer:
 - a *backend* is one write-watch mechanism (writewatch/backends/: pagemap,
@@ -18,9 +21,11 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,9 +37,6 @@ except ImportError as exc:  # pragma: no cover - only in a tree that was never b
         "unbuilt source tree. Install the project (pip install -e .) or run from outside "
         f"the checkout. ({exc})"
     ) from exc
-
-if TYPE_CHECKING:
-    from writewatch.probe import Capabilities
 
 # The native code is built for one page size (native/abi.h): refuse to run on
 # another rather than track the wrong pages.
@@ -62,9 +64,13 @@ MAP_FIXED_NOREPLACE = 0x100000
 MADV_POPULATE_WRITE = 23  # Linux 5.14
 
 
-def oserror(err: int, message: str) -> OSError:
-    """OSError(errno, ...) picks the matching subclass (ProcessLookupError, ...)."""
-    return OSError(err, f"{message}: {os.strerror(err)}")
+def oserror(err: int, message: str, *, cause: int = 0) -> OSError:
+    """The one decoder of errno values. OSError(errno, ...) picks the matching
+    subclass (ProcessLookupError for ESRCH, PermissionError for EPERM, ...);
+    the message is the call's own wording, then what the errno means. A call
+    that reports a failure under another errno (process_memwatch's EIO) passes
+    the kernel's as cause: its meaning is what the message says."""
+    return OSError(err, f"{message}: {os.strerror(cause or err)}")
 
 
 def check(result: int, what: str) -> int:
@@ -139,12 +145,20 @@ def open_uffd(flags: int = UFFD_OPEN_FLAGS, *, user_mode_only: bool = True) -> i
     return check(fd, "userfaultfd")
 
 
+def uffd_open_errno(flags: int) -> int:
+    """0 if userfaultfd(flags) opens here (the descriptor is closed at once),
+    else its errno: a probe that changes nothing."""
+    fd = lib.ww_uffd_open(flags)
+    if fd < 0:
+        return int(-fd)
+    os.close(fd)
+    return 0
+
+
 def uffd_enable_features(fd: int, features: int) -> int:
     """UFFDIO_API on a fresh userfaultfd; returns every feature the kernel has."""
     api = ffi.new("struct uffdio_api *")
-    result = lib.ww_uffd_api(fd, features, api)
-    if result < 0:
-        raise oserror(-result, f"UFFDIO_API(features={features:#x})")
+    check(lib.ww_uffd_api(fd, features, api), f"UFFDIO_API(features={features:#x})")
     return int(api.features)
 
 
@@ -164,6 +178,37 @@ def uffd_register_write_protect(uffd: int, start: int, length: int) -> None:
     if not ioctls[0] & (1 << lib.WW_UFFDIO_WRITEPROTECT_BIT):
         lib.ww_uffd_unregister(uffd, start, length)
         raise oserror(errno.EOPNOTSUPP, "UFFDIO_REGISTER gave no UFFDIO_WRITEPROTECT")
+
+
+# ---------------------------------------------------------------------------
+# What /proc and uname(2) say about this process and kernel (read by probe.py
+# and sandbox.py; None when a file is missing or unreadable, as in a sandbox)
+
+
+def read_proc_int(path: str) -> int | None:
+    """The first number in a /proc file (a sysctl such as vm.max_map_count)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_status_field(name: str) -> str | None:
+    """A field of /proc/self/status (Seccomp, CapEff, ...), as written there."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{name}:\s*(\S+)", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def kernel_version() -> tuple[int, ...]:
+    """(major, minor, patch) of the running kernel's release; () when the
+    release does not start with a version."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", os.uname().release)
+    return tuple(int(part or 0) for part in match.groups()) if match else ()
 
 
 # ---------------------------------------------------------------------------
@@ -223,6 +268,57 @@ def process_epoch() -> int:
 check(lib.ww_track_install_fork_handlers(), "pthread_atfork")
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                     after_in_child=_after_fork_in_child)
+
+
+# ---------------------------------------------------------------------------
+# What this machine offers: probe.py finds out, Backend.unavailable_reason reads it
+
+@dataclass(frozen=True)
+class KernelFeature:
+    """One kernel feature a backend relies on, and whether this machine has it."""
+
+    name: str
+    present: bool
+    since: str                      # the mainline Linux version that brought it
+    required_by: tuple[str, ...]    # backends that are off without it
+    optional_for: tuple[str, ...]   # backends that work without it, as purpose says
+    purpose: str
+
+    @property
+    def role(self) -> str:
+        parts = []
+        if self.required_by:
+            parts.append("required by " + ", ".join(self.required_by))
+        if self.optional_for:
+            parts.append("optional for " + ", ".join(self.optional_for))
+        return "; ".join(parts) or "used by no backend"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the running kernel and sandbox allow. Each *_detail says why."""
+
+    kernel_release: str
+    kernel_version: tuple[int, ...]
+    userfaultfd: bool
+    userfaultfd_detail: str
+    wp_async: bool
+    wp_unpopulated: bool
+    pagemap_scan: bool
+    pagemap_scan_detail: str
+    soft_dirty: bool
+    soft_dirty_detail: str
+    unprivileged_userfaultfd: int | None
+    seccomp_mode: int | None
+    pagemap_backend: bool
+    pagemap_backend_detail: str
+    uffd_features: int = 0
+    features: tuple[KernelFeature, ...] = ()
+    max_map_count: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field by name (what `python -m writewatch info --json` prints)."""
+        return asdict(self)
 
 
 # ---------------------------------------------------------------------------

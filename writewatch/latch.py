@@ -7,46 +7,42 @@ backend holds their written state; once a latched page is decommitted only
 the region's Latch remembers it. While a region has latched pages the native
 index hands its GetWriteWatch and ResetWriteWatch back to walk() and reset()
 here; a region that never had a VirtualProtect over written pages pays nothing.
-Every function runs with the region's lock held.
+Which pages are latched is the region's state (regions.Latch); this module
+calls down into regions.py, never the other way. Every function runs with the
+region's lock held.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from writewatch import kernel
+from writewatch import index, kernel
 from writewatch.kernel import PAGE_SIZE
-from writewatch.pageruns import RESERVED, PageRuns
+from writewatch.pageruns import RESERVED
 
 if TYPE_CHECKING:
     from writewatch.regions import Region
 
 
-class Latch:
-    """The latched pages of one region, as runs of 1."""
-
-    __slots__ = ("base", "pages")
-
-    def __init__(self, base: int, size: int) -> None:
-        self.base = base
-        self.pages = PageRuns(size // PAGE_SIZE)
-
-    def spans(self, first: int, last: int) -> list[tuple[int, int]]:
-        """Address spans of the latched pages in [first, last)."""
-        base = self.base
-        return [(base + start * PAGE_SIZE, base + end * PAGE_SIZE)
-                for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
-                                                         (last - base) // PAGE_SIZE)
-                if value]
-
-    def mark(self, first: int, last: int, latched: bool) -> bool:
-        """Latch or unlatch [first, last); False once no page is latched."""
-        self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
-                          int(latched))
-        return any(self.pages.values)
+@contextmanager
+def latching(region: Region) -> Iterator[None]:
+    """Around a VirtualProtect's latch (latch_written): the index sends this
+    region's GetWriteWatch and ResetWriteWatch to the region's lock meanwhile,
+    and the calls that began before have finished, so the latch and a reset
+    are ordered one way or the other (a reset interleaved with the latch's
+    scan once left a page latched that the reset had just cleared, reported
+    after a decommit). Afterwards the index walks the region only if it has
+    latched pages."""
+    index.set_latched(region.base, True)
+    try:
+        index.quiesce(region.base)
+        yield
+    finally:
+        index.set_latched(region.base, region.latched is not None)
 
 
 def latch_written(region: Region, first: int, last: int) -> None:

@@ -23,6 +23,7 @@ from writewatch.constants import (
     MEM_RESERVE,
     MEM_WRITE_WATCH,
     PAGE_NOACCESS,
+    PAGE_READWRITE,
     allocation_type_name,
     protection_name,
 )
@@ -103,6 +104,8 @@ def allocate(address: Any, size: Any, allocation_type: Any, protect: Any,
 
     backend names the write-watch backend of a MEM_WRITE_WATCH reservation
     ("auto" picks the best this machine has)."""
+    if _collected:
+        release_collected()
     address = uint(address, "address")
     size = uint(size, "size")
     allocation_type = uint(allocation_type, "allocation_type")
@@ -193,6 +196,8 @@ def _commit(region: regions.Region, first: int, last: int, protect: int) -> None
         prot = regions.POSIX_PROT[protect]
         watcher = region.watcher
         done: list[tuple[int, int, int]] = []
+        if protect != PAGE_READWRITE:
+            region.forbid_output(first, last)  # committed pages among them may change
         try:
             if watcher is None:
                 kernel.protect(first, last - first, prot)
@@ -213,6 +218,7 @@ def _commit(region: regions.Region, first: int, last: int, protect: int) -> None
         except OSError as exc:
             if watcher is not None:
                 _undo_commit(watcher, done)
+            region.restore_output(first, last)
             raise _mapping_error(exc, "cannot commit") from exc
         region.assign(first, last, protect)
 
@@ -229,6 +235,8 @@ def _undo_commit(watcher: kernel.Watcher, done: list[tuple[int, int, int]]) -> N
 
 def free(address: Any, size: Any, free_type: Any) -> None:
     """VirtualFree: MEM_DECOMMIT a range, or MEM_RELEASE a whole region."""
+    if _collected:
+        release_collected()
     address = uint(address, "address")
     size = uint(size, "size")
     free_type = uint(free_type, "free_type")
@@ -266,40 +274,83 @@ def free(address: Any, size: Any, free_type: Any) -> None:
         committed = region.committed_spans(first, last)
         if not committed:
             return
+        before = list(region.spans(first, last))
+        # The index learns first, and the calls that began before have
+        # finished: no scan walks pages while they are unregistered (the
+        # pagemap backend would read every one written), and no call stores
+        # its output into them once they are gone.
+        region.assign(first, last, RESERVED)
+        index.quiesce(region.base)
         try:
             # Windows drops the dirty state of decommitted pages: unwatching
-            # forgets it and keeps the pages out of every scan, and dropping the
-            # pages leaves nothing behind.
+            # forgets it, and dropping the pages leaves nothing behind.
             if region.watcher is not None:
                 for start, end in committed:
                     region.watcher.unwatch(start, end - start)
             kernel.discard(first, last - first)
             kernel.protect(first, last - first, kernel.PROT_NONE)
         except OSError as exc:
+            for start, end, value in before:
+                region.assign(start, end, value)
             raise _mapping_error(exc, "cannot decommit") from exc
-        region.assign(first, last, RESERVED)
 
 
 def release_region(region: regions.Region) -> None:
-    """Remove the region from the table at once. Its address space stays mapped
-    while a numpy view over it lives, so the view never faults."""
-    try:
-        regions.remove(region)
-    except (KeyError, ValueError):
-        raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released") from None
+    """Release this region object (never whatever region owns its addresses
+    now): out of the table at once, then its index entry and watcher. Its
+    address space stays mapped while a numpy view over it lives, so the view
+    never faults."""
+    if not regions.remove(region):
+        raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released")
     with region.lock:
-        index.remove(region.base)
-        watcher = region.watcher
-        if watcher is not None:
-            if watcher.survives_fork or region.epoch == kernel.process_epoch():
-                # A view may outlive the release: leave its pages plainly
-                # accessible, not armed for a tracker that is about to go.
-                for start, end, value in list(region.spans(region.base, region.end)):
-                    if value != RESERVED:
-                        watcher.unwatch(start, end - start)
-                        kernel.protect(start, end - start, regions.POSIX_PROT[value])
-            watcher.detach()
-        region.mapping = None
+        _release_removed(region)
+
+
+# Regions of collected WatchedMemory objects whose release had to wait: a
+# finalizer runs wherever the garbage collector does, possibly in a thread that
+# holds the region table's or the region's lock, so it never blocks on them.
+_collected: list[regions.Region] = []
+
+
+def release_collected(region: regions.Region | None = None) -> None:
+    """Release a collected object's region (and any whose release was put
+    off) without ever waiting for a lock: a busy one puts the release off to
+    the next VirtualAlloc, VirtualFree or collection. A region already
+    released is left alone (a later region may own its addresses)."""
+    if region is not None:
+        _collected.append(region)
+    for _ in range(len(_collected)):
+        try:
+            each = _collected.pop(0)
+        except IndexError:
+            return
+        if not each.lock.acquire(blocking=False):
+            _collected.append(each)
+            continue
+        try:
+            removed = regions.remove(each, blocking=False)
+            if removed is None:
+                _collected.append(each)
+            elif removed:
+                _release_removed(each)
+        finally:
+            each.lock.release()
+
+
+def _release_removed(region: regions.Region) -> None:
+    """The rest of a release, once the region left the table. Lock held."""
+    index.remove(region.base)
+    watcher = region.watcher
+    if watcher is not None:
+        if watcher.survives_fork or region.epoch == kernel.process_epoch():
+            # A view may outlive the release: leave its pages plainly
+            # accessible, not armed for a tracker that is about to go.
+            for start, end, value in list(region.spans(region.base, region.end)):
+                if value != RESERVED:
+                    watcher.unwatch(start, end - start)
+                    kernel.protect(start, end - start, regions.POSIX_PROT[value])
+        watcher.detach()
+    region.mapping = None
 
 
 def set_protection(address: Any, size: Any, new_protect: Any) -> int:
@@ -321,13 +372,18 @@ def set_protection(address: Any, size: Any, new_protect: Any) -> int:
             raise WriteWatchError(ERROR_INVALID_ADDRESS, "the range is not all committed")
         old = region.pages.value_at((first - region.base) // PAGE_SIZE)
         region.sync_after_fork()
+        watcher = region.watcher
+        if new_protect != PAGE_READWRITE:
+            region.forbid_output(first, last)  # quiesces
         try:
-            if region.watcher is None:
+            if watcher is None:
                 kernel.protect(first, last - first, regions.POSIX_PROT[new_protect])
             else:
-                region.watcher.protect(first, last - first, regions.POSIX_PROT[new_protect])
-                latch.latch_written(region, first, last)
+                with latch.latching(region):
+                    watcher.protect(first, last - first, regions.POSIX_PROT[new_protect])
+                    latch.latch_written(region, first, last)
         except OSError as exc:
+            region.restore_output(first, last)
             raise _mapping_error(exc, "cannot change protection") from exc
         # The range is all committed: only protections change.
         region.assign(first, last, new_protect, commit_changes=False)

@@ -21,7 +21,7 @@ import numpy as np
 
 from writewatch import backends, index
 from writewatch.backends.pagemap import memwatch_scan
-from writewatch.kernel import PAGE_MASK, ffi, oserror
+from writewatch.kernel import PAGE_MASK, check, ffi, oserror
 
 
 class MemwatchFlags(IntFlag):
@@ -148,8 +148,6 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
 
 def _memwatch_check(result: int) -> int:
     """The proposal's errors: EINVAL and ESRCH pass through, any other failure is EIO."""
-    if result < 0:
-        if -result in (errno.EINVAL, errno.ESRCH):
-            raise oserror(-result, "process_memwatch")
-        raise OSError(errno.EIO, f"PAGEMAP_SCAN failed: {os.strerror(-result)}")
-    return result
+    if result < 0 and -result not in (errno.EINVAL, errno.ESRCH):
+        raise oserror(errno.EIO, "PAGEMAP_SCAN failed", cause=-result)
+    return check(result, "process_memwatch")

@@ -1,95 +1,24 @@
 """What this machine supports, as data: probe() finds out without changing
-anything, for backend selection and for `python -m writewatch info`."""
+anything, for backend selection and for `python -m writewatch info`. The
+answer's shape (Capabilities, KernelFeature) is the kernel layer's, which the
+backend contract reads."""
 
 from __future__ import annotations
 
 import errno
 import os
-import re
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from writewatch import kernel, sandbox
-from writewatch.kernel import ffi, lib
+from writewatch.kernel import Capabilities, KernelFeature, ffi, lib
 
 
-@dataclass(frozen=True)
-class KernelFeature:
-    """One kernel feature a backend relies on, and whether this machine has it."""
-
-    name: str
-    present: bool
-    since: str                      # the mainline Linux version that brought it
-    required_by: tuple[str, ...]    # backends that are off without it
-    optional_for: tuple[str, ...]   # backends that work without it, as purpose says
-    purpose: str
-
-    @property
-    def role(self) -> str:
-        parts = []
-        if self.required_by:
-            parts.append("required by " + ", ".join(self.required_by))
-        if self.optional_for:
-            parts.append("optional for " + ", ".join(self.optional_for))
-        return "; ".join(parts) or "used by no backend"
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the running kernel and sandbox allow. Each *_detail says why."""
-
-    kernel_release: str
-    kernel_version: tuple[int, ...]
-    userfaultfd: bool
-    userfaultfd_detail: str
-    wp_async: bool
-    wp_unpopulated: bool
-    pagemap_scan: bool
-    pagemap_scan_detail: str
-    soft_dirty: bool
-    soft_dirty_detail: str
-    unprivileged_userfaultfd: int | None
-    seccomp_mode: int | None
-    pagemap_backend: bool
-    pagemap_backend_detail: str
-    uffd_features: int = 0
-    features: tuple[KernelFeature, ...] = ()
-    max_map_count: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Every field by name (what `python -m writewatch info --json` prints)."""
-        return asdict(self)
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _seccomp_mode() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(r"^Seccomp:\s*(\d+)", f.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _kernel_version(release: str) -> tuple[int, ...]:
-    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
-    return tuple(int(part or 0) for part in match.groups()) if match else ()
-
-
-def _probe_userfaultfd(unprivileged: int | None, seccomp: int | None) -> tuple[bool, str, int]:
+def _probe_userfaultfd(seen: sandbox.Facts) -> tuple[bool, str, int]:
     try:
         fd = kernel.open_uffd()
     except OSError as exc:
         # What denies it (a seccomp filter, the sysctl, a security module) and
         # how to allow it: sandbox.py.
-        return False, sandbox.userfaultfd_denial(exc.errno or 0).detail, 0
+        return False, sandbox.explain(exc.errno or 0, seen).detail, 0
     os.close(fd)
     try:
         features = kernel.uffd_offered_features()
@@ -98,23 +27,29 @@ def _probe_userfaultfd(unprivileged: int | None, seccomp: int | None) -> tuple[b
     return True, "userfaultfd available", features
 
 
-def _probe_pagemap_scan() -> tuple[bool, str]:
+def _empty_scan(category: int) -> int:
+    """PAGEMAP_SCAN over no memory, asking for category: 0, or -errno (ENOTTY
+    without the ioctl, EINVAL for category bits it does not know). OSError
+    when /proc/self/pagemap cannot be opened."""
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        return False, f"/proc/self/pagemap cannot be opened: {exc.strerror}"
-    try:
-        arg = ffi.new("struct pm_scan_arg *")
+        arg = ffi.new("struct pm_scan_arg *")  # zeroed: start = end = 0
         arg.size = ffi.sizeof("struct pm_scan_arg")
-        arg.start = arg.end = 0
-        arg.category_mask = arg.return_mask = lib.PAGE_IS_WRITTEN
-        result = lib.ww_pagemap_raw(fd, arg)
+        arg.category_mask = arg.return_mask = category
+        return int(lib.ww_pagemap_raw(fd, arg))
     finally:
         os.close(fd)
+
+
+def _probe_pagemap_scan() -> tuple[bool, str]:
+    try:
+        result = _empty_scan(lib.PAGE_IS_WRITTEN)
+    except OSError as exc:
+        return False, f"/proc/self/pagemap cannot be opened: {exc.strerror}"
     if result == -errno.ENOTTY:
         return False, "no PAGEMAP_SCAN ioctl (needs Linux 6.7 or newer)"
     if result < 0:
-        return False, f"PAGEMAP_SCAN failed: {os.strerror(-result)}"
+        return False, str(kernel.oserror(-result, "PAGEMAP_SCAN failed").strerror)
     return True, "PAGEMAP_SCAN available"
 
 
@@ -148,24 +83,9 @@ def _probe_madvise(advice: int) -> bool:
 def _probe_scan_category(category: int) -> bool:
     """Does PAGEMAP_SCAN accept this category bit? Unknown bits are EINVAL."""
     try:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        return _empty_scan(category) >= 0
     except OSError:
         return False
-    try:
-        arg = ffi.new("struct pm_scan_arg *")
-        arg.size = ffi.sizeof("struct pm_scan_arg")
-        arg.category_mask = arg.return_mask = category
-        return bool(lib.ww_pagemap_raw(fd, arg) >= 0)
-    finally:
-        os.close(fd)
-
-
-def _user_mode_only() -> bool:
-    fd = lib.ww_uffd_open(kernel.UFFD_OPEN_FLAGS | lib.UFFD_USER_MODE_ONLY)
-    if fd < 0:
-        return False
-    os.close(fd)
-    return True
 
 
 def _features(uffd_ok: bool, offered: int, scan_ok: bool) -> tuple[KernelFeature, ...]:
@@ -186,7 +106,8 @@ def _features(uffd_ok: bool, offered: int, scan_ok: bool) -> tuple[KernelFeature
                       "the kernel resolves write-protect faults itself, with no handler"),
         KernelFeature("PAGEMAP_SCAN", scan_ok, "6.7", ("pagemap",), (),
                       "reads and re-arms written pages in one page-table walk"),
-        KernelFeature("UFFD_USER_MODE_ONLY", uffd_ok and _user_mode_only(), "5.11", (),
+        KernelFeature("UFFD_USER_MODE_ONLY", uffd_ok and not kernel.uffd_open_errno(
+                          kernel.UFFD_OPEN_FLAGS | lib.UFFD_USER_MODE_ONLY), "5.11", (),
                       ("uffd",), "opens userfaultfd without privilege (then the kernel's own "
                       "writes need prepare_kernel_write)"),
         KernelFeature("UFFD THREAD_ID", uffd(lib.UFFD_FEATURE_THREAD_ID), "4.14", (), ("uffd",),
@@ -207,10 +128,8 @@ def _features(uffd_ok: bool, offered: int, scan_ok: bool) -> tuple[KernelFeature
 def probe() -> Capabilities:
     """Find out, without changing anything, what this machine supports."""
     release = os.uname().release
-    version = _kernel_version(release)
-    unprivileged = _read_int("/proc/sys/vm/unprivileged_userfaultfd")
-    seccomp = _seccomp_mode()
-    uffd_ok, uffd_detail, features = _probe_userfaultfd(unprivileged, seccomp)
+    seen = sandbox.facts()
+    uffd_ok, uffd_detail, features = _probe_userfaultfd(seen)
     wp_async = bool(features & lib.UFFD_FEATURE_WP_ASYNC)
     wp_unpopulated = bool(features & lib.UFFD_FEATURE_WP_UNPOPULATED)
     scan_ok, scan_detail = _probe_pagemap_scan()
@@ -228,7 +147,7 @@ def probe() -> Capabilities:
                       else "; ".join(missing))
     return Capabilities(
         kernel_release=release,
-        kernel_version=version,
+        kernel_version=seen.kernel_version,
         userfaultfd=uffd_ok,
         userfaultfd_detail=uffd_detail,
         wp_async=wp_async,
@@ -237,11 +156,11 @@ def probe() -> Capabilities:
         pagemap_scan_detail=scan_detail,
         soft_dirty=sd_ok,
         soft_dirty_detail=sd_detail,
-        unprivileged_userfaultfd=unprivileged,
-        seccomp_mode=seccomp,
+        unprivileged_userfaultfd=seen.unprivileged_userfaultfd,
+        seccomp_mode=seen.seccomp_mode,
         pagemap_backend=backend_ok,
         pagemap_backend_detail=backend_detail,
         uffd_features=features,
         features=_features(uffd_ok, features, scan_ok),
-        max_map_count=_read_int("/proc/sys/vm/max_map_count"),
+        max_map_count=kernel.read_proc_int("/proc/sys/vm/max_map_count"),
     )

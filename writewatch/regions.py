@@ -25,7 +25,6 @@ from writewatch.constants import (
     PAGE_READONLY,
     PAGE_READWRITE,
 )
-from writewatch.latch import Latch
 from writewatch.pageruns import RESERVED, PageRuns
 
 PAGE_SIZE = kernel.PAGE_SIZE
@@ -39,6 +38,30 @@ POSIX_PROT: dict[int, int] = {
     PAGE_READONLY: kernel.PROT_READ,
     PAGE_READWRITE: kernel.PROT_READ | kernel.PROT_WRITE,
 }
+
+
+class Latch:
+    """The latched pages of one region, as runs of 1."""
+
+    __slots__ = ("base", "pages")
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.pages = PageRuns(size // PAGE_SIZE)
+
+    def spans(self, first: int, last: int) -> list[tuple[int, int]]:
+        """Address spans of the latched pages in [first, last)."""
+        base = self.base
+        return [(base + start * PAGE_SIZE, base + end * PAGE_SIZE)
+                for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
+                                                         (last - base) // PAGE_SIZE)
+                if value]
+
+    def mark(self, first: int, last: int, latched: bool) -> bool:
+        """Latch or unlatch [first, last); False once no page is latched."""
+        self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
+                          int(latched))
+        return any(self.pages.values)
 
 
 class Mapping:
@@ -59,7 +82,7 @@ class Region:
     """One VirtualAlloc reservation."""
 
     __slots__ = ("_scan_spans", "allocation_protect", "backend", "base",
-                 "epoch", "latched", "lock", "mapping", "pages", "size", "watcher",
+                 "epoch", "latched", "listed", "lock", "mapping", "pages", "size", "watcher",
                  "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
@@ -71,6 +94,10 @@ class Region:
         self.watcher = watcher
         self.write_watch = watcher is not None
         self.lock = threading.Lock()
+        # In the table: False from the moment a release takes it out, so that
+        # whatever holds this object (a WatchedMemory, a finalizer) sees it is
+        # gone even once a new region owns the same addresses.
+        self.listed = False
         self.mapping: Mapping | None = Mapping(base, size)
         self.pages = PageRuns(size // PAGE_SIZE)
         self.epoch = kernel.process_epoch()
@@ -123,6 +150,20 @@ class Region:
         if commit_changes:
             self._scan_spans = None
             self._update_index()
+
+    def forbid_output(self, first: int, last: int) -> None:
+        """Before pages [first, last) stop being writable (a protection
+        change, a decommit): the index refuses them as an output array from
+        now on, and the calls storing into them already have finished. Lock
+        held; restore_output undoes it if the change fails."""
+        index.set_writable(self.base, first, last, False)
+        index.quiesce(self.base)
+
+    def restore_output(self, first: int, last: int) -> None:
+        """Tell the index again which pages of [first, last) are writable, as
+        the table has them (a change after forbid_output failed). Lock held."""
+        for start, end, value in list(self.spans(first, last)):
+            index.set_writable(self.base, start, end, value == PAGE_READWRITE)
 
     def writable_spans(self, first: int, last: int) -> list[tuple[int, int]]:
         """Address spans of the committed read-write pages in [first, last): the
@@ -203,11 +244,23 @@ class _Table:
             i = bisect_left(self.bases, region.base)
             self.bases.insert(i, region.base)
             self.regions[region.base] = region
+            region.listed = True
 
-    def remove(self, region: Region) -> None:
-        with self.lock:
+    def remove(self, region: Region, blocking: bool = True) -> bool | None:
+        """Take this very region out (never whatever now lies at its base):
+        True, False if it is not in the table, None if the lock was busy and
+        blocking is False."""
+        if not self.lock.acquire(blocking):
+            return None
+        try:
+            if self.regions.get(region.base) is not region:
+                return False
             del self.regions[region.base]
             self.bases.remove(region.base)
+            region.listed = False
+            return True
+        finally:
+            self.lock.release()
 
     def snapshot(self) -> list[Region]:
         with self.lock:
@@ -222,6 +275,21 @@ def find(address: int) -> Region | None:
     return _table.find(address)
 
 
+def overlapping(start: int, end: int) -> list[Region]:
+    """The regions holding any byte of [start, end), by ascending base."""
+    found = []
+    region = _table.find(start)
+    if region is not None:
+        found.append(region)
+    at = start
+    while (base := _table.next_base_after(at)) < end:
+        region = _table.find(base)
+        if region is not None:
+            found.append(region)
+        at = base
+    return found
+
+
 def next_base_after(address: int) -> int:
     """The base of the first region above address (or the end of user space)."""
     return _table.next_base_after(address)
@@ -231,9 +299,11 @@ def insert(region: Region) -> None:
     _table.insert(region)
 
 
-def remove(region: Region) -> None:
-    """Take region out of the table (KeyError if it is not there)."""
-    _table.remove(region)
+def remove(region: Region, blocking: bool = True) -> bool | None:
+    """Take this region out of the table: True, False if it is not there (a
+    release took it out already), None if blocking is False and the table
+    was busy."""
+    return _table.remove(region, blocking)
 
 
 def live_regions() -> list[Region]:

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from writewatch.kernel import lib
+from writewatch import kernel
+from writewatch.kernel import lib, oserror
 
 SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
 CAP_SYS_PTRACE = 19
-_UFFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
 _INVALID_FLAG = os.O_WRONLY  # never a valid userfaultfd flag: the kernel answers EINVAL
 
 SECCOMP_REMEDY = (
@@ -73,42 +72,16 @@ class Denial:
         return asdict(self)
 
 
-def _open_errno(flags: int) -> int:
-    """0 if userfaultfd(flags) opens a descriptor (closed at once), else its errno."""
-    fd = lib.ww_uffd_open(flags)
-    if fd < 0:
-        return int(-fd)
-    os.close(fd)
-    return 0
-
-
-def _status_field(name: str) -> str | None:
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(rf"^{name}:\s*(\S+)", f.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return match.group(1) if match else None
-
-
-def _read_sysctl() -> int | None:
-    try:
-        with open(SYSCTL) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def facts() -> Facts:
-    release = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    seccomp = _status_field("Seccomp")
-    capabilities = _status_field("CapEff")
+    seccomp = kernel.proc_status_field("Seccomp")
+    capabilities = kernel.proc_status_field("CapEff")
     return Facts(
-        kernel_version=tuple(int(x) for x in release.groups()) if release else (),
+        kernel_version=kernel.kernel_version(),
         seccomp_mode=int(seccomp) if seccomp is not None else None,
-        unprivileged_userfaultfd=_read_sysctl(),
+        unprivileged_userfaultfd=kernel.read_proc_int(SYSCTL),
         cap_sys_ptrace=bool(capabilities and int(capabilities, 16) >> CAP_SYS_PTRACE & 1),
-        invalid_flag_errno=_open_errno(_UFFD_FLAGS | lib.UFFD_USER_MODE_ONLY | _INVALID_FLAG),
+        invalid_flag_errno=kernel.uffd_open_errno(
+            kernel.UFFD_OPEN_FLAGS | lib.UFFD_USER_MODE_ONLY | _INVALID_FLAG),
     )
 
 
@@ -127,7 +100,7 @@ def explain(err: int, seen: Facts) -> Denial:
         return Denial("userfaultfd", "sysctl",
                       "userfaultfd is denied to unprivileged processes: "
                       "vm.unprivileged_userfaultfd = 0, this process lacks CAP_SYS_PTRACE, and "
-                      f"Linux {'.'.join(map(str, seen.kernel_version))} predates "
+                      f"Linux {'.'.join(map(str, seen.kernel_version[:2]))} predates "
                       "UFFD_USER_MODE_ONLY (5.11)",
                       SYSCTL_REMEDY + ", or upgrade to Linux 5.11 or newer")
     if not kernel_ran_it and seen.seccomp_mode == 2:
@@ -142,7 +115,7 @@ def explain(err: int, seen: Facts) -> Denial:
                       "(the kernel accepted the call itself)",
                       "allow this program to create userfaultfd descriptors in the security "
                       "policy (SELinux: see 'ausearch -m avc' for the denial)")
-    return Denial("userfaultfd", "unknown", f"userfaultfd failed: {os.strerror(err)}", "")
+    return Denial("userfaultfd", "unknown", str(oserror(err, "userfaultfd failed").strerror), "")
 
 
 def userfaultfd_denial(err: int) -> Denial:
@@ -153,9 +126,9 @@ def userfaultfd_denial(err: int) -> Denial:
 def kernel_faults_denial(seen: Facts | None = None) -> Denial | None:
     """When userfaultfd works here but only for user-mode faults: why, and how
     to allow the kernel's own writes to reach a handler too (None otherwise)."""
-    if _open_errno(_UFFD_FLAGS) != errno.EPERM:
+    if kernel.uffd_open_errno(kernel.UFFD_OPEN_FLAGS) != errno.EPERM:
         return None
-    if _open_errno(_UFFD_FLAGS | lib.UFFD_USER_MODE_ONLY):
+    if kernel.uffd_open_errno(kernel.UFFD_OPEN_FLAGS | lib.UFFD_USER_MODE_ONLY):
         return None  # userfaultfd is denied altogether: userfaultfd_denial says why
     seen = seen or facts()
     if seen.unprivileged_userfaultfd == 0 and not seen.cap_sys_ptrace:
@@ -195,7 +168,8 @@ FALLBACK_MEANS = {
 
 def current_denials() -> list[Denial]:
     """denials() for this process, opening userfaultfd the way the backends do."""
-    err = _open_errno(_UFFD_FLAGS | lib.UFFD_USER_MODE_ONLY)
-    if err == errno.EINVAL:  # before Linux 5.11 there is no UFFD_USER_MODE_ONLY
-        err = _open_errno(_UFFD_FLAGS)
-    return denials(err or None)
+    try:
+        os.close(kernel.open_uffd())
+    except OSError as exc:
+        return denials(exc.errno)
+    return denials(None)

@@ -7,6 +7,7 @@ Only the checks on the Python output array itself are made here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -91,8 +92,16 @@ def get_write_watch(flags: Any, base: Any, size: Any, addresses: Any,
     return _get_write_watch_checked(flags, base, size, addresses, count)
 
 
+def get_write_watch_as(flags: Any, base: Any, size: Any, addresses: Any, origin: int,
+                       shift: int) -> int:
+    """get_write_watch storing each address as (address - origin) >> shift
+    (offsets, page indices) into addresses: converted before the store, so
+    the array is stored into once, while the call still holds it."""
+    return _get_write_watch_checked(flags, base, size, addresses, None, origin, shift)
+
+
 def _get_write_watch_checked(flags: Any, base: Any, size: Any, addresses: Any,
-                             count: Any) -> int:
+                             count: Any, origin: int = 0, shift: int = 0) -> int:
     """get_write_watch for every other call: the array's checks here, with
     their own errors, then the index's verdict."""
     if addresses is not None:
@@ -111,8 +120,9 @@ def _get_write_watch_checked(flags: Any, base: Any, size: Any, addresses: Any,
     if not addresses.flags.writeable:
         raise WriteWatchError(ERROR_NOACCESS, "the addresses array is read-only")
     flags, base, size = uint(flags, "flags"), uint(base, "base"), uint(size, "size")
-    return _on_index(lambda: index.get_write_watch(flags, base, size, addresses, count),
-                     lambda: _get_latched(flags, base, size, addresses, count), base, size)
+    return _on_index(
+        lambda: index.get_write_watch_as(flags, base, size, addresses, count, origin, shift),
+        lambda: _get_latched(flags, base, size, addresses, count, origin, shift), base, size)
 
 
 def _on_index(call: Callable[[], T], on_latched: Callable[[], T], base: int, size: int) -> T:
@@ -140,15 +150,28 @@ def _latched_region(base: int, size: int) -> regions.Region:
     return region
 
 
-def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count: int) -> int:
+def _get_latched(flags: int, base: int, size: int, addresses: np.ndarray, count: int,
+                 origin: int, shift: int) -> int:
     """GetWriteWatch on a region with latched pages (docs/semantics.md rule 11),
     which the index leaves to the region's own walk."""
     first, last = page_floor(base), page_ceil(base + size)
     region = _latched_region(base, size)
-    with region.lock:
+    # The regions the output array lies in are locked too (all by ascending
+    # base, so two such calls never wait for each other): no protection change
+    # or decommit makes the array unwritable between its check and the store.
+    out = addresses.ctypes.data
+    held = {each.base: each for each in regions.overlapping(out, out + count * _UINTP.itemsize)}
+    held[region.base] = region
+    with contextlib.ExitStack() as stack:
+        for base_of in sorted(held):
+            stack.enter_context(held[base_of].lock)
+        if region.released:
+            raise _refusal(index.REFUSED_NOT_WATCHED, base, size)
+        if not index.output_writable(addresses, count):
+            raise _refusal(index.REFUSED_OUTPUT, base, size)
         region.sync_after_fork()
         found = latch.walk(region, first, last, bool(flags & WRITE_WATCH_FLAG_RESET), count)
-    addresses[:len(found)] = found
+        addresses[:len(found)] = (found - np.uintp(origin)) >> np.uintp(shift)
     return len(found)
 
 
@@ -163,6 +186,8 @@ def _reset_latched(base: int, size: int) -> None:
     """ResetWriteWatch on a region with latched pages: the reset clears them."""
     region = _latched_region(base, size)
     with region.lock:
+        if region.released:
+            raise _refusal(index.REFUSED_NOT_WATCHED, base, size)
         region.sync_after_fork()
         latch.reset(region, page_floor(base), page_ceil(base + size))
 

@@ -29,7 +29,7 @@ from writewatch.backends import _tracked
 from writewatch.kernel import check, lib
 
 if TYPE_CHECKING:
-    from writewatch.probe import Capabilities
+    from writewatch.kernel import Capabilities
 
 F = TypeVar("F", bound=Callable[..., Any])
 _wrapped = False

@@ -17,7 +17,7 @@ import numpy as np
 from writewatch import kernel
 
 if TYPE_CHECKING:
-    from writewatch.probe import Capabilities
+    from writewatch.kernel import Capabilities
 
 from writewatch.kernel import check, ffi, lib, oserror
 

@@ -15,7 +15,7 @@ from writewatch import kernel
 from writewatch.backends import _tracked
 
 if TYPE_CHECKING:
-    from writewatch.probe import Capabilities
+    from writewatch.kernel import Capabilities
 
 from writewatch.kernel import check, lib
 

@@ -324,8 +324,8 @@ class RawTarget(BenchTarget):
         err = self.ref.ffi.new("int *")
         region = self.ref.lib.wwb_region_new_mode(reserved, offset, size, self.mode, err)
         if region == self.ref.ffi.NULL:
-            raise BenchError(f"{impl} reference cannot set up {size} bytes: "
-                             f"{os.strerror(err[0])}")
+            raise BenchError(kernel.oserror(
+                err[0], f"{impl} reference cannot set up {size} bytes").strerror)
         self.region = region
         self.base, self.reserved = int(region.base), reserved
         self.start, self.size = int(region.commit_start), size
@@ -352,13 +352,13 @@ class RawTarget(BenchTarget):
                                         self.ref.ffi.from_buffer("uint64_t[]", out), len(out),
                                         self._elapsed)
         if n < 0:
-            raise BenchError(f"{self.impl}: GetWriteWatch failed: {os.strerror(-n)}")
+            raise BenchError(kernel.oserror(-n, f"{self.impl}: GetWriteWatch failed").strerror)
         return int(n), int(self._elapsed[0])
 
     def reset(self) -> None:
         result = self.ref.lib.wwb_reset(self.region, self.start, self.start + self.size)
         if result < 0:
-            raise BenchError(f"{self.impl}: reset failed: {os.strerror(-result)}")
+            raise BenchError(kernel.oserror(-result, f"{self.impl}: reset failed").strerror)
 
     def close(self) -> None:
         if self.region is not None:
@@ -631,7 +631,7 @@ def _small_calls_raw(target: RawTarget, flags: int, calls: int,
                                   ref.ffi.from_buffer("uint64_t[]", out), len(out),
                                   ref.ffi.from_buffer("uint64_t[]", samples))
     if right < 0:
-        raise BenchError(f"{target.impl}: GetWriteWatch failed: {os.strerror(-right)}")
+        raise BenchError(kernel.oserror(-right, f"{target.impl}: GetWriteWatch failed").strerror)
     return [int(s) for s in samples], int(right)
 
 
@@ -757,7 +757,7 @@ def _watch_loop_raw(target: RawTarget, seconds: float, period: float,
                                ffi.from_buffer("uint64_t[]", out), len(out),
                                ffi.from_buffer("uint64_t[]", samples), room, pages)
     if calls < 0:
-        raise BenchError(f"{target.impl}: GetWriteWatch failed: {os.strerror(-calls)}")
+        raise BenchError(kernel.oserror(-calls, f"{target.impl}: GetWriteWatch failed").strerror)
     return [int(s) for s in samples[:min(calls, room)]], int(pages[0])
 
 
@@ -806,7 +806,8 @@ def scenario_wine_shape(cfg: Config, impls: list[str], progress: Progress,
                                                         cfg.seed + rep,
                                                         int(cfg.wine_delay_us * 1e3), err)
                     if writers == ref.ffi.NULL:
-                        raise BenchError(f"cannot start writer threads: {os.strerror(err[0])}")
+                        raise BenchError(kernel.oserror(
+                            err[0], "cannot start writer threads").strerror)
                     try:
                         if isinstance(target, RawTarget):
                             calls, pages = _watch_loop_raw(target, cfg.wine_seconds, period, out)
@@ -849,11 +850,10 @@ def scenario_wine_shape(cfg: Config, impls: list[str], progress: Progress,
 
 def vm_pte_kib() -> int:
     """The process's page-table memory (VmPTE of /proc/self/status), in KiB."""
-    with open("/proc/self/status") as status:
-        match = re.search(r"^VmPTE:\s+(\d+) kB", status.read(), re.MULTILINE)
-    if not match:
+    kib = kernel.proc_status_field("VmPTE")  # "VmPTE:  124 kB"
+    if kib is None:
         raise BenchError("no VmPTE in /proc/self/status")
-    return int(match.group(1))
+    return int(kib)
 
 
 def scenario_reserve(cfg: Config, impls: list[str], progress: Progress) -> Scenario:

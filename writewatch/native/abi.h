@@ -197,7 +197,11 @@ int ww_index_update(uint64_t base, int64_t handle, const uint64_t *bounds, uint6
 int ww_index_set_writable(uint64_t base, uint64_t first, uint64_t last, int writable);
 int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                  uint64_t *out, uint64_t capacity);
+int64_t ww_index_get_write_watch_as(uint64_t flags, uint64_t base, uint64_t size,
+                                    uint64_t *out, uint64_t capacity, uint64_t origin,
+                                    unsigned shift);
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
 int ww_index_set_latched(uint64_t base, int latched);
+int ww_index_quiesce(uint64_t base);
 int ww_output_check(const void *out, uint64_t size);
 void ww_index_after_fork_child(void);

@@ -27,10 +27,16 @@
  * Writers are serialised by index_mutex (region create, release, commit,
  * decommit and protect).
  *
- * A call that found a region counts itself in the entry's users, and removing
- * the entry waits for them: a release returns only after every call scanning
- * the region has finished, so no call goes on scanning (and re-arming) its old
- * address range once another region may have been made there.
+ * A call counts itself in the entry of every region it uses (the one it
+ * scans, any holding its output array) before reading anything of it, and
+ * ww_index_quiesce waits for the calls counted before it began. A change is
+ * made in two steps: tell the index (new calls see it), quiesce, then change
+ * the memory. So no call scans (and re-arms) a released range a new region
+ * may own, walks pages being unregistered by a decommit (pagemap would read
+ * them written), stores into an output array made unwritable, or resets
+ * between a VirtualProtect's latch scan and its latch (the latched flag
+ * sends calls to the region's lock meanwhile). Two phases, flipped by each
+ * quiesce: it waits only for calls already counted, never for a quiet moment.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -59,8 +65,40 @@ struct index_entry {
     int latched; /* a VirtualProtect latched written pages: Python walks the region */
     struct index_spans *spans;    /* committed */
     struct ct_table writable; /* committed read-write spans: where an output array may lie */
-    int users; /* calls scanning this region now */
+    int users[2]; /* calls using this region now, in each phase */
+    int phase;    /* the phase new calls count themselves in */
+    int removed;  /* out of the table: a call that counted itself late backs out */
 };
+
+/* Count a call in the entry; everything the call reads of it comes after. */
+static int entry_enter(struct index_entry *entry)
+{
+    int phase = __atomic_load_n(&entry->phase, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&entry->users[phase], 1, __ATOMIC_SEQ_CST);
+    return phase;
+}
+
+static void entry_exit(struct index_entry *entry, int phase)
+{
+    __atomic_sub_fetch(&entry->users[phase], 1, __ATOMIC_SEQ_CST);
+}
+
+/*
+ * Wait for every call counted in the entry before now. A call that read the
+ * entry's old state counted itself before the change was stored, in either
+ * phase: the first wait drains the phase new calls do not use, the flip sends
+ * new calls there, the second drains the one they used. One quiesce per entry
+ * at a time (the region's lock serialises the changes).
+ */
+static void entry_quiesce(struct index_entry *entry)
+{
+    int phase = __atomic_load_n(&entry->phase, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&entry->users[1 - phase], __ATOMIC_SEQ_CST))
+        sched_yield();
+    __atomic_store_n(&entry->phase, 1 - phase, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&entry->users[phase], __ATOMIC_SEQ_CST))
+        sched_yield();
+}
 
 static struct ct_table index_table; /* entries by base */
 static uint64_t index_epoch;
@@ -177,13 +215,15 @@ int ww_index_remove(uint64_t base)
     struct index_entry *entry = find_locked(base);
     int result = entry ? ct_splice(&index_table, base, base + 1, NULL, 0, retire_block, NULL)
                        : -EINVAL;
+    if (!result)
+        __atomic_store_n(&entry->removed, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&index_mutex);
     if (result)
         return result;
-    /* No new call finds the entry now; wait for those that did. The entry is
-     * not retired yet, so it stays valid while we read its count. */
-    while (__atomic_load_n(&entry->users, __ATOMIC_SEQ_CST))
-        sched_yield();
+    /* No new call finds the entry now; wait for those that did (one that
+     * counts itself from now on sees removed and backs out). The entry is not
+     * retired yet, so it stays valid while we read its counts. */
+    entry_quiesce(entry);
     pthread_mutex_lock(&index_mutex);
     retire(entry->spans);
     retire_table(&entry->writable);
@@ -276,6 +316,23 @@ int ww_index_set_writable(uint64_t base, uint64_t first, uint64_t last, int writ
     return result;
 }
 
+/*
+ * Wait for every call on the region (scanning it, or storing its output into
+ * it) that began before now: after a change to the region's entry, before the
+ * memory changes. The caller holds the region's lock, so the entry is not
+ * removed meanwhile.
+ */
+int ww_index_quiesce(uint64_t base)
+{
+    pthread_mutex_lock(&index_mutex);
+    struct index_entry *entry = find_locked(base);
+    pthread_mutex_unlock(&index_mutex);
+    if (!entry)
+        return -EINVAL;
+    entry_quiesce(entry);
+    return 0;
+}
+
 /* Set while the region has latched pages (docs/semantics.md rule 11):
  * GetWriteWatch and ResetWriteWatch on it are then refused with
  * WW_REFUSED_LATCHED, after every other check, and regions.py serves them. */
@@ -312,39 +369,70 @@ static int covered(struct ct_table *spans, uint64_t start, uint64_t end)
 
 enum { OUTPUT_UNMANAGED, OUTPUT_MANAGED, OUTPUT_REFUSED };
 
+/* The regions an output buffer lies in, counted while the call stores into it. */
+#define OUTPUT_HOLD_MAX 64
+struct output_hold {
+    int count;
+    uint64_t phases; /* bit i: the phase entries[i] was counted in */
+    struct index_entry *entries[OUTPUT_HOLD_MAX];
+};
+
+static void output_release(struct output_hold *hold)
+{
+    for (int i = 0; i < hold->count; i++)
+        entry_exit(hold->entries[i], (int)(hold->phases >> i & 1));
+    hold->count = 0;
+}
+
 /*
  * An output buffer inside memory writewatch manages may have been made
- * read-only, inaccessible or decommitted after numpy's view of it was taken:
- * numpy still calls it writable, and a store would kill the process. Windows
- * answers ERROR_NOACCESS there. The answer comes from the index's read-write
- * spans, without touching the buffer: a probe that wrote every page would
- * mark every page of a watched buffer written. Memory writewatch does not
- * manage is numpy's to vouch for. Reader count held.
+ * read-only, inaccessible or decommitted after numpy's view of it was taken,
+ * or become so while the call runs: numpy still calls it writable, and a
+ * store would kill the process. Windows answers ERROR_NOACCESS there. The
+ * answer comes from the index's read-write spans, without touching the
+ * buffer (a probe that wrote every page would mark every page of a watched
+ * buffer written), and the call stays counted in each region the buffer lies
+ * in until output_release: a protection change or decommit of those regions
+ * quiesces, so the buffer stays writable until the call has stored into it.
+ * Memory writewatch does not manage is numpy's to vouch for. Reader count
+ * held. A buffer across more than OUTPUT_HOLD_MAX regions (each at least
+ * 64 KiB, all adjacent) is refused.
  */
-static int output_check(const struct ct_top *table, uint64_t out, uint64_t size)
+static int output_hold(const struct ct_top *table, uint64_t out, uint64_t size,
+                       struct output_hold *hold)
 {
     struct ct_pos pos;
+    hold->count = 0;
+    hold->phases = 0;
     if (size == 0 || !ct_first_ending_after(table, out, &pos))
         return OUTPUT_UNMANAGED;
     uint64_t end = out + size;
-    int managed = OUTPUT_UNMANAGED;
     do {
         struct index_entry *entry = ct_at(table, pos)->ptr;
         if (entry->base >= end)
             break;
+        if (hold->count == OUTPUT_HOLD_MAX) {
+            output_release(hold);
+            return OUTPUT_REFUSED;
+        }
+        hold->phases |= (uint64_t)entry_enter(entry) << hold->count;
+        hold->entries[hold->count++] = entry;
         uint64_t first = out > entry->base ? out : entry->base;
         uint64_t last = end < entry->end ? end : entry->end;
-        if (!covered(&entry->writable, first, last))
+        if (!covered(&entry->writable, first, last)) {
+            output_release(hold);
             return OUTPUT_REFUSED;
-        managed = OUTPUT_MANAGED;
+        }
     } while (ct_next(table, &pos));
-    return managed;
+    return hold->count ? OUTPUT_MANAGED : OUTPUT_UNMANAGED;
 }
 
 int ww_output_check(const void *out, uint64_t size)
 {
+    struct output_hold hold;
     int phase = reader_enter();
-    int verdict = output_check(ct_load(&index_table), (uint64_t)(uintptr_t)out, size);
+    int verdict = output_hold(ct_load(&index_table), (uint64_t)(uintptr_t)out, size, &hold);
+    output_release(&hold);
     reader_exit(phase);
     return verdict == OUTPUT_REFUSED ? -EFAULT : 0;
 }
@@ -354,12 +442,13 @@ int ww_output_check(const void *out, uint64_t size)
 /*
  * Windows' checks on a GetWriteWatch/ResetWriteWatch range, in the order of
  * docs/semantics.md rule 15 after the output array's: flags, size 0, then the
- * write-watch region holding the range rounded out to pages. Reader count held. On success *entry is the
- * region's entry and [*first, *last) the page-aligned range.
+ * write-watch region holding the range rounded out to pages. Reader count held.
+ * On success *entry is the region's entry, counted in *phase (entry_exit
+ * when done), and [*first, *last) the page-aligned range.
  */
 static int64_t watched_range(const struct ct_top *table, uint64_t flags, uint64_t base,
-                             uint64_t size, struct index_entry **entry, uint64_t *first,
-                             uint64_t *last)
+                             uint64_t size, struct index_entry **entry, int *phase,
+                             uint64_t *first, uint64_t *last)
 {
     if (flags & ~(uint64_t)1)
         return REFUSED(WW_REFUSED_FLAGS);
@@ -377,10 +466,15 @@ static int64_t watched_range(const struct ct_top *table, uint64_t flags, uint64_
         return REFUSED(WW_REFUSED_NOT_WATCHED);
     if (*last > (*entry)->end)
         return REFUSED(WW_REFUSED_LEAVES_REGION);
-    if (__atomic_load_n(&(*entry)->epoch, __ATOMIC_SEQ_CST) != index_epoch)
-        return REFUSED(WW_REFUSED_STALE);
-    __atomic_add_fetch(&(*entry)->users, 1, __ATOMIC_SEQ_CST);
-    return 0;
+    *phase = entry_enter(*entry);
+    int64_t refused = 0;
+    if (__atomic_load_n(&(*entry)->removed, __ATOMIC_SEQ_CST))
+        refused = REFUSED(WW_REFUSED_NOT_WATCHED); /* released: as if not found */
+    else if (__atomic_load_n(&(*entry)->epoch, __ATOMIC_SEQ_CST) != index_epoch)
+        refused = REFUSED(WW_REFUSED_STALE);
+    if (refused)
+        entry_exit(*entry, *phase);
+    return refused;
 }
 
 /*
@@ -389,17 +483,20 @@ static int64_t watched_range(const struct ct_top *table, uint64_t flags, uint64_
  * Returns the count, REFUSED(reason), or -(WW_INDEX_ERRNO_BASE + errno) for a
  * kernel failure.
  */
-int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
-                                 uint64_t *out, uint64_t capacity)
+static inline __attribute__((always_inline)) int64_t
+get_write_watch(uint64_t flags, uint64_t base, uint64_t size, uint64_t *out, uint64_t capacity,
+                uint64_t origin, unsigned shift)
 {
     struct index_entry *entry;
+    struct output_hold hold; /* not zeroed whole: this is the per-frame path */
+    hold.count = 0;
     uint64_t first, last;
-    int phase = reader_enter();
+    int entry_phase, phase = reader_enter();
     const struct ct_top *table = ct_load(&index_table);
-    int64_t result = watched_range(table, flags, base, size, &entry, &first, &last);
-    int counted = result == 0; /* watched_range counted this call in entry->users */
+    int64_t result = watched_range(table, flags, base, size, &entry, &entry_phase, &first, &last);
+    int counted = result == 0; /* watched_range counted this call in the entry */
     int output = result == 0
-        ? output_check(table, (uint64_t)(uintptr_t)out, capacity * sizeof *out)
+        ? output_hold(table, (uint64_t)(uintptr_t)out, capacity * sizeof *out, &hold)
         : OUTPUT_REFUSED;
     if (result == 0 && output == OUTPUT_REFUSED)
         result = REFUSED(WW_REFUSED_OUTPUT);
@@ -426,6 +523,8 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                              (int)flags, dest, room)
                 : ww_track_get_write_watch((uint64_t)handle, spans->bounds, spans->count, first, last,
                                            (int)flags, dest, room);
+            for (int64_t i = 0; (origin || shift) && i < n; i++)
+                dest[i] = (dest[i] - origin) >> shift;
             if (dest != out) {
                 if (n > 0)
                     memcpy(out, dest, (uint64_t)n * sizeof *out);
@@ -434,10 +533,29 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
             result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : n;
         }
     }
+    output_release(&hold);
     if (counted)
-        __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
+        entry_exit(entry, entry_phase);
     reader_exit(phase);
     return result;
+}
+
+int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
+                                 uint64_t *out, uint64_t capacity)
+{
+    return get_write_watch(flags, base, size, out, capacity, 0, 0);
+}
+
+/*
+ * GetWriteWatch with each address given as (address - origin) >> shift (an
+ * offset, a page index): converted before the store, so that the output array
+ * is stored into once, while the call holds it, never by a second pass after.
+ */
+int64_t ww_index_get_write_watch_as(uint64_t flags, uint64_t base, uint64_t size,
+                                    uint64_t *out, uint64_t capacity, uint64_t origin,
+                                    unsigned shift)
+{
+    return get_write_watch(flags, base, size, out, capacity, origin, shift);
 }
 
 /* ResetWriteWatch: the same checks, then every committed page re-armed. */
@@ -445,10 +563,10 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
 {
     struct index_entry *entry;
     uint64_t first, last;
-    int phase = reader_enter();
+    int entry_phase, phase = reader_enter();
     const struct ct_top *table = ct_load(&index_table);
-    int64_t result = watched_range(table, 0, base, size, &entry, &first, &last);
-    int counted = result == 0; /* watched_range counted this call in entry->users */
+    int64_t result = watched_range(table, 0, base, size, &entry, &entry_phase, &first, &last);
+    int counted = result == 0; /* watched_range counted this call in the entry */
     if (result == 0 && __atomic_load_n(&entry->latched, __ATOMIC_SEQ_CST))
         result = REFUSED(WW_REFUSED_LATCHED);
     if (result == 0) {
@@ -461,7 +579,7 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size)
         result = n < 0 ? -WW_INDEX_ERRNO_BASE + n : 0;
     }
     if (counted)
-        __atomic_sub_fetch(&entry->users, 1, __ATOMIC_SEQ_CST);
+        entry_exit(entry, entry_phase);
     reader_exit(phase);
     return result;
 }
@@ -475,8 +593,9 @@ void ww_index_after_fork_child(void)
     struct ct_top *top = index_table.top;
     struct ct_pos pos = { 0, 0 };
     if (top && top->count)
-        do
-            ((struct index_entry *)ct_at(top, pos)->ptr)->users = 0;
-        while (ct_next(top, &pos));
+        do {
+            struct index_entry *entry = ct_at(top, pos)->ptr;
+            entry->users[0] = entry->users[1] = 0;
+        } while (ct_next(top, &pos));
     index_epoch++;
 }
