@@ -99,6 +99,7 @@ def test_constants_read_as_names_and_stay_ints() -> None:
     for constant in (both, ww.PAGE_READWRITE, ww.ERROR_NOACCESS, ww.MEM_FREE):
         assert isinstance(constant, int)
         assert str(constant) == f"{constant}" == str(int(constant))
+        assert f"{constant:#x}" == hex(constant)  # 3.10's Enum.__format__ used str()
         assert json.dumps(constant) == str(int(constant))
         assert np.array([constant]).dtype.kind in "iu"
         assert int(ffi.cast("uint32_t", constant)) == int(constant)

@@ -6,18 +6,7 @@ A leaf module: regions.py raises with these codes and api.py re-exports them.
 import enum
 
 
-class _Named:
-    """str() and format() of a constant are its number, on every Python (3.11+
-    does this for IntEnum and IntFlag; 3.10 would print the class and name),
-    so messages and C-facing code see plain integers; repr() names it. ~ is
-    the integer's: a flag class would invert only within its own members
-    (~WRITE_WATCH_FLAG_RESET would be 0, and flags & ~RESET would pass 7)."""
-
-    __str__ = int.__repr__
-    __format__ = int.__format__
-
-
-class AllocationType(_Named, enum.IntFlag):
+class AllocationType(enum.IntFlag):
     """VirtualAlloc / VirtualFree allocation and free types."""
 
     # In this order, names are joined as Windows code writes them
@@ -38,14 +27,14 @@ class AllocationType(_Named, enum.IntFlag):
     MEM_LARGE_PAGES = 0x20000000
 
 
-class MemoryState(_Named, enum.IntEnum):
+class MemoryState(enum.IntEnum):
     """VirtualQuery's State and Type values that are not allocation types."""
 
     MEM_FREE = 0x10000
     MEM_PRIVATE = 0x20000
 
 
-class Protection(_Named, enum.IntFlag):
+class Protection(enum.IntFlag):
     """Page protections."""
 
     # writewatch supports these
@@ -64,13 +53,13 @@ class Protection(_Named, enum.IntFlag):
     PAGE_WRITECOMBINE = 0x400
 
 
-class WriteWatchFlag(_Named, enum.IntFlag):
+class WriteWatchFlag(enum.IntFlag):
     """GetWriteWatch's flags."""
 
     WRITE_WATCH_FLAG_RESET = 0x01
 
 
-class ErrorCode(_Named, enum.IntEnum):
+class ErrorCode(enum.IntEnum):
     """GetLastError codes."""
 
     ERROR_SUCCESS = 0
@@ -81,9 +70,16 @@ class ErrorCode(_Named, enum.IntEnum):
     ERROR_NOACCESS = 998
 
 
-for _flags in (AllocationType, Protection, WriteWatchFlag):
-    # Set after the class is made: the enum machinery installs Flag's own ~.
-    _flags.__invert__ = int.__invert__  # type: ignore[method-assign,assignment]
+# str() and format() of a constant are its number on every Python (3.11+ does
+# this for IntEnum and IntFlag; 3.10 would print "Protection.PAGE_READWRITE"),
+# so messages and C-facing code see plain integers, while repr() names it. ~
+# is the integer's: a flag class inverts only within its own members
+# (~WRITE_WATCH_FLAG_RESET would be 0, and flags & ~RESET would let 7 pass).
+# Set after the classes are made: the enum machinery installs its own.
+for _constants in (AllocationType, MemoryState, Protection, WriteWatchFlag, ErrorCode):
+    _constants.__str__ = int.__repr__  # type: ignore[method-assign]
+    _constants.__format__ = int.__format__  # type: ignore[method-assign]
+    _constants.__invert__ = int.__invert__  # type: ignore[method-assign]
 
 # The Windows names at module level, as the SDK spells them (still ints: numpy,
 # cffi and ctypes take them as they are).
