@@ -207,6 +207,7 @@ def test_demo_lists_the_examples_and_refuses_others():
 
 OWN_PROGRAM = r"""
 #include <stdio.h>
+#include <stdlib.h>
 #include <windows.h>
 
 int main(int argc, char **argv)
@@ -226,6 +227,10 @@ int main(int argc, char **argv)
         return 1;
     printf("%s: %lu page(s), page %ld\n", argc > 1 ? argv[1] : "", (unsigned long)count,
            count ? (long)(((char *)addresses[0] - base) / 4096) : -1L);
+    /* What the library set up for the embedded interpreter is not left to
+       the program's own children. */
+    printf("PYTHONHOME %s, PYTHONPATH %s\n", getenv("PYTHONHOME") ? "set" : "unset",
+           getenv("PYTHONPATH") ? "set" : "unset");
     return VirtualFree(base, 0, MEM_RELEASE) ? 0 : 1;
 }
 """
@@ -259,6 +264,10 @@ def test_libwinshim_imports_the_writewatch_it_was_built_from():
 @needs_a_compiler
 @pytest.mark.any_backend
 def test_your_own_c_program_runs_without_pythonpath_or_ld_library_path(tmp_path):
+    """From any virtual environment: the embedded interpreter is the base one,
+    whose site-packages may lack cffi (fails there without the library's
+    constructor handing it the import paths; CI runs this on 3.10, 3.12 and
+    3.13, whose base interpreters have no cffi)."""
     source = tmp_path / "prog.c"
     source.write_text(OWN_PROGRAM)
     env = {key: value for key, value in os.environ.items()
@@ -270,6 +279,7 @@ def test_your_own_c_program_runs_without_pythonpath_or_ld_library_path(tmp_path)
         pytest.skip("no shared libpython: a C program cannot embed Python here")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "hello: 1 page(s), page 5" in result.stdout
+    assert "PYTHONHOME unset, PYTHONPATH unset" in result.stdout
     flags = subprocess.run([sys.executable, build_py, "--flags"], capture_output=True,
                            text=True, timeout=300, env=env, cwd=tmp_path)
     assert flags.returncode == 0 and "-lwinshim" in flags.stdout and "-rpath" in flags.stdout
