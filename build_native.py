@@ -9,6 +9,8 @@ prototype, read both as the cdef and by the C compiler, so each struct is
 declared once), syscalls.c (system-call wrappers), pagemap.c (PAGEMAP_SCAN
 scans), memwatch.c (process_memwatch on any memory), tracking*.c (the fallback
 backends' per-page state, by concern: tracking.h says which file holds what),
+foreign.c and foreign_maps.c (process_memwatch over memory writewatch did not
+allocate, on the fallbacks: the kernel's mappings and pagemap read per call),
 index.c (the native index behind one-call GetWriteWatch/ResetWriteWatch) and
 ctable.h (the lock-free sorted table both of those keep their items in).
 
@@ -29,7 +31,7 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "writewatch" / "native"
 SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "tracking_arming.c",
-           "tracking_scan.c", "tracking_faults.c", "index.c"]
+           "tracking_scan.c", "tracking_faults.c", "index.c", "foreign.c", "foreign_maps.c"]
 # libprocess_memwatch (process_memwatch.h): the proposal's C entry point, pure C
 # from the same sources; only process_memwatch is exported.
 LIBRARY = "process_memwatch"

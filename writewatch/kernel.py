@@ -64,13 +64,19 @@ MAP_FIXED_NOREPLACE = 0x100000
 MADV_POPULATE_WRITE = 23  # Linux 5.14
 
 
+def errno_words(err: int) -> str:
+    """What an errno value means (the one decoder's wording, also for messages
+    that name a kernel errno they do not raise)."""
+    return os.strerror(err)
+
+
 def oserror(err: int, message: str, *, cause: int = 0) -> OSError:
     """The one decoder of errno values. OSError(errno, ...) picks the matching
     subclass (ProcessLookupError for ESRCH, PermissionError for EPERM, ...);
     the message is the call's own wording, then what the errno means. A call
     that reports a failure under another errno (process_memwatch's EIO) passes
     the kernel's as cause: its meaning is what the message says."""
-    return OSError(err, f"{message}: {os.strerror(cause or err)}")
+    return OSError(err, f"{message}: {errno_words(cause or err)}")
 
 
 def check(result: int, what: str) -> int:

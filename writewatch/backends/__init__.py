@@ -30,8 +30,22 @@ BACKEND_ENV = "WRITEWATCH_BACKEND"
 
 log = logging.getLogger("writewatch")
 
+
+def _release_from_pagemap(start: int, end: int) -> bool:
+    """Have the pagemap backend stop watching [start, end) if it runs here (the
+    uffd backend met its registration: EBUSY)."""
+    if backend_status().get("pagemap"):
+        return False
+    try:
+        _backends["pagemap"].memwatch_unwatch(start, end)
+    except OSError:
+        return False
+    return True
+
+
 _backends: dict[str, kernel.Backend] = {
-    each.name: each for each in (PagemapBackend(), UffdBackend(), MprotectBackend())
+    each.name: each for each in (PagemapBackend(), UffdBackend(_release_from_pagemap),
+                                 MprotectBackend())
 }
 _lock = threading.Lock()
 _unavailable: dict[str, str] | None = None

@@ -116,8 +116,8 @@ def refusal_text(why: Any) -> str:
                 "device memory keeps no write state), or it was mapped during the call")
     if why.err == -errno.EAGAIN:
         return f"{where}: the mappings kept changing during the call"
-    return str(oserror(-why.err, f"{where} cannot be watched: the kernel refused to "
-                                 "register it for write-protect").strerror)
+    return (f"{where} cannot be watched: the kernel refused to register it for "
+            f"write-protect ({kernel.errno_words(-why.err)})")
 
 
 def memwatch_scan(pagemap_fd: int, start: int, end: int, get: bool, clear: bool, out: Any,

@@ -8,7 +8,9 @@ that the faulting thread may hold.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from writewatch import kernel
@@ -17,7 +19,7 @@ from writewatch.backends import _tracked
 if TYPE_CHECKING:
     from writewatch.kernel import Capabilities
 
-from writewatch.kernel import check, lib
+from writewatch.kernel import check, lib, oserror
 
 
 class _Descriptor(kernel.PerProcess):
@@ -44,6 +46,7 @@ class _Descriptor(kernel.PerProcess):
                       | offered & (lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_THREAD_ID))
             self.features = kernel.uffd_enable_features(uffd, wanted) & wanted
             check(lib.ww_uffd_handler_start(uffd), "pthread_create")
+            lib.ww_memwatch_use_uffd(uffd, self.features)
         except OSError:
             os.close(uffd)
             raise
@@ -59,8 +62,12 @@ class UffdBackend(kernel.Backend):
     summary = "userfaultfd write-protect + handler thread (native)"
     preference = 2
 
-    def __init__(self) -> None:
+    def __init__(self, release_foreign: Callable[[int, int], bool] | None = None) -> None:
         self.descriptor = _Descriptor()
+        # Has the backend that registered [start, end) with userfaultfd before
+        # (pagemap) stop watching it: True if it did. The registry supplies it,
+        # so this backend knows no other.
+        self.release_foreign = release_foreign
 
     def unavailable_reason(self, caps: Capabilities) -> str:
         if not caps.userfaultfd:
@@ -89,10 +96,20 @@ class UffdBackend(kernel.Backend):
 
     def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        return _tracked.foreign_memwatch(self.name, start, end)
+        self.descriptor.get()  # this process's descriptor and handler thread
+        result = _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
+        if (result == -errno.EBUSY and self.release_foreign is not None
+                and self.release_foreign(start, end)):
+            # The pagemap backend watched this memory (freed since and reused,
+            # or watched through both): it stops, and this backend starts afresh.
+            result = _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
+        if result == -errno.EBUSY:
+            raise oserror(errno.EINVAL, _tracked.refusal_reason("process_memwatch"))
+        return result
 
     def memwatch_unwatch(self, start: int, end: int) -> None:
-        pass  # nothing of foreign memory is watched here yet
+        self.descriptor.get()
+        _tracked.memwatch_unwatch(lib.WW_MODE_UFFD, start, end)
 
 
 class _UffdWatcher(_tracked.TrackedWatcher):

@@ -60,19 +60,28 @@ typedef void (*ct_retire_fn)(void *memory, void *context);
 struct ct_retired {
     struct ct_retired *next;
     void *memory;
+    void (*release)(void *memory); /* how to free it; NULL: free() */
 };
 
-/* Keep memory on *list: 0, or -1 if no node could be allocated (then the
- * memory leaks rather than being freed under a reader). */
-static inline int ct_retired_push(struct ct_retired **list, void *memory)
+/* Keep memory, to be freed by release (NULL: free()), on *list: 0, or -1 if
+ * no node could be allocated (then the memory leaks rather than being freed
+ * under a reader). */
+static inline int ct_retired_push_release(struct ct_retired **list, void *memory,
+                                          void (*release)(void *memory))
 {
     struct ct_retired *node = malloc(sizeof *node);
     if (!node)
         return -1;
     node->memory = memory;
+    node->release = release;
     node->next = *list;
     *list = node;
     return 0;
+}
+
+static inline int ct_retired_push(struct ct_retired **list, void *memory)
+{
+    return ct_retired_push_release(list, memory, NULL);
 }
 
 /* Free everything on *list and empty it. */
@@ -81,7 +90,10 @@ static inline void ct_retired_free(struct ct_retired **list)
     while (*list) {
         struct ct_retired *node = *list;
         *list = node->next;
-        free(node->memory);
+        if (node->release)
+            node->release(node->memory);
+        else
+            free(node->memory);
         free(node);
     }
 }
@@ -122,13 +134,19 @@ static inline int ct_grace_exit(struct ct_grace *g, int phase)
            __atomic_load_n(&g->pending, __ATOMIC_SEQ_CST);
 }
 
-/* Keep memory until no reader may hold it (ct_retire_fn-shaped; NULL is
+/* Keep memory until no reader may hold it, then free it with release (NULL:
+ * free(); ct_grace_retire is the ct_retire_fn-shaped form; NULL memory is
  * ignored). Caller's mutex held. */
+static inline void ct_grace_retire_release(void *memory, struct ct_grace *g,
+                                           void (*release)(void *memory))
+{
+    if (memory && !ct_retired_push_release(&g->now, memory, release))
+        __atomic_store_n(&g->pending, 1, __ATOMIC_SEQ_CST);
+}
+
 static inline void ct_grace_retire(void *memory, void *grace)
 {
-    struct ct_grace *g = grace;
-    if (memory && !ct_retired_push(&g->now, memory))
-        __atomic_store_n(&g->pending, 1, __ATOMIC_SEQ_CST);
+    ct_grace_retire_release(memory, grace, NULL);
 }
 
 /* Free what no reader can reach any more, flipping the phase (at most twice).

@@ -190,36 +190,91 @@ static void share_one_anon_vma(uint64_t start, uint64_t length)
     mprotect(p, length, PROT_NONE);
 }
 
+/* A range's struct is written by the fault path, so it gets a mapping of its
+ * own, never a malloc heap page that process_memwatch may arm (foreign.c asks
+ * ww_track_internal_overlaps to keep such pages out). Freed after the grace
+ * period like table memory, by range_release instead of free(). */
+static struct track_range *range_alloc(void)
+{
+    void *r = mmap(NULL, sizeof(struct track_range), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return r == MAP_FAILED ? NULL : r;
+}
+
+static void range_release(void *r)
+{
+    munmap(r, sizeof(struct track_range));
+}
+
+#define TRACK_ATTACH_TRIES 1000
+
+/* Are the ranges overlapping [start, end) all foreign.c's spans?
+ * track_slots_mutex held. */
+static int only_foreign_overlap(const struct ct_top *top, uint64_t start, uint64_t end)
+{
+    struct ct_pos pos;
+    if (!ct_first_ending_after(top, start, &pos))
+        return 0;
+    do {
+        const struct ct_item *item = ct_at(top, pos);
+        if (item->start >= end)
+            break;
+        if (!((const struct track_range *)item->ptr)->foreign)
+            return 0;
+    } while (ct_next(top, &pos));
+    return 1;
+}
+
 int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
 {
-    struct track_range *r = calloc(1, sizeof *r);
+    struct track_range *r = range_alloc();
     if (!r)
         return -ENOMEM;
+    int foreign = mode & WW_TRACK_FOREIGN; /* memory writewatch did not map: keep its data */
+    mode &= ~WW_TRACK_FOREIGN;
     r->start = start;
     r->end = start + length;
     r->mode = mode;
+    r->foreign = foreign;
     r->state_size = (length / WW_PAGE_SIZE + WW_PAGE_SIZE - 1) & ~(uint64_t)(WW_PAGE_SIZE - 1);
     void *state = mmap(NULL, r->state_size, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (state == MAP_FAILED) {
-        free(r);
+        range_release(r);
         return -ENOMEM;
     }
     r->state = state;
-    if (mode == WW_MODE_MPROTECT)
-        share_one_anon_vma(start, length);
     struct ct_item item = { .start = r->start, .end = r->end, .ptr = r };
-    pthread_mutex_lock(&track_slots_mutex);
-    int result = length == 0 || ct_overlaps(track_table.top, r->start, r->end) ? -EEXIST
-        : ct_splice(&track_table, r->start, r->start + 1, &item, 1, ct_grace_retire,
-                    &track_grace);
-    ct_grace_reclaim(&track_grace);
-    pthread_mutex_unlock(&track_slots_mutex);
+    int result;
+    for (int tries = 0;; tries++) {
+        if (!foreign) /* a new reservation replaces whatever was watched there */
+            ww_memwatch_evict(r->start, r->end);
+        pthread_mutex_lock(&track_slots_mutex);
+        int overlaps = ct_overlaps(track_table.top, r->start, r->end);
+        /* process_memwatch in another thread may have watched the new
+         * reservation as foreign memory after the eviction, before it is a
+         * region: evict again (it sees the region once it is in the table). */
+        int again = overlaps && !foreign && tries < TRACK_ATTACH_TRIES &&
+                    only_foreign_overlap(track_table.top, r->start, r->end);
+        result = length == 0 || overlaps ? -EEXIST
+            : ct_splice(&track_table, r->start, r->start + 1, &item, 1, ct_grace_retire,
+                        &track_grace);
+        ct_grace_reclaim(&track_grace);
+        pthread_mutex_unlock(&track_slots_mutex);
+        if (!again)
+            break;
+        sched_yield();
+    }
     if (result) {
         munmap(state, r->state_size);
-        free(r);
+        range_release(r); /* never in the table: no reader can hold it */
         return result;
     }
+    /* Only now that the region is in the table: before, process_memwatch in
+     * another thread could take the fresh reservation for foreign memory and
+     * arm the page this writes (a crash), or leave it readable. */
+    if (mode == WW_MODE_MPROTECT && !foreign)
+        share_one_anon_vma(start, length);
     return (int64_t)start;
 }
 
@@ -244,22 +299,60 @@ int ww_track_detach(uint64_t handle)
         sched_yield();
     munmap(r->state, r->state_size); /* read only under a count */
     pthread_mutex_lock(&track_slots_mutex);
-    ct_grace_retire(r, &track_grace); /* a lookup may still hold it */
+    ct_grace_retire_release(r, &track_grace, range_release); /* a lookup may still hold it */
     ct_grace_reclaim(&track_grace);
     pthread_mutex_unlock(&track_slots_mutex);
     return 0;
 }
 
-/* The mode (WW_MODE_MPROTECT or WW_MODE_UFFD) of the range holding address,
- * or -ENOENT. */
+/* The mode (WW_MODE_MPROTECT or WW_MODE_UFFD) of the region's range holding
+ * address, or -ENOENT (also for foreign.c's spans: they are no region). */
 int ww_track_mode_at(uint64_t address)
 {
     struct track_range *r = range_enter_at(address);
     if (!r)
         return -ENOENT;
-    int mode = r->mode;
+    int mode = r->foreign ? -ENOENT : r->mode; /* regions only */
     range_exit(r);
     return mode;
+}
+
+static int spans_overlap(uint64_t a, uint64_t b, uint64_t lo, uint64_t hi)
+{
+    return a < hi && lo < b;
+}
+
+/* Does [start, end) hold memory the fault path writes (a range's struct or
+ * state, the uffd handler thread's stack)? Arming it would make the fault path
+ * fault on itself. Whole pages count. */
+int ww_track_internal_overlaps(uint64_t start, uint64_t end)
+{
+    const uint64_t mask = WW_PAGE_SIZE - 1;
+    int found = spans_overlap(start, end, __atomic_load_n(&track_handler_stack[0], __ATOMIC_ACQUIRE),
+                              __atomic_load_n(&track_handler_stack[1], __ATOMIC_ACQUIRE));
+    pthread_mutex_lock(&track_slots_mutex);
+    struct ct_top *top = track_table.top;
+    struct ct_pos pos = { 0, 0 };
+    if (!found && top && top->count)
+        do {
+            const struct track_range *r = ct_at(top, pos)->ptr;
+            uint64_t at = (uint64_t)(uintptr_t)r, state = (uint64_t)(uintptr_t)r->state;
+            found = spans_overlap(start, end, at & ~mask, (at + sizeof *r + mask) & ~mask) ||
+                    spans_overlap(start, end, state, state + r->state_size);
+        } while (!found && ct_next(top, &pos));
+    pthread_mutex_unlock(&track_slots_mutex);
+    return found;
+}
+
+/* The state bytes of npages pages from address, in one counted access. */
+int ww_track_states(uint64_t handle, uint64_t address, uint64_t npages, uint8_t *out)
+{
+    struct track_range *r = range_enter_span(handle, address, npages * WW_PAGE_SIZE);
+    if (!r)
+        return -EINVAL;
+    memcpy(out, r->state + (address - r->start) / WW_PAGE_SIZE, npages);
+    range_exit(r);
+    return 0;
 }
 
 int ww_track_state(uint64_t handle, uint64_t address)

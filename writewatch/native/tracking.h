@@ -45,7 +45,9 @@
  * a fault, is counted in that range's users, and detach waits for those only:
  * a release never waits for calls on other regions. Table memory an update
  * replaced, and the range itself, are freed after a grace period (ct_grace)
- * that covers only the lookup, so it ends under constant traffic too.
+ * that covers only the lookup, so it ends under constant traffic too. A range
+ * struct has a mapping of its own (never a heap page process_memwatch might
+ * arm: the fault path writes it), unmapped when its grace period ends.
  */
 #ifndef WW_TRACKING_H
 #define WW_TRACKING_H
@@ -84,6 +86,7 @@ struct track_range {
     uint8_t *state;
     uint64_t state_size;
     int mode;
+    int foreign;                              /* foreign.c's: memory no region holds */
     int users;                                /* counted native accesses (range_enter) */
     int detached;                             /* out of the table: no new access */
     int lock;                                 /* 0 free, 1 held, 2 held, sleepers */
@@ -100,6 +103,7 @@ extern struct ct_grace track_grace;   /* table memory and ranges replaced */
 extern int track_sync_uffd;           /* this process's uffd of the uffd backend */
 extern int track_blocked[TRACK_BLOCKED_MAX]; /* threads stopped in the fault path */
 extern size_t track_waiting_count;    /* uffd faults queued for a lock */
+extern uint64_t track_handler_stack[2]; /* the uffd handler thread's [low, high) */
 
 /* tracking.c: threads, range locks, the deferred list, counted access */
 int this_thread(void);

@@ -403,12 +403,31 @@ static pthread_t uffd_handler_thread;
 static int uffd_handler_running;
 static int uffd_handler_stop_fd = -1; /* eventfd: ends the handler's poll */
 static pid_t uffd_handler_tid;
+uint64_t track_handler_stack[2]; /* the uffd handler thread's [low, high) */
+
+/* Record this thread's stack: process_memwatch must not arm it (the handler
+ * would fault on its own stack, with no one left to resolve the fault). */
+static void record_handler_stack(void)
+{
+    pthread_attr_t self;
+    void *stack;
+    size_t stack_size;
+    if (pthread_getattr_np(pthread_self(), &self))
+        return;
+    if (!pthread_attr_getstack(&self, &stack, &stack_size)) {
+        __atomic_store_n(&track_handler_stack[0], (uint64_t)(uintptr_t)stack, __ATOMIC_RELEASE);
+        __atomic_store_n(&track_handler_stack[1], (uint64_t)(uintptr_t)stack + stack_size,
+                         __ATOMIC_RELEASE);
+    }
+    pthread_attr_destroy(&self);
+}
 
 static void *uffd_handler_main(void *arg)
 {
     int uffd = (int)(intptr_t)arg;
     struct uffd_msg messages[64];
     __atomic_store_n(&uffd_handler_tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
+    record_handler_stack();
     for (;;) {
         /* Faults waiting for a lock are tried again after a short nap. */
         struct timespec nap = { .tv_sec = 0, .tv_nsec = TRACK_LOCK_NAP_NS };
