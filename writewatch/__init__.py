@@ -45,6 +45,7 @@ from writewatch.api import (
     region_info,
 )
 from writewatch.backends import BackendName
+from writewatch.buffers import WatchedBuffer, aligned_empty
 from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
     ERROR_INVALID_PARAMETER,
@@ -145,8 +146,10 @@ __all__ = [
     "VirtualFree",
     "VirtualProtect",
     "VirtualQuery",
+    "WatchedBuffer",
     "WatchedMemory",
     "WriteWatchError",
+    "aligned_empty",
     "as_array",
     "last_error_reason",
     "prepare_kernel_write",
