@@ -1045,6 +1045,8 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
                     f"no per-page Python objects ({impl}): heap peak of a call at 0%/100%",
                     max(peak), "flat (< 4 KiB)", max(peak) < 4 * KiB,
                     " / ".join(f"{v:.0f} B" for v in peak)))
+    if report.scenario(7) is not None:
+        targets += _buffers().targets(report, cfg)
     return targets
 
 
@@ -1068,6 +1070,11 @@ def _thread_count() -> int:
 def _scale() -> ModuleType:
     from writewatch.bench import scale  # imports this module
     return scale
+
+
+def _buffers() -> ModuleType:
+    from writewatch.bench import buffers  # imports this module
+    return buffers
 
 
 def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
@@ -1107,6 +1114,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         4: lambda: scenario_wine_shape(cfg, impls, progress, floors),
         5: lambda: scenario_reserve(cfg, impls, progress),
         6: lambda: _scale().scenario(cfg, backends, progress),  # opt-in: bench/scale.py
+        7: lambda: _buffers().scenario(cfg, backends, impls, progress),  # opt-in: buffers.py
     }
     started = time.monotonic()
     try:
@@ -1289,8 +1297,10 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                                 "writing while GetWriteWatch polls), "
                                                 "5 reserve-heavy (a huge reservation, "
                                                 "little committed); 6 scale (100k live "
-                                                "regions, 32k protection runs) runs only "
-                                                "when named"}),
+                                                "regions, 32k protection runs) and 7 what "
+                                                "changed in a numpy array (WatchedBuffer "
+                                                "against compare and hash) run only when "
+                                                "named"}),
     ("--backends", {"metavar": "LIST", "help": "which backends, e.g. pagemap,mprotect "
                                                "(default: every one available)"}),
     ("--repetitions", {"type": int, "metavar": "N", "help": "repetitions per measurement "
@@ -1339,8 +1349,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config.quick() if args.quick else Config()
     if args.scenarios:
         cfg.scenarios = _int_list(args.scenarios, "--scenarios")
-        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6}:
-            raise BenchError("--scenarios are numbered 1 to 6 (6, scale, only when named)")
+        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6, 7}:
+            raise BenchError("--scenarios are numbered 1 to 7 (6 and 7 only when named)")
     if args.backends:
         cfg.backends = tuple(name.strip() for name in args.backends.split(","))
     if args.repetitions is not None:
