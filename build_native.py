@@ -15,7 +15,7 @@ from pathlib import Path
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent / "writewatch" / "native"
-SOURCES = ["syscalls.c", "pagemap.c", "tracking.c", "index.c"]
+SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "index.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef((NATIVE / "abi.h").read_text())

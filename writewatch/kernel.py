@@ -321,14 +321,31 @@ class Backend:
         """Called in a forked child: drop descriptors that belong to the parent."""
 
     def watches(self, address: int) -> bool:
-        """Does this backend watch the memory at address in this process?"""
+        """Does this backend watch the write-watch region memory at address?"""
         raise NotImplementedError
 
-    def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
-                         capacity: int) -> int:
-        """process_memwatch on [start, end) of this process, which this backend
+    def region_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+                        capacity: int) -> int:
+        """process_memwatch on [start, end) of a write-watch region this backend
         watches (memwatch.py checked the arguments): EINVAL unless all of it is
-        watched memory."""
+        committed, watched memory (docs/semantics.md rule M12)."""
+        raise NotImplementedError
+
+    def process_memwatch(self, start: int, end: int, flags: int, out: Any,
+                         capacity: int) -> int:
+        """process_memwatch (rules M13-M20) on [start, end) of this process,
+        memory that no write-watch region holds: the first GET or CLEAR starts
+        watching it. start and end are page aligned inside user space and flags
+        valid (memwatch.py checked them); out is a uint64_t * with room for
+        capacity offsets (NULL without GET). Returns the count, or -errno for
+        memwatch.py to decode; a mapping that cannot be watched raises
+        OSError(EINVAL) naming it, before anything is read or cleared."""
+        raise NotImplementedError
+
+    def memwatch_unwatch(self, start: int, end: int) -> None:
+        """Stop watching [start, end) of memory process_memwatch watched,
+        leaving its contents and protection as they were; it then reads as
+        never watched (rule M19)."""
         raise NotImplementedError
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from writewatch import backends, index
 from writewatch.backends.pagemap import memwatch_scan
-from writewatch.kernel import PAGE_MASK, ffi, oserror
+from writewatch.kernel import PAGE_MASK, ffi, lib, oserror
 
 
 class MemwatchFlags(IntFlag):
@@ -84,48 +84,73 @@ def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
     return ffi.from_buffer("uint64_t[]", vec), vec_len
 
 
+# Words for ww_memwatch_args' refusals (all EINVAL, rule M11).
+_BAD_ARGUMENTS = {
+    lib.WW_MEMWATCH_BAD_FLAGS: "invalid process_memwatch flags {flags!r}",
+    lib.WW_MEMWATCH_NO_VEC: "GET needs a vec with room",
+    lib.WW_MEMWATCH_UNALIGNED: "start {start:#x} is not page aligned",
+    lib.WW_MEMWATCH_NEGATIVE_LENGTH: "negative length {length}",
+    lib.WW_MEMWATCH_PAST_USER_SPACE: "[{start:#x}, +{length:#x}) reaches past the end of "
+                                     "user space",
+}
+_INT64_MAX = (1 << 63) - 1
+
+
+def _checked_range(start: int, length: int, flags: int, vec_len: int) -> int:
+    """The page-aligned end of [start, start+length), or EINVAL: the checks are
+    native/memwatch.c's, the same for Python and for C callers."""
+    end = ffi.new("uint64_t *")
+    bad = lib.WW_MEMWATCH_PAST_USER_SPACE
+    if 0 <= start < 1 << 64 and flags < 1 << 32:
+        bad = lib.ww_memwatch_args(start, min(length, _INT64_MAX), flags, vec_len, end)
+    elif flags >= 1 << 32:
+        bad = lib.WW_MEMWATCH_BAD_FLAGS
+    if bad:
+        raise oserror(errno.EINVAL, _BAD_ARGUMENTS[bad].format(flags=flags, start=start,
+                                                                length=length))
+    return int(end[0])
+
+
 def process_memwatch(pidfd: int, start: int, length: int, flags: int,
                      vec: np.ndarray | None = None, vec_len: int | None = None) -> int:
-    """process_memwatch (rules M1-M12), on whichever backend watches the range.
+    """process_memwatch, the proposed system call (rules M1-M20), on any memory
+    of the calling process or, through a pidfd, on another process's.
 
-    pidfd 0 (or a pidfd of the caller) is the calling process, on any backend;
-    otherwise a pidfd (os.pidfd_open) of a process the caller may ptrace-read,
-    served through its /proc/PID/pagemap (pagemap backend only: the fallbacks
-    keep their state in the target's own memory). MEMWATCH_SD_GET writes the byte offsets from start
-    of the written pages of [start, start+length) into vec (numpy int64),
-    ascending, and stops when vec_len entries are filled; with MEMWATCH_SD_CLEAR
-    too, exactly the reported pages are re-armed in the same step and nothing past
-    the stop is cleared. CLEAR alone re-arms the whole range. Returns the number
-    of offsets written.
+    pidfd 0 (or a pidfd of the caller) is the calling process: any of its
+    memory (an mmap, the malloc heap, a numpy array's buffer, transparent
+    huge pages, shared memory) on whichever backend is selected, and memory of
+    a write-watch region (VirtualAlloc with MEM_WRITE_WATCH) on its region's
+    backend. The first GET or CLEAR on memory never watched starts watching
+    it; until its first CLEAR it reads all written, or with
+    MEMWATCH_SD_NO_REUSED_REGIONS only the pages written since it was mapped.
+    Unmapped holes hold nothing. A mapping that cannot be watched (the vdso,
+    VM_PFNMAP device memory, ...) fails with EINVAL naming it, before anything
+    is read or cleared. Another process (a pidfd from os.pidfd_open, which the
+    caller may ptrace-read) is served through its /proc/PID/pagemap, on memory
+    that process watches (pagemap backend).
 
-    Memory that is not being watched is never reported clean: a range that
-    touches a mapping not registered for write watch fails with EINVAL before
-    anything is read or cleared. Unmapped gaps hold no pages and report nothing.
-    MEMWATCH_SD_NO_REUSED_REGIONS is accepted and has no effect: async
-    write-protect has no per-mapping dirty flag to ignore.
+    MEMWATCH_SD_GET writes the byte offsets from start of the written pages of
+    [start, start+length) into vec (numpy int64), ascending, and stops when
+    vec_len entries are filled; with MEMWATCH_SD_CLEAR too, exactly the
+    reported pages are re-armed in the same step and nothing past the stop is
+    cleared. CLEAR alone re-arms the whole range. Returns the number of offsets
+    written.
 
-    Errors (OSError): EINVAL (bad flags, unaligned start, negative length, GET
-    without room or with a vec in memory that cannot be written, range not
-    watched), ESRCH (the process is gone or may not be inspected), EIO (the
-    kernel failed the scan). A non-integer argument raises TypeError.
+    Errors (OSError): EINVAL (bad flags, unaligned start, negative length, a
+    range past the end of user space, GET without room or with a vec in memory
+    that cannot be written, a mapping that cannot be watched), ESRCH (the
+    process is gone or may not be inspected), EIO (the kernel failed the scan).
+    A non-integer argument raises TypeError.
     """
     # numpy integers are integers too, but their fixed-width arithmetic would wrap.
     pidfd, start, length, flags = (operator.index(each) for each in (pidfd, start, length, flags))
     if vec_len is not None:
         vec_len = operator.index(vec_len)
-    if (flags & ~_MEMWATCH_ALL
-            or not flags & (MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR)):
-        raise oserror(errno.EINVAL, f"invalid process_memwatch flags {flags!r}")
-    if start < 0 or start & PAGE_MASK:
-        raise oserror(errno.EINVAL, f"start {start:#x} is not page aligned")
-    if length < 0:
-        raise oserror(errno.EINVAL, f"negative length {length}")
-    end = start + ((length + PAGE_MASK) & ~PAGE_MASK)
-    if end >= 1 << 64:
-        raise oserror(errno.EINVAL, "range wraps the address space")
     get = bool(flags & MEMWATCH_SD_GET)
-    clear = bool(flags & MEMWATCH_SD_CLEAR)
+    if flags & ~_MEMWATCH_ALL or not flags & (MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR):
+        raise oserror(errno.EINVAL, f"invalid process_memwatch flags {flags!r}")
     out, capacity = _vec_pointer(vec, vec_len) if get else (ffi.NULL, 0)
+    end = _checked_range(start, length, flags, capacity)
     if end == start:
         return 0
 
@@ -134,16 +159,35 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
     if pidfd != 0:
         fd = _target_pagemap(pidfd)
         try:
-            return _memwatch_check(memwatch_scan(fd, start, end, get, clear, out, capacity))
+            return _memwatch_check(memwatch_scan(fd, start, end, get, bool(
+                flags & MEMWATCH_SD_CLEAR), out, capacity))
         finally:
             os.close(fd)
-    # The tracked backends know their ranges; the pagemap backend, asked last,
-    # lets the kernel say whether the range is registered.
-    for each in backends.available_backends()[::-1]:
-        if each.watches(start):
-            return _memwatch_check(each.process_memwatch(start, end, get, clear, out,
-                                                         capacity))
-    raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not watched memory")
+    if lib.ww_index_overlaps(start, end):
+        # Memory of write-watch regions keeps the regions' rules (M12): the
+        # tracked backends know their ranges; the pagemap backend, asked last,
+        # lets the kernel say whether the range is registered.
+        clear = bool(flags & MEMWATCH_SD_CLEAR)
+        for each in backends.available_backends()[::-1]:
+            if each.watches(start):
+                return _memwatch_check(each.region_memwatch(start, end, get, clear, out,
+                                                            capacity))
+        raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not watched memory")
+    return _memwatch_check(backends.backend().process_memwatch(start, end, flags, out,
+                                                               capacity))
+
+
+def memwatch_unwatch(start: int, length: int) -> None:
+    """Stop watching [start, start+length) (rounded out to pages) of memory that
+    process_memwatch watched on the selected backend: its contents and
+    protection stay as they are, and it reads as never watched again (rule
+    M19). Memory of write-watch regions is the regions' (EINVAL)."""
+    start, length = operator.index(start), operator.index(length)
+    first = start & ~PAGE_MASK
+    end = _checked_range(first, start + length - first, MEMWATCH_SD_CLEAR, 0)
+    if lib.ww_index_overlaps(first, end):
+        raise oserror(errno.EINVAL, f"[{first:#x}, {end:#x}) holds write-watch region memory")
+    backends.backend().memwatch_unwatch(first, end)
 
 
 def _memwatch_check(result: int) -> int:

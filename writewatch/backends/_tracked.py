@@ -47,8 +47,8 @@ def watches(mode: int, address: int) -> bool:
     return bool(lib.ww_track_mode_at(address) == mode)
 
 
-def process_memwatch(mode: int, start: int, end: int, get: bool, clear: bool, out: Any,
-                     capacity: int) -> int:
+def region_memwatch(mode: int, start: int, end: int, get: bool, clear: bool, out: Any,
+                    capacity: int) -> int:
     """process_memwatch on memory tracked in mode, found, checked and scanned in
     one native access (a release racing it waits for it); the result is a
     count or -errno, for memwatch.py to word."""
@@ -56,3 +56,10 @@ def process_memwatch(mode: int, start: int, end: int, get: bool, clear: bool, ou
     if result == -errno.EINVAL:
         raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not all watched memory")
     return result
+
+
+def foreign_memwatch(name: str, start: int, end: int) -> int:
+    """process_memwatch on memory no region holds: not on this mechanism yet."""
+    # TODO(issue 17, i17b): ww_track_memwatch_any replaces this refusal at merge.
+    raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is memory writewatch did not "
+                                f"allocate, which the {name} backend does not watch yet")

@@ -89,7 +89,14 @@ class MprotectBackend(kernel.Backend):
     def watches(self, address: int) -> bool:
         return _tracked.watches(lib.WW_MODE_MPROTECT, address)
 
-    def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+    def region_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+                        capacity: int) -> int:
+        return _tracked.region_memwatch(lib.WW_MODE_MPROTECT, start, end, get, clear, out,
+                                        capacity)
+
+    def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        return _tracked.process_memwatch(lib.WW_MODE_MPROTECT, start, end, get, clear, out,
-                                         capacity)
+        return _tracked.foreign_memwatch(self.name, start, end)
+
+    def memwatch_unwatch(self, start: int, end: int) -> None:
+        pass  # nothing of foreign memory is watched here yet

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,12 +70,50 @@ class PagemapBackend(kernel.Backend):
 
     def watches(self, address: int) -> bool:
         # Asked last (memwatch.py): the tracked backends know their ranges,
-        # the kernel knows this backend's, and process_memwatch asks it.
+        # the kernel knows this backend's, and region_memwatch asks it.
         return True
 
-    def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
-                         capacity: int) -> int:
+    def region_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+                        capacity: int) -> int:
         return memwatch_scan(self.pagemap_fd, start, end, get, clear, out, capacity)
+
+    def process_memwatch(self, start: int, end: int, flags: int, out: Any,
+                         capacity: int) -> int:
+        uffd, pagemap_fd = self.descriptors.get()
+        why = _refusal()
+        result = int(lib.ww_memwatch(uffd, pagemap_fd, start, end, flags, out, capacity, why))
+        if result == -errno.EINVAL:
+            raise oserror(errno.EINVAL, refusal_text(why))
+        return result
+
+    def memwatch_unwatch(self, start: int, end: int) -> None:
+        uffd, pagemap_fd = self.descriptors.get()
+        check(lib.ww_memwatch_unwatch(uffd, pagemap_fd, start, end), "UFFDIO_UNREGISTER")
+
+
+_per_thread = threading.local()
+
+
+def _refusal() -> Any:
+    """This thread's struct ww_memwatch_refusal (one allocation per thread,
+    not per call: the fast path is one native call)."""
+    why = getattr(_per_thread, "why", None)
+    if why is None:
+        why = _per_thread.why = ffi.new("struct ww_memwatch_refusal *")
+    return why
+
+
+def refusal_text(why: Any) -> str:
+    """Words for a mapping process_memwatch refused (docs/semantics.md rule M17)."""
+    name = ffi.string(why.name).decode(errors="replace") or "[unknown]"
+    where = f"{name} at [{why.start:#x}, {why.end:#x})"
+    if why.err == 0:
+        return (f"{where} is VM_PFNMAP (raw page frames): the kernel keeps no write "
+                "state for it, so it cannot be watched")
+    if why.err == -errno.EAGAIN:
+        return f"{where}: the mappings kept changing during the call"
+    return (f"{where} cannot be watched: the kernel refused to register it for "
+            f"write-protect ({os.strerror(-why.err)})")
 
 
 def memwatch_scan(pagemap_fd: int, start: int, end: int, get: bool, clear: bool, out: Any,
@@ -93,6 +132,7 @@ def memwatch_scan(pagemap_fd: int, start: int, end: int, get: bool, clear: bool,
         return int(lib.ww_pagemap_scan(pagemap_fd, start, end, clear, out, capacity, start,
                                        walk_end))
     return int(lib.ww_pagemap_reset(pagemap_fd, start, end))
+
 
 
 class _PagemapWatcher(kernel.Watcher):

@@ -82,10 +82,17 @@ class UffdBackend(kernel.Backend):
     def watches(self, address: int) -> bool:
         return _tracked.watches(lib.WW_MODE_UFFD, address)
 
-    def process_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+    def region_memwatch(self, start: int, end: int, get: bool, clear: bool, out: Any,
+                        capacity: int) -> int:
+        return _tracked.region_memwatch(lib.WW_MODE_UFFD, start, end, get, clear, out,
+                                        capacity)
+
+    def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        return _tracked.process_memwatch(lib.WW_MODE_UFFD, start, end, get, clear, out,
-                                         capacity)
+        return _tracked.foreign_memwatch(self.name, start, end)
+
+    def memwatch_unwatch(self, start: int, end: int) -> None:
+        pass  # nothing of foreign memory is watched here yet
 
 
 class _UffdWatcher(_tracked.TrackedWatcher):

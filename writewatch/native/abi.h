@@ -127,6 +127,20 @@ int ww_uffd_register_wp(int uffd, uint64_t start, uint64_t length, uint64_t *ioc
 int ww_uffd_unregister(int uffd, uint64_t start, uint64_t length);
 int ww_uffd_writeprotect(int uffd, uint64_t start, uint64_t length, int protect);
 
+/* Which pages a PAGEMAP_SCAN selects: PM_SCAN_* flags and category masks. */
+struct ww_scan_filter {
+    uint64_t flags;
+    uint64_t mask;
+    uint64_t inverted;
+    uint64_t anyof;
+};
+
+int64_t ww_pagemap_select(int pagemap_fd, uint64_t start, uint64_t end,
+                          const struct ww_scan_filter *filter, uint64_t *out,
+                          uint64_t capacity, uint64_t origin, uint64_t *walk_end);
+int64_t ww_pagemap_runs(int pagemap_fd, uint64_t start, uint64_t end,
+                        const struct ww_scan_filter *filter, uint64_t *bounds,
+                        uint64_t max_runs, uint64_t *walk_end);
 int64_t ww_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, int reset,
                            uint64_t *out, uint64_t capacity, uint64_t origin,
                            uint64_t *walk_end);
@@ -138,6 +152,38 @@ int64_t ww_pagemap_reset_write_watch(int pagemap_fd, const uint64_t *spans, uint
                                uint64_t first, uint64_t last);
 int64_t ww_pagemap_check_watched(int pagemap_fd, uint64_t start, uint64_t end);
 int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg);
+
+/* ---- process_memwatch on any memory of the calling process (memwatch.c) ----
+ * The proposal's flags (its uapi/linux/memwatch.h). */
+#define MEMWATCH_SD_GET 0x1
+#define MEMWATCH_SD_CLEAR 0x2
+#define MEMWATCH_SD_NO_REUSED_REGIONS 0x4
+/* The end of x86_64 user space (4-level paging: TASK_SIZE_MAX); a range past
+ * it is EINVAL on every backend. */
+#define WW_USER_SPACE_END 0x7ffffffff000
+/* Why ww_memwatch_args refused the arguments (EINVAL). */
+#define WW_MEMWATCH_BAD_FLAGS 1
+#define WW_MEMWATCH_UNALIGNED 2
+#define WW_MEMWATCH_NEGATIVE_LENGTH 3
+#define WW_MEMWATCH_NO_VEC 4
+#define WW_MEMWATCH_PAST_USER_SPACE 5
+
+/* A mapping process_memwatch refused (EINVAL): its bounds, the kernel's errno
+ * (0 for VM_PFNMAP, which the kernel's scans skip) and its name in
+ * /proc/self/maps. */
+struct ww_memwatch_refusal {
+    uint64_t start;
+    uint64_t end;
+    int64_t err;
+    char name[128];
+};
+
+int ww_memwatch_args(uint64_t start, int64_t length, unsigned int flags, int64_t vec_len,
+                     uint64_t *end);
+int64_t ww_memwatch(int uffd, int pagemap_fd, uint64_t start, uint64_t end, unsigned int flags,
+                    uint64_t *vec, uint64_t vec_len, struct ww_memwatch_refusal *why);
+int64_t ww_memwatch_unwatch(int uffd, int pagemap_fd, uint64_t start, uint64_t end);
+int ww_memwatch_open(int *uffd, int *pagemap_fd);
 
 /* Userspace tracking for the fallback backends (tracking.c): one range per
  * reservation, one state byte per page. */
@@ -198,4 +244,5 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
 int ww_index_set_latched(uint64_t base, int latched);
 int ww_output_check(const void *out, uint64_t size);
+int ww_index_overlaps(uint64_t start, uint64_t end);
 void ww_index_after_fork_child(void);

@@ -480,3 +480,13 @@ void ww_index_after_fork_child(void)
         while (ct_next(top, &pos));
     index_epoch++;
 }
+
+/* Does [start, end) overlap a region of the index (watched or not)? 1 or 0:
+ * process_memwatch leaves such ranges to the regions' own rules (M12). */
+int ww_index_overlaps(uint64_t start, uint64_t end)
+{
+    int phase = reader_enter();
+    int overlaps = ct_overlaps(ct_load(&index_table), start, end);
+    reader_exit(phase);
+    return overlaps;
+}

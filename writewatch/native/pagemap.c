@@ -21,23 +21,24 @@ static void scan_arg_init(struct pm_scan_arg *arg, uint64_t start, uint64_t end)
     arg->size = sizeof *arg;
     arg->start = start;
     arg->end = end;
-    /* Exactly WRITTEN/WRITTEN: the kernel's fast path, and the only mask whose
-     * answer for never-populated pages agreed across kernels. */
+    /* Exactly WRITTEN/WRITTEN: the kernel's fast path (see ww_pagemap_scan). */
     arg->category_mask = PAGE_IS_WRITTEN;
     arg->return_mask = PAGE_IS_WRITTEN;
 }
 
 /*
- * Write the pages written in [start, end) into out[0..capacity), as
- * (page address - origin), ascending. With reset, each reported page is
- * write-protected again in the same page-table walk (atomic per page); the walk
- * stops when out is full, so pages past that point keep their state.
- * Returns the number of entries written, or -errno; *walk_end is where the walk
- * stopped (end when the whole range was walked).
+ * The pages of [start, end) that filter selects (its masks; flags PM_SCAN_*)
+ * go into out[0..capacity) as (page address - origin), ascending; out may be
+ * NULL to only count them (a WP_MATCHING walk that reports nothing). With
+ * PM_SCAN_WP_MATCHING each selected page is write-protected again in the same
+ * page-table walk (atomic per page); the walk stops when capacity pages were
+ * selected, so pages past that point keep their state.
+ * Returns the number selected, or -errno; *walk_end is where the walk stopped
+ * (end when the whole range was walked).
  */
-int64_t ww_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, int reset,
-                           uint64_t *out, uint64_t capacity, uint64_t origin,
-                           uint64_t *walk_end)
+int64_t ww_pagemap_select(int pagemap_fd, uint64_t start, uint64_t end,
+                          const struct ww_scan_filter *filter, uint64_t *out,
+                          uint64_t capacity, uint64_t origin, uint64_t *walk_end)
 {
     struct page_region batch[WW_SCAN_BATCH];
     struct pm_scan_arg arg;
@@ -45,8 +46,17 @@ int64_t ww_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, int reset,
 
     *walk_end = start;
     while (start < end && count < capacity) {
-        scan_arg_init(&arg, start, end);
-        arg.flags = reset ? PM_SCAN_WP_MATCHING : 0;
+        memset(&arg, 0, sizeof arg);
+        arg.size = sizeof arg;
+        arg.start = start;
+        arg.end = end;
+        arg.flags = filter->flags;
+        arg.category_mask = filter->mask;
+        arg.category_inverted = filter->inverted;
+        arg.category_anyof_mask = filter->anyof;
+        arg.return_mask = filter->mask ? filter->mask : PAGE_IS_WPALLOWED;
+        /* Always a vec: without one, WP_MATCHING protects every page and
+         * ignores the masks (the kernel's fast path for an exclusive reset). */
         arg.vec = (uint64_t)(uintptr_t)batch;
         arg.vec_len = WW_SCAN_BATCH;
         arg.max_pages = capacity - count;
@@ -54,11 +64,13 @@ int64_t ww_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, int reset,
         if (n < 0)
             return -errno;
         for (long i = 0; i < n; i++) {
-            for (uint64_t page = batch[i].start; page < batch[i].end; page += WW_PAGE_SIZE) {
-                if (count == capacity) /* the kernel honours max_pages; never trust it past out's end */
-                    return -EIO;
+            uint64_t pages = (batch[i].end - batch[i].start) / WW_PAGE_SIZE;
+            if (pages > capacity - count) /* the kernel honours max_pages; never trust it past out's end */
+                return -EIO;
+            for (uint64_t page = batch[i].start; out && page < batch[i].end; page += WW_PAGE_SIZE)
                 out[count++] = page - origin;
-            }
+            if (!out)
+                count += pages;
         }
         if (arg.walk_end <= start) /* no progress: never report an unwalked range as clean */
             return -EIO;
@@ -66,6 +78,56 @@ int64_t ww_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, int reset,
         *walk_end = start;
     }
     return (int64_t)count;
+}
+
+/*
+ * Write the pages written in [start, end) into out[0..capacity), as
+ * (page address - origin), ascending. With reset, each reported page is
+ * write-protected again in the same walk. Exactly WRITTEN/WRITTEN: the
+ * kernel's fast path, and the only mask whose answer for never-populated
+ * pages agreed across kernels.
+ */
+int64_t ww_pagemap_scan(int pagemap_fd, uint64_t start, uint64_t end, int reset,
+                        uint64_t *out, uint64_t capacity, uint64_t origin,
+                        uint64_t *walk_end)
+{
+    struct ww_scan_filter written = {
+        .flags = reset ? PM_SCAN_WP_MATCHING : 0, .mask = PAGE_IS_WRITTEN,
+    };
+    return ww_pagemap_select(pagemap_fd, start, end, &written, out, capacity, origin, walk_end);
+}
+
+/*
+ * [start, end) pairs of the runs of [start, end) that filter selects, at most
+ * max_runs of them (adjacent selected pages form one run); the walk stops at
+ * *walk_end. Nothing is changed unless filter says WP_MATCHING.
+ */
+int64_t ww_pagemap_runs(int pagemap_fd, uint64_t start, uint64_t end,
+                        const struct ww_scan_filter *filter, uint64_t *bounds,
+                        uint64_t max_runs, uint64_t *walk_end)
+{
+    struct pm_scan_arg arg;
+    memset(&arg, 0, sizeof arg);
+    arg.size = sizeof arg;
+    arg.start = start;
+    arg.end = end;
+    arg.flags = filter->flags;
+    arg.category_mask = filter->mask;
+    arg.category_inverted = filter->inverted;
+    arg.category_anyof_mask = filter->anyof;
+    arg.return_mask = PAGE_IS_WPALLOWED; /* one category for all: runs merge */
+    struct page_region batch[WW_SCAN_BATCH];
+    arg.vec = (uint64_t)(uintptr_t)batch;
+    arg.vec_len = max_runs < WW_SCAN_BATCH ? max_runs : WW_SCAN_BATCH;
+    long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+    if (n < 0)
+        return -errno;
+    for (long i = 0; i < n; i++) {
+        bounds[2 * i] = batch[i].start;
+        bounds[2 * i + 1] = batch[i].end;
+    }
+    *walk_end = arg.walk_end > start ? arg.walk_end : end;
+    return n;
 }
 
 /* Clip span i of spans (start/end pairs) to [first, last); 0 when empty. */
