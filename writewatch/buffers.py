@@ -12,6 +12,7 @@ The kernel keeps one written bit per page (docs/semantics.md rule M13), so:
 
 from __future__ import annotations
 
+import errno
 import mmap
 import operator
 import threading
@@ -23,13 +24,14 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from writewatch import backends, kernel, regions
+from writewatch import backends, kernel
 from writewatch.backends import BackendName
-from writewatch.kernel import PAGE_SIZE, ffi, page_ceil, page_floor
+from writewatch.kernel import PAGE_SIZE, ffi, lib, page_ceil, page_floor
+from writewatch.memwatch import MEMWATCH_SD_CLEAR, MEMWATCH_SD_GET
 
 BufferUnit = Literal["offset", "page", "row", "address"]
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
-_GET, _CLEAR = 1, 2
+_GET, _CLEAR = int(MEMWATCH_SD_GET), int(MEMWATCH_SD_CLEAR)
 _NO_OUTPUT = np.empty(0, np.int64)
 
 
@@ -62,6 +64,26 @@ def _export(buffer: Any) -> tuple[memoryview, int | None]:
         raise ValueError(f"the {type(buffer).__name__} is not C-contiguous: its memory is "
                          "not one block")
     return view, view.shape[0] if view.ndim and view.shape else None
+
+
+# Shared memory with no file of its own: only this process's mappings (and
+# those of children it forks) can write it.
+_ANONYMOUS_SHARED = ("/dev/zero (deleted)", "/anon_hugepage (deleted)")
+
+
+def _file_pages(first: int, end: int) -> str:
+    """The file whose pages [first, end) maps, or "". A file's pages change
+    through write(2) and other processes' mappings, with no write through this
+    process's page tables for any backend to see (docs/semantics.md rule B1)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(bound, 16) for bound in fields[0].split("-"))
+            if low < end and first < high and fields[4] != "0":
+                path = fields[5].strip() if len(fields) > 5 else ""
+                if path not in _ANONYMOUS_SHARED:
+                    return path or f"inode {fields[4]}"
+    return ""
 
 
 def _address_of(view: memoryview) -> int:
@@ -119,9 +141,8 @@ class _Watch:
     def scan(self, start: int, flags: int, vec: np.ndarray, capacity: int) -> int:
         """process_memwatch over [start, self.end) on this watch's backend."""
         out = kernel.output_pointer(vec, capacity) if flags & _GET else ffi.NULL
-        return kernel.check(self.backend.process_memwatch(
-            start, self.end, bool(flags & _GET), bool(flags & _CLEAR), out, capacity),
-            "process_memwatch")
+        return kernel.check(self.backend.process_memwatch(start, self.end, flags, out, capacity),
+                            "process_memwatch")
 
 
 def _stop(watch: _Watch) -> None:
@@ -175,10 +196,15 @@ class WatchedBuffer:
                 raise ValueError("the buffer is empty: it has no pages to watch")
             self.address, self.nbytes = _address_of(view), view.nbytes
             first, end = page_floor(self.address), page_ceil(self.address + self.nbytes)
-            owner = regions.find(first)
-            if owner is not None or regions.next_base_after(first) < end:
+            if lib.ww_index_overlaps(first, end):
                 raise ValueError("the buffer is VirtualAlloc memory: watch it with "
                                  "MEM_WRITE_WATCH and GetWriteWatch (or WatchedMemory)")
+            backing = _file_pages(first, end)
+            if backing:
+                raise kernel.oserror(errno.EINVAL, f"the buffer maps pages of {backing}, "
+                                     "which write(2) and other processes change without a "
+                                     "write through this process's page tables: no backend "
+                                     "would see those writes")
             chosen = backends.backend(backend)
             watch = _Watch(buffer, view, chosen, first, end)
         except BaseException:
