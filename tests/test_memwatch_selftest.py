@@ -5,9 +5,13 @@ process_memwatch() of libprocess_memwatch (docs/semantics.md rules M1-M20)."""
 from __future__ import annotations
 
 import ctypes
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from forking import scaled_work
+from forking import patience, scaled_work
 from memwatch_selftest import Cases, anonymous_mmap, c_driver, huge_page, python_driver
 
 from writewatch import clib
@@ -70,3 +74,22 @@ def test_unmapped_and_whole_low_address_space(cases: Cases) -> None:
 def test_simple_iterations(cases: Cases) -> None:
     """Case 44: clear / write / get on one aligned_alloc page, 10000 times."""
     cases.simple(scaled_work(10000, at_least=500))
+
+
+def test_c_program_written_for_the_proposal(tmp_path: Path,
+                                            write_watch_backend: str | None) -> None:
+    """A C program written for the proposal builds unchanged with the one line
+    `python -m writewatch cflags` prints, and its checks pass."""
+    _driver("c", write_watch_backend)  # skips what the Python cases skip
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler (cc or gcc) on PATH")
+    flags = subprocess.run([sys.executable, "-m", "writewatch", "cflags"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    program = tmp_path / "memwatch_cases"
+    subprocess.run([compiler, "-Wall", "-Werror", "-o", str(program),
+                    str(Path(__file__).parent / "c" / "memwatch_cases.c"), *flags], check=True)
+    run = subprocess.run([str(program), str(scaled_work(10000, at_least=500))],
+                         capture_output=True, text=True, timeout=patience(120))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "not ok" not in run.stdout and run.stdout.rstrip().endswith("1..24"), run.stdout

@@ -1,6 +1,7 @@
 """process_memwatch, the proposed Linux system call (docs/semantics.md rules
-M1-M12), on the pagemap mechanism: on this process (pidfd 0), on another process
-through a pidfd, and the errors (EINVAL, ESRCH)."""
+M1-M12), on memory of write-watch regions: on this process (pidfd 0), on another
+process through a pidfd, and the errors (EINVAL, ESRCH). Memory writewatch did
+not allocate (rules M13-M20) is tests/test_foreign_memory.py's."""
 
 from __future__ import annotations
 
@@ -312,16 +313,6 @@ def test_invalid_arguments_fail_with_einval_and_clear_nothing(make_region, case)
     assert dirty(region.base, 16 * P) == [2 * P, 9 * P]
 
 
-def test_ordinary_numpy_memory_is_not_watched():
-    """An ordinary numpy array's pages are not watched memory: EINVAL, never a
-    report (without write-protect every present page would read written)."""
-    array = np.ones(8 * P, np.uint8)
-    start = (array.ctypes.data + P - 1) & ~(P - 1)
-    for flags in (GET, GET | CLEAR, CLEAR):
-        expect_errno(errno.EINVAL, lambda f=flags: ww.process_memwatch(0, start, 2 * P, f,
-                                                                       _vec()))
-
-
 @pytest.mark.parametrize(("offset", "pages", "flags"), [
     pytest.param(0, 32, GET | CLEAR, id="whole-reservation-get-clear"),
     pytest.param(0, 32, CLEAR, id="whole-reservation-clear"),
@@ -550,3 +541,26 @@ def test_unprivileged_caller_gets_esrch_for_pid_1():
     assert seen["clear"] == ["ProcessLookupError", errno.ESRCH]
     assert seen["own"] == [5 * P]
     assert seen["own_after"] == []
+
+
+@pytest.mark.parametrize(("start", "length"), [
+    pytest.param(1 << 47, P, id="start-1<<47"),
+    pytest.param(None, 2 ** 62, id="length-2**62"),
+])
+@pytest.mark.parametrize("target", ["self", "own-pidfd", "child-pidfd"])
+def test_range_past_user_space_is_einval_everywhere(make_region, start, length, target):
+    """Rule M11 (regression: another process's answered EIO): a range past the
+    end of user space is EINVAL on every backend and for every pidfd."""
+    region = make_region()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    pidfd = {"self": 0, "own-pidfd": os.pidfd_open(os.getpid()),
+             "child-pidfd": os.pidfd_open(child.pid)}[target]
+    try:
+        for flags in (GET, CLEAR, GET | CLEAR):
+            expect_errno(errno.EINVAL, lambda f=flags: ww.process_memwatch(
+                pidfd, region.base if start is None else start, length, f, _vec()))
+    finally:
+        if pidfd:
+            os.close(pidfd)
+        child.kill()
+        child.wait()

@@ -213,6 +213,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return benchmarks.main(args)
 
 
+def cmd_cflags(args: argparse.Namespace) -> int:
+    from writewatch import clib
+
+    if not clib.library_path().exists():
+        print(f"{clib.library_path()} is missing: reinstall writewatch with a C compiler",
+              file=sys.stderr)
+        return 1
+    print(clib.cflags())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["demo"] and len(arguments) > 1 and arguments[1] in EXAMPLES:
@@ -243,6 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "Runs with OPENBLAS_NUM_THREADS=1 (restarting itself to set it).")
     benchmarks.add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
+    cflags = sub.add_parser(
+        "cflags", help="compiler flags for C code calling process_memwatch()",
+        description="Print the flags that build a C program written for the proposed "
+                    "process_memwatch system call against libprocess_memwatch: "
+                    "cc prog.c $(python -m writewatch cflags)")
+    cflags.set_defaults(run=cmd_cflags)
     args = parser.parse_args(arguments)
     if args.command is None:
         parser.print_help()
