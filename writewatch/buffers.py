@@ -291,19 +291,24 @@ class WatchedBuffer:
             self._check_open()
             if unit == "row":
                 return self._rows(flags, out)
-            vec = np.empty(self.npages, np.int64) if out is None else out.view(np.int64)
+            npages = self.npages
+            vec = np.empty(npages, np.uintp) if out is None else out
             if len(vec) == 0:
-                return out if out is not None else vec.view(np.uintp)
-            found = vec[:watch.scan(watch.first, flags, vec, min(len(vec), self.npages))]
-        # process_memwatch gives byte offsets from the first page, in place.
+                return vec
+            found = vec[:watch.scan(watch.first, flags, vec, min(len(vec), npages))]
+        # process_memwatch gives byte offsets from the first page: converted in
+        # place, with as few numpy calls as can be (each costs about a microsecond).
+        if not len(found) or unit == "offset" and not self.page_offset:
+            return found
         if unit == "address":
-            np.add(found, np.int64(watch.first), out=found)
+            found += watch.first
         elif unit == "page":
-            np.right_shift(found, _PAGE_SHIFT, out=found)
+            found >>= _PAGE_SHIFT
+        elif found[0] == 0:  # the first page begins before the buffer: offset 0
+            found[1:] -= self.page_offset
         else:
-            np.subtract(found, np.int64(self.page_offset), out=found)
-            np.maximum(found, 0, out=found)
-        return found.view(np.uintp) if out is None else out[:len(found)]
+            found -= self.page_offset
+        return found
 
     def _rows(self, flags: int, out: np.ndarray | None) -> np.ndarray:
         """written(unit="row"), under the watch's lock."""

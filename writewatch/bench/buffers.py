@@ -5,8 +5,9 @@ A page-aligned numpy array of ``--size-mib`` (1 GiB) has 0.1%, 1% and 10% of its
 pages written (random pages, one byte each) between two looks; each look finds
 which pages changed since the last:
 
-- each backend: ``WatchedBuffer.written(reset=True, unit="page")``, timed in
-  Python around the call (its output array included);
+- each backend: ``WatchedBuffer.written(reset=True)`` (byte offsets, the
+  default unit: page indices cost one more numpy call), timed in Python around
+  the call, its output array included;
 - raw C: one PAGEMAP_SCAN with its reset over a region of the same size with
   the same pages written (reference.c), and each fallback's own mechanism in
   raw C, timed in C;
@@ -75,7 +76,7 @@ def _watched(array: np.ndarray, backend: str) -> tuple[Look, Callable[[], None]]
 
     def look() -> tuple[int, int]:
         t0 = time.perf_counter_ns()
-        found = watched.written(reset=True, unit="page")
+        found = watched.written(reset=True)
         return len(found), time.perf_counter_ns() - t0
     return look, watched.close
 
