@@ -2,16 +2,17 @@
 array, bytearray, mmap, memoryview, ctypes array), on process_memwatch; and
 aligned_empty, a numpy array with pages of its own.
 
-The kernel keeps one written bit per page (docs/semantics.md rule M13), so:
+The kernel keeps one written bit per page, so (docs/semantics.md rules B1-B7):
 - a page the buffer shares with other memory (the buffer does not start or
   end on a page boundary) reads written when anything writes to it: the
-  buffer or its neighbour;
+  buffer or its neighbour (B3);
 - two watches cannot share a page, since one's reset would hide writes from
-  the other: the second is refused (M14).
+  the other: the second is refused (B5).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import operator
@@ -169,8 +170,9 @@ class WatchedBuffer:
     [3, 700]
 
     buffer is a numpy array, bytearray, mmap, memoryview or ctypes array:
-    writable, C-contiguous, in private anonymous memory (a file's pages are
-    refused with OSError EINVAL saying why). Watching starts clean; the watch
+    writable, C-contiguous, in anonymous memory (private, or shared as
+    mmap.mmap(-1, n) makes it; a file's pages are refused with OSError
+    EINVAL saying why). Watching starts clean; the watch
     holds buffer (and its export) until closed: a bytearray cannot be resized
     nor an mmap closed meanwhile.
 
@@ -214,6 +216,8 @@ class WatchedBuffer:
         try:
             watch.scan(first, _CLEAR, _NO_OUTPUT, 0)  # the first CLEAR starts watching, clean
         except BaseException:
+            with contextlib.suppress(OSError):  # whatever the failed CLEAR registered
+                chosen.memwatch_unwatch(first, end)
             _claims.release(watch)
             view.release()
             raise
@@ -298,7 +302,7 @@ class WatchedBuffer:
             found = vec[:watch.scan(watch.first, flags, vec, min(len(vec), npages))]
         # process_memwatch gives byte offsets from the first page: converted in
         # place, with as few numpy calls as can be (each costs about a microsecond).
-        if not len(found) or unit == "offset" and not self.page_offset:
+        if not len(found) or (unit == "offset" and not self.page_offset):
             return found
         if unit == "address":
             found += watch.first
