@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from writewatch import backends, index
+from writewatch import backends, kernel
 from writewatch.backends.pagemap import memwatch_scan
 from writewatch.kernel import PAGE_MASK, ffi, lib, oserror
 
@@ -35,8 +35,9 @@ class MemwatchFlags(IntFlag):
 MEMWATCH_SD_GET = MemwatchFlags.MEMWATCH_SD_GET
 MEMWATCH_SD_CLEAR = MemwatchFlags.MEMWATCH_SD_CLEAR
 MEMWATCH_SD_NO_REUSED_REGIONS = MemwatchFlags.MEMWATCH_SD_NO_REUSED_REGIONS
-# A plain int: ~ on an IntFlag complements only within its defined bits.
-_MEMWATCH_ALL = int(MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR | MEMWATCH_SD_NO_REUSED_REGIONS)
+# Plain ints: IntFlag arithmetic costs a Python call per operator.
+_GET = int(MEMWATCH_SD_GET)
+_CLEAR = int(MEMWATCH_SD_CLEAR)
 
 def _pidfd_pid(pidfd: int) -> int:
     """The pid a pidfd refers to (EINVAL if it is none, ESRCH if it exited)."""
@@ -70,21 +71,25 @@ def _target_pagemap(pidfd: int) -> int:
     return fd
 
 
+_INT64 = np.dtype(np.int64)
+
+
 def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
-    if not isinstance(vec, np.ndarray) or vec.dtype != np.int64 or vec.ndim != 1:
+    if (not isinstance(vec, np.ndarray) or vec.ndim != 1
+            or (vec.dtype is not _INT64 and vec.dtype != _INT64)):
         raise oserror(errno.EINVAL, "vec must be a 1-D numpy int64 array")
-    if not vec.flags.c_contiguous or not vec.flags.writeable:
-        raise oserror(errno.EINVAL, "vec must be contiguous and writable")
     if vec_len is None:
         vec_len = len(vec)
     if not 0 < vec_len <= len(vec):
         raise oserror(errno.EINVAL, f"vec_len {vec_len} must be 1..len(vec) ({len(vec)})")
-    if not index.output_writable(vec, vec_len):
-        raise oserror(errno.EINVAL, "vec lies in memory that cannot be written")
-    return ffi.from_buffer("uint64_t[]", vec), vec_len
+    try:
+        # cffi checks contiguity and writability in one step.
+        return ffi.from_buffer("uint64_t[]", vec, require_writable=True), vec_len
+    except (TypeError, BufferError) as exc:
+        raise oserror(errno.EINVAL, "vec must be contiguous and writable") from exc
 
 
-# Words for ww_memwatch_args' refusals (all EINVAL, rule M11).
+# Words for the native checks' refusals (all EINVAL, rule M11).
 _BAD_ARGUMENTS = {
     lib.WW_MEMWATCH_BAD_FLAGS: "invalid process_memwatch flags {flags!r}",
     lib.WW_MEMWATCH_NO_VEC: "GET needs a vec with room",
@@ -92,23 +97,51 @@ _BAD_ARGUMENTS = {
     lib.WW_MEMWATCH_NEGATIVE_LENGTH: "negative length {length}",
     lib.WW_MEMWATCH_PAST_USER_SPACE: "[{start:#x}, +{length:#x}) reaches past the end of "
                                      "user space",
+    lib.WW_MEMWATCH_BAD_VEC: "vec lies in memory that cannot be written",
 }
+_IN_REGION = lib.WW_MEMWATCH_IN_REGION
 _INT64_MAX = (1 << 63) - 1
+_checked = lib.ww_memwatch_checked
 
 
-def _checked_range(start: int, length: int, flags: int, vec_len: int) -> int:
-    """The page-aligned end of [start, start+length), or EINVAL: the checks are
-    native/memwatch.c's, the same for Python and for C callers."""
-    end = ffi.new("uint64_t *")
-    bad = lib.WW_MEMWATCH_PAST_USER_SPACE
-    if 0 <= start < 1 << 64 and flags < 1 << 32:
-        bad = lib.ww_memwatch_args(start, min(length, _INT64_MAX), flags, vec_len, end)
-    elif flags >= 1 << 32:
-        bad = lib.WW_MEMWATCH_BAD_FLAGS
-    if bad:
-        raise oserror(errno.EINVAL, _BAD_ARGUMENTS[bad].format(flags=flags, start=start,
-                                                                length=length))
-    return int(end[0])
+def _refused(bad: int, start: int, length: int, flags: int) -> OSError:
+    return oserror(errno.EINVAL, _BAD_ARGUMENTS[bad].format(flags=flags, start=start,
+                                                            length=length))
+
+
+def _checked_range(start: int, length: int, flags: int, out: Any, capacity: int) -> tuple[int,
+                                                                                         bool]:
+    """(end, in_region): the page-aligned end of [start, start+length) and
+    whether it overlaps a write-watch region; EINVAL otherwise. The checks are
+    native (index.c, memwatch.c): the same for Python and for C callers."""
+    if not (0 <= start < 1 << 64 and 0 <= flags < 1 << 32):
+        bad = lib.WW_MEMWATCH_PAST_USER_SPACE if flags < 1 << 32 else lib.WW_MEMWATCH_BAD_FLAGS
+        raise _refused(bad, start, length, flags)
+    end = _checked(start, max(min(length, _INT64_MAX), -1), flags, capacity, out)
+    if end >= 0:
+        return end, False
+    if end != -_IN_REGION:
+        raise _refused(-end, start, length, flags)
+    return start + ((length + PAGE_MASK) & ~PAGE_MASK), True
+
+
+# os.environ.get encodes the key and decodes the value on every call (the
+# largest cost of a small call); its dict of bytes is a plain lookup.
+_environ: dict[bytes, bytes] | None = getattr(os.environ, "_data", None)
+_BACKEND_KEY = os.fsencode(backends.BACKEND_ENV)
+_selected: tuple[bytes | str | None, kernel.Backend] | None = None
+
+
+def _backend() -> kernel.Backend:
+    """backends.backend(), remembered per WRITEWATCH_BACKEND value: the fast
+    path costs one dict lookup, not a probe-table copy."""
+    global _selected
+    env = (_environ.get(_BACKEND_KEY) if _environ is not None
+           else os.environ.get(backends.BACKEND_ENV))
+    selected = _selected
+    if selected is None or selected[0] != env:
+        selected = _selected = (env, backends.backend())
+    return selected[1]
 
 
 def process_memwatch(pidfd: int, start: int, length: int, flags: int,
@@ -143,38 +176,37 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
     A non-integer argument raises TypeError.
     """
     # numpy integers are integers too, but their fixed-width arithmetic would wrap.
-    pidfd, start, length, flags = (operator.index(each) for each in (pidfd, start, length, flags))
-    if vec_len is not None:
-        vec_len = operator.index(vec_len)
-    get = bool(flags & MEMWATCH_SD_GET)
-    if flags & ~_MEMWATCH_ALL or not flags & (MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR):
-        raise oserror(errno.EINVAL, f"invalid process_memwatch flags {flags!r}")
-    out, capacity = _vec_pointer(vec, vec_len) if get else (ffi.NULL, 0)
-    end = _checked_range(start, length, flags, capacity)
+    pidfd = operator.index(pidfd)
+    start = operator.index(start)
+    length = operator.index(length)
+    flags = operator.index(flags)
+    if flags & _GET:
+        out, capacity = _vec_pointer(vec, None if vec_len is None else operator.index(vec_len))
+    else:
+        out, capacity = ffi.NULL, 0
+    end, in_region = _checked_range(start, length, flags, out, capacity)
     if end == start:
         return 0
-
     if pidfd != 0 and _pidfd_pid(pidfd) == os.getpid():
         pidfd = 0  # a pidfd of the calling process is the calling process
     if pidfd != 0:
         fd = _target_pagemap(pidfd)
         try:
-            return _memwatch_check(memwatch_scan(fd, start, end, get, bool(
-                flags & MEMWATCH_SD_CLEAR), out, capacity))
+            return _memwatch_check(memwatch_scan(fd, start, end, bool(flags & _GET),
+                                                 bool(flags & _CLEAR), out, capacity))
         finally:
             os.close(fd)
-    if lib.ww_index_overlaps(start, end):
+    if in_region:
         # Memory of write-watch regions keeps the regions' rules (M12): the
         # tracked backends know their ranges; the pagemap backend, asked last,
         # lets the kernel say whether the range is registered.
-        clear = bool(flags & MEMWATCH_SD_CLEAR)
         for each in backends.available_backends()[::-1]:
             if each.watches(start):
-                return _memwatch_check(each.region_memwatch(start, end, get, clear, out,
-                                                            capacity))
+                return _memwatch_check(each.region_memwatch(
+                    start, end, bool(flags & _GET), bool(flags & _CLEAR), out, capacity))
         raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not watched memory")
-    return _memwatch_check(backends.backend().process_memwatch(start, end, flags, out,
-                                                               capacity))
+    result = _backend().process_memwatch(start, end, flags, out, capacity)
+    return result if result >= 0 else _memwatch_check(result)
 
 
 def memwatch_unwatch(start: int, length: int) -> None:
@@ -184,10 +216,10 @@ def memwatch_unwatch(start: int, length: int) -> None:
     M19). Memory of write-watch regions is the regions' (EINVAL)."""
     start, length = operator.index(start), operator.index(length)
     first = start & ~PAGE_MASK
-    end = _checked_range(first, start + length - first, MEMWATCH_SD_CLEAR, 0)
-    if lib.ww_index_overlaps(first, end):
+    end, in_region = _checked_range(first, start + length - first, _CLEAR, ffi.NULL, 0)
+    if in_region:
         raise oserror(errno.EINVAL, f"[{first:#x}, {end:#x}) holds write-watch region memory")
-    backends.backend().memwatch_unwatch(first, end)
+    _backend().memwatch_unwatch(first, end)
 
 
 def _memwatch_check(result: int) -> int:

@@ -167,6 +167,8 @@ int64_t ww_pagemap_raw(int pagemap_fd, struct pm_scan_arg *arg);
 #define WW_MEMWATCH_NEGATIVE_LENGTH 3
 #define WW_MEMWATCH_NO_VEC 4
 #define WW_MEMWATCH_PAST_USER_SPACE 5
+#define WW_MEMWATCH_BAD_VEC 6  /* vec lies in region memory that cannot be written */
+#define WW_MEMWATCH_IN_REGION 7  /* not an error: the range is the regions' (M12) */
 
 /* A mapping process_memwatch refused (EINVAL): its bounds, the kernel's errno
  * (0 for VM_PFNMAP, which the kernel's scans skip) and its name in
@@ -244,5 +246,6 @@ int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
 int ww_index_set_latched(uint64_t base, int latched);
 int ww_output_check(const void *out, uint64_t size);
-int ww_index_overlaps(uint64_t start, uint64_t end);
+int64_t ww_memwatch_checked(uint64_t start, int64_t length, unsigned int flags,
+                            int64_t vec_len, const void *vec);
 void ww_index_after_fork_child(void);

@@ -24,40 +24,12 @@ extern int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, uns
                                      uint64_t *vec, uint64_t vec_len) __attribute__((weak));
 
 static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
-/* This process's descriptors: a forked child inherits the parent's, which act
- * on the parent's memory (rule K17), so they are opened again per pid. */
-static pid_t open_pid;
-static int open_uffd = -1, open_pagemap = -1, open_error;
-
-/* A fork while another thread held open_lock leaves the child's copy locked. */
-static void child_after_fork(void)
-{
-    pthread_mutex_init(&open_lock, NULL);
-}
-
-__attribute__((constructor)) static void install_fork_handler(void)
-{
-    pthread_atfork(NULL, NULL, child_after_fork);
-}
-
-static int descriptors(int *uffd, int *pagemap_fd)
-{
-    pid_t pid = getpid();
-    pthread_mutex_lock(&open_lock);
-    if (open_pid != pid) {
-        if (open_pid) { /* the parent's: never act through them */
-            close(open_uffd);
-            close(open_pagemap);
-        }
-        open_pid = pid;
-        open_error = ww_memwatch_open(&open_uffd, &open_pagemap);
-    }
-    *uffd = open_uffd;
-    *pagemap_fd = open_pagemap;
-    int err = open_error;
-    pthread_mutex_unlock(&open_lock);
-    return err;
-}
+/* This process's descriptors and mechanism, opened and chosen at the first
+ * call. A forked child inherits the parent's descriptors, which act on the
+ * parent's memory (rule K17): the fork handler marks them stale, and the
+ * child's first call opens its own. No system call on the fast path. */
+static int opened, stale_uffd = -1, stale_pagemap = -1;
+static int open_uffd = -1, open_pagemap = -1, open_error, open_mode;
 
 /* The mechanism: WRITEWATCH_BACKEND as the Python package reads it (unset,
  * empty or "auto": the best one that works). */
@@ -71,6 +43,44 @@ static int mechanism(void)
     if (!strcmp(name, "mprotect"))
         return WW_MODE_MPROTECT;
     return -1;
+}
+
+static void child_after_fork(void)
+{
+    pthread_mutex_init(&open_lock, NULL); /* another thread may have held it */
+    if (__atomic_load_n(&opened, __ATOMIC_ACQUIRE)) {
+        stale_uffd = open_uffd;
+        stale_pagemap = open_pagemap;
+        __atomic_store_n(&opened, 0, __ATOMIC_RELEASE);
+    }
+}
+
+__attribute__((constructor)) static void install_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, child_after_fork);
+}
+
+/* 0 and the descriptors, or -errno when async write-protect is missing. */
+static int descriptors(int *uffd, int *pagemap_fd, int *mode)
+{
+    if (!__atomic_load_n(&opened, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_lock(&open_lock);
+        if (!opened) {
+            if (stale_uffd >= 0) { /* the parent's: never act through them */
+                close(stale_uffd);
+                close(stale_pagemap);
+                stale_uffd = stale_pagemap = -1;
+            }
+            open_mode = mechanism();
+            open_error = ww_memwatch_open(&open_uffd, &open_pagemap);
+            __atomic_store_n(&opened, 1, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_unlock(&open_lock);
+    }
+    *uffd = open_uffd;
+    *pagemap_fd = open_pagemap;
+    *mode = open_mode;
+    return open_error;
 }
 
 /* The pid a pidfd refers to, from /proc/self/fdinfo; -errno if none. */
@@ -124,14 +134,14 @@ long process_memwatch(int pidfd, void *start, int len, unsigned int flags, loff_
     } else if (pidfd < 0) {
         result = -EINVAL;
     } else {
-        int pid = pidfd ? pidfd_pid(pidfd) : getpid();
-        int mode = mechanism();
+        int uffd, pagemap_fd, mode;
+        int opened_error = descriptors(&uffd, &pagemap_fd, &mode);
         uint64_t *out = (flags & MEMWATCH_SD_GET) ? (uint64_t *)vec : NULL;
         uint64_t room = out ? (uint64_t)vec_len : 0;
-        int uffd, pagemap_fd;
+        int pid = pidfd ? pidfd_pid(pidfd) : 0;
         if (pid < 0)
             result = pid;
-        else if (pid != getpid())
+        else if (pid && pid != getpid())
             result = mode == 0 ? other_process(pid, first, end, flags, out, room) : -ESRCH;
         else if (mode < 0)
             result = -EINVAL;
@@ -139,10 +149,10 @@ long process_memwatch(int pidfd, void *start, int len, unsigned int flags, loff_
             result = ww_track_memwatch_any ? ww_track_memwatch_any(mode, first, end, flags, out,
                                                                    room)
                                            : -ENOSYS;
-        else if ((result = descriptors(&uffd, &pagemap_fd)) == 0)
-            result = ww_memwatch(uffd, pagemap_fd, first, end, flags, out, room, NULL);
-        else
+        else if (opened_error)
             result = -ENOSYS; /* no userfaultfd async write-protect here */
+        else
+            result = ww_memwatch(uffd, pagemap_fd, first, end, flags, out, room, NULL);
     }
     if (result >= 0)
         return (long)result;

@@ -481,12 +481,28 @@ void ww_index_after_fork_child(void)
     index_epoch++;
 }
 
-/* Does [start, end) overlap a region of the index (watched or not)? 1 or 0:
- * process_memwatch leaves such ranges to the regions' own rules (M12). */
-int ww_index_overlaps(uint64_t start, uint64_t end)
+/*
+ * process_memwatch's checks for the calling process, in one native call:
+ * the arguments (ww_memwatch_args), then vec (WW_MEMWATCH_BAD_VEC when it lies
+ * in region memory that cannot be written). Returns the page-aligned end of
+ * the range, -WW_MEMWATCH_* for a refusal (EINVAL), or -WW_MEMWATCH_IN_REGION
+ * when the range overlaps a region of the index (watched or not): such ranges
+ * keep the regions' rules (M12).
+ */
+int64_t ww_memwatch_checked(uint64_t start, int64_t length, unsigned int flags,
+                            int64_t vec_len, const void *vec)
 {
+    uint64_t end;
+    int bad = ww_memwatch_args(start, length, flags, vec_len, &end);
+    if (bad)
+        return -bad;
     int phase = reader_enter();
-    int overlaps = ct_overlaps(ct_load(&index_table), start, end);
+    const struct ct_top *table = ct_load(&index_table);
+    if (vec && vec_len > 0 &&
+        output_check(table, (uint64_t)(uintptr_t)vec, (uint64_t)vec_len * 8) == OUTPUT_REFUSED)
+        bad = WW_MEMWATCH_BAD_VEC;
+    else if (ct_overlaps(table, start, end))
+        bad = WW_MEMWATCH_IN_REGION;
     reader_exit(phase);
-    return overlaps;
+    return bad ? -bad : (int64_t)end;
 }
