@@ -198,7 +198,9 @@ class WatchedBuffer:
                 raise ValueError("the buffer is empty: it has no pages to watch")
             self.address, self.nbytes = _address_of(view), view.nbytes
             first, end = page_floor(self.address), page_ceil(self.address + self.nbytes)
-            if lib.ww_index_overlaps(first, end):
+            # The native check process_memwatch makes: does it hold region memory?
+            if lib.ww_memwatch_checked(first, end - first, _CLEAR, 0,
+                                       ffi.NULL) == -lib.WW_MEMWATCH_IN_REGION:
                 raise ValueError("the buffer is VirtualAlloc memory: watch it with "
                                  "MEM_WRITE_WATCH and GetWriteWatch (or WatchedMemory)")
             backing = _file_pages(first, end)
