@@ -11,7 +11,7 @@ import weakref
 
 import numpy as np
 import pytest
-from forking import scaled_work
+from forking import patience, scaled_work
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -340,3 +340,34 @@ def test_kernel_writes_as_each_backend_states():
         else:
             assert readv_into(state[P:], b"data") == 4
             assert watched.written(unit="page").tolist() == [1]
+
+
+def test_closing_during_a_call_leaves_nothing_watched(monkeypatch):
+    """close() while another thread's written() is inside the kernel call: the
+    call must not start watching again after the unwatch (the first GET on
+    memory never watched starts a watch), so close waits for it."""
+    import threading
+    import time
+
+    state = ww.aligned_empty(8 * P, np.uint8)
+    start, end = state.ctypes.data, state.ctypes.data + state.nbytes
+    watched = ww.WatchedBuffer(state)
+    backend = type(watched._watch.backend)
+    real = backend.process_memwatch
+    inside = threading.Event()
+
+    def slow(self, *args):
+        inside.set()
+        time.sleep(0.2)  # close() is called meanwhile
+        return real(self, *args)
+
+    monkeypatch.setattr(backend, "process_memwatch", slow)
+    reader = threading.Thread(target=watched.written)
+    reader.start()
+    assert inside.wait(patience(10))
+    watched.close()
+    reader.join()
+    monkeypatch.undo()
+    for perms, flags in vma_flags(start, end):
+        assert perms.startswith("rw") and "uw" not in flags.split(), (perms, flags)
+    assert readv_into(state[:P], b"k") == 1
