@@ -85,7 +85,7 @@ def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
     try:
         # cffi checks contiguity and writability in one step.
         return ffi.from_buffer("uint64_t[]", vec, require_writable=True), vec_len
-    except (TypeError, BufferError) as exc:
+    except (TypeError, ValueError, BufferError) as exc:  # cffi's words for either
         raise oserror(errno.EINVAL, "vec must be contiguous and writable") from exc
 
 
