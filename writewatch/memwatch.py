@@ -1,5 +1,6 @@
 """process_memwatch: the system call proposed for write watch (see
-docs/semantics.md, rules M1-M12), on whichever backend watches the range.
+docs/semantics.md, rules M1-M20): on any memory of the calling process, and on
+memory another process watches.
 
 It was proposed on the Linux kernel mailing list in 2022 and never merged; its
 ideas landed in Linux 6.7 as PAGEMAP_SCAN with userfaultfd async write-protect,
