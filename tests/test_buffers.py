@@ -94,8 +94,7 @@ def test_rows_are_the_rows_the_written_pages_touch(row_bytes):
 def test_bytearray_memoryview_ctypes_and_mmap():
     made = [bytearray(5 * P), (ctypes.c_int32 * (3 * P)).from_buffer(ww.aligned_empty(3 * P * 4,
                                                                                       np.uint8)),
-            mmap.mmap(-1, 4 * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
-            mmap.mmap(-1, 3 * P)]  # shared anonymous memory
+            mmap.mmap(-1, 4 * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)]
     made.append(memoryview(ww.aligned_empty(4 * P, np.uint8))[P:])
     for buffer in made:
         with ww.WatchedBuffer(buffer) as watched:
@@ -169,6 +168,10 @@ def test_file_pages_are_refused_by_the_kernel_layer(tmp_path, access):
     with mmap.mmap(memfd, 2 * P) as block, pytest.raises(OSError, match="memfd:state"):
         ww.WatchedBuffer(block)
     os.close(memfd)
+    # Shared anonymous memory: a forked child's writes would not be seen.
+    with mmap.mmap(-1, 2 * P) as block, pytest.raises(OSError, match="MAP_PRIVATE") as raised:
+        ww.WatchedBuffer(block)
+    assert raised.value.errno == 22
     with (open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as ro,
           pytest.raises(TypeError, match="read-only")):
         ww.WatchedBuffer(ro)

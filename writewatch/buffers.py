@@ -67,23 +67,21 @@ def _export(buffer: Any) -> tuple[memoryview, int | None]:
     return view, view.shape[0] if view.ndim and view.shape else None
 
 
-# Shared memory with no file of its own: only this process's mappings (and
-# those of children it forks) can write it.
-_ANONYMOUS_SHARED = ("/dev/zero (deleted)", "/anon_hugepage (deleted)")
-
-
-def _file_pages(first: int, end: int) -> str:
-    """The file whose pages [first, end) maps, or "". A file's pages change
-    through write(2) and other processes' mappings, with no write through this
+def _shared_pages(first: int, end: int) -> str:
+    """What [first, end) maps that is shared or a file's, in words, or "".
+    Such pages change through other mappings (another process's, a forked
+    child's) and a file's through write(2), with no write through this
     process's page tables for any backend to see (docs/semantics.md rule B1)."""
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
             low, high = (int(bound, 16) for bound in fields[0].split("-"))
-            if low < end and first < high and fields[4] != "0":
+            if low < end and first < high:
                 path = fields[5].strip() if len(fields) > 5 else ""
-                if path not in _ANONYMOUS_SHARED:
-                    return path or f"inode {fields[4]}"
+                if fields[1][3] == "s":
+                    return f"a shared mapping of {path or 'anonymous memory'}"
+                if fields[4] != "0":
+                    return f"pages of {path or 'inode ' + fields[4]}"
     return ""
 
 
@@ -170,11 +168,11 @@ class WatchedBuffer:
     [3, 700]
 
     buffer is a numpy array, bytearray, mmap, memoryview or ctypes array:
-    writable, C-contiguous, in anonymous memory (private, or shared as
-    mmap.mmap(-1, n) makes it; a file's pages are refused with OSError
-    EINVAL saying why). Watching starts clean; the watch
-    holds buffer (and its export) until closed: a bytearray cannot be resized
-    nor an mmap closed meanwhile.
+    writable, C-contiguous, in private anonymous memory (shared memory and a
+    file's pages are refused with OSError EINVAL saying why: mmap.mmap(-1, n)
+    is shared unless given flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).
+    Watching starts clean; the watch holds buffer (and its export) until
+    closed: a bytearray cannot be resized nor an mmap closed meanwhile.
 
     Granularity is the page. A page the buffer shares with other memory (its
     first and last, unless the buffer starts and ends on page boundaries:
@@ -203,12 +201,13 @@ class WatchedBuffer:
                                        ffi.NULL) == -lib.WW_MEMWATCH_IN_REGION:
                 raise ValueError("the buffer is VirtualAlloc memory: watch it with "
                                  "MEM_WRITE_WATCH and GetWriteWatch (or WatchedMemory)")
-            backing = _file_pages(first, end)
-            if backing:
-                raise kernel.oserror(errno.EINVAL, f"the buffer maps pages of {backing}, "
-                                     "which write(2) and other processes change without a "
-                                     "write through this process's page tables: no backend "
-                                     "would see those writes")
+            shared = _shared_pages(first, end)
+            if shared:
+                raise kernel.oserror(errno.EINVAL, f"the buffer is {shared}: other mappings "
+                                     "(or write(2) on a file) change it with no write through "
+                                     "this process's page tables, which no backend would see "
+                                     "(an anonymous mmap can be private: flags=mmap.MAP_PRIVATE"
+                                     " | mmap.MAP_ANONYMOUS)")
             chosen = backends.backend(backend)
             watch = _Watch(buffer, view, chosen, first, end)
         except BaseException:
