@@ -9,10 +9,13 @@ import errno
 import mmap
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from forking import patience
+from native_writers import NativeWriters
 
 import writewatch as ww
 from writewatch import memwatch
@@ -195,3 +198,42 @@ def test_unwatch_leaves_memory_as_it_was(anonymous):
     clear(base, 8 * P)
     anonymous[3 * P] = 1
     assert written(base, 8 * P) == [3]
+
+
+@pytest.mark.parametrize("flags", [GET | CLEAR, GET | CLEAR | NO_REUSED],
+                         ids=["get-clear", "get-clear-no-reused"])
+def test_first_get_clear_is_atomic_under_concurrent_native_writers(flags):
+    """Rules M8, M13 and M15: GET|CLEAR on memory never watched, while native
+    threads write into it, loses no write: the first call registers before it
+    walks, and with NO_REUSED_REGIONS re-arms the pages it did not report only
+    if they are still unwritten. Each reported page is copied into a shadow; a
+    write cleared without being reported would leave the shadow stale."""
+    npages = 128
+    block = mmap.mmap(-1, npages * P, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = address(block)
+    memory = np.frombuffer(block, np.uint8)
+    shadow = np.zeros(npages * P, np.uint8)
+    vec = np.zeros(5, np.int64)
+
+    def poll(each: int) -> int:
+        found = ww.process_memwatch(0, base, npages * P, each, vec)
+        for offset in vec[:found].tolist():
+            shadow[offset:offset + P] = memory[offset:offset + P]
+        return found
+
+    full_polls = 0
+    with NativeWriters(base, npages, nthreads=2, seed=29, pause_ns=1000) as writers:
+        deadline = time.monotonic() + 0.3
+        while (time.monotonic() < deadline
+               or (full_polls == 0 and time.monotonic() < deadline + patience(10))):
+            found = poll(flags)
+            full_polls += found == len(vec)
+            if found < len(vec):
+                time.sleep(0.001)
+        writes = writers.stop()
+    while poll(flags) == len(vec):
+        pass
+    assert writes > 0 and full_polls > 0
+    stale = np.unique(np.flatnonzero(shadow != memory) // P)
+    assert stale.size == 0, f"pages {stale[:10].tolist()} lost a write to GET|CLEAR"
+    assert written(base, npages * P) == [], "rule M7: all of it is clear after the drain"
