@@ -108,8 +108,8 @@ def refusal_text(why: Any) -> str:
     name = ffi.string(why.name).decode(errors="replace") or "[unknown]"
     where = f"{name} at [{why.start:#x}, {why.end:#x})"
     if why.err == 0:
-        return (f"{where} is VM_PFNMAP (raw page frames): the kernel keeps no write "
-                "state for it, so it cannot be watched")
+        return (f"{where} cannot be watched: the kernel's page walk skips it (VM_PFNMAP "
+                "device memory keeps no write state), or it was mapped during the call")
     if why.err == -errno.EAGAIN:
         return f"{where}: the mappings kept changing during the call"
     return (f"{where} cannot be watched: the kernel refused to register it for "
