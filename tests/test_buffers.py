@@ -7,11 +7,13 @@ import ctypes
 import gc
 import mmap
 import os
+import threading
+import time
 import weakref
 
 import numpy as np
 import pytest
-from forking import patience, scaled_work
+from forking import patience, run_forked, scaled_work
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -349,8 +351,6 @@ def test_closing_during_a_call_leaves_nothing_watched(monkeypatch):
     """close() while another thread's written() is inside the kernel call: the
     call must not start watching again after the unwatch (the first GET on
     memory never watched starts a watch), so close waits for it."""
-    import threading
-    import time
 
     state = ww.aligned_empty(8 * P, np.uint8)
     start, end = state.ctypes.data, state.ctypes.data + state.nbytes
@@ -374,3 +374,22 @@ def test_closing_during_a_call_leaves_nothing_watched(monkeypatch):
     for perms, flags in vma_flags(start, end):
         assert perms.startswith("rw") and "uw" not in flags.split(), (perms, flags)
     assert readv_into(state[:P], b"k") == 1
+
+
+def test_a_forked_child_misses_no_write_and_the_parent_keeps_its_state():
+    state = ww.aligned_empty(16 * P, np.uint8)
+    watched = ww.WatchedBuffer(state)
+    state[3 * P] = 1  # not yet reported when the process forks
+
+    def child() -> list[list[int]]:
+        state[5 * P] = 1
+        first = watched.written(reset=True, unit="page").tolist()  # never fewer
+        state[7 * P] = 1
+        then = watched.written(unit="page").tolist()  # exact after a reset
+        watched.close()
+        return [first, then]
+
+    first, then = run_forked(child)
+    assert {3, 5} <= set(first) and then == [7]
+    assert watched.written(unit="page").tolist() == [3]
+    watched.close()
