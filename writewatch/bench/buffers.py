@@ -1,5 +1,6 @@
 """Scenario 7 of the benchmark (opt-in: ``--scenarios 7``): what changed in a
-numpy array, with write watch and without.
+numpy array, with write watch and without. runner.py builds the table and
+judges the targets; this module measures (and imports nothing of the runner).
 
 A page-aligned numpy array of ``--size-mib`` (1 GiB) has 0.1%, 1% and 10% of its
 pages written (random pages, one byte each) between two looks; each look finds
@@ -21,24 +22,40 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 import writewatch as ww
 from writewatch.backends import checked_name
-from writewatch.bench import runner
 
 P = ww.PAGE_SIZE
 PERCENTS = (0.1, 1, 10)
 COMPARE, HASH = "compare", "hash"
 CHUNK = 4096  # pages per numpy comparison: no temporary the size of the array
 
-# A look: returns the pages that changed and the ns it took to find them.
+# A look: the number of pages that changed and the ns it took to find them.
 Look = Callable[[], tuple[int, int]]
 
 
-def _case(pct: float) -> str:
+class RawRegion(Protocol):
+    """What this scenario uses of the runner's raw C reference (RawTarget)."""
+
+    start: int
+    size: int
+
+    def prepare(self) -> None: ...
+    def touch(self, pages: np.ndarray | None = None) -> int: ...
+    def scan(self, flags: int, start: int, size: int, out: np.ndarray) -> tuple[int, int]: ...
+    def close(self) -> None: ...
+
+
+def case(pct: float) -> str:
     return f"{pct:g}% written"
+
+
+def cases() -> list[str]:
+    return [case(pct) for pct in PERCENTS]
 
 
 def _compare(array: np.ndarray) -> tuple[Look, Callable[[], None]]:
@@ -81,39 +98,41 @@ def _watched(array: np.ndarray, backend: str) -> tuple[Look, Callable[[], None]]
     return look, watched.close
 
 
-def _measure(impl: str, cfg: runner.Config, page_sets: dict[float, np.ndarray],
-             progress: runner.Progress) -> dict[float, tuple[list[float], int]]:
-    """{percent: (ms per look, pages found over the repetitions)} for impl."""
+def _raw_looks(raw: RawRegion) -> Callable[[np.ndarray], tuple[int, int]]:
+    out = np.empty(raw.size // P, np.uintp)
+    raw.prepare()
+
+    def write_and_look(pages: np.ndarray) -> tuple[int, int]:
+        raw.touch(pages)
+        return raw.scan(ww.WRITE_WATCH_FLAG_RESET, raw.start, raw.size, out)
+    return write_and_look
+
+
+def measure(impl: str, size: int, repetitions: int, page_sets: dict[float, np.ndarray],
+            progress: Callable[[str, str], None],
+            raw: RawRegion | None = None) -> dict[float, tuple[list[float], int]]:
+    """{percent: (ms per look, pages found over the repetitions)} for impl: a
+    backend, COMPARE, HASH, or the raw reference region raw (then closed)."""
     found: dict[float, tuple[list[float], int]] = {}
-    head = "7 numpy buffers"
-    if impl in runner.RAW_MODES:
-        raw = runner.RawTarget(cfg.size, 0, cfg.size, impl)
-        out = np.empty(cfg.size // P, np.uintp)
-        try:
-            raw.prepare()
-            for pct, pages in page_sets.items():
-                samples, total = [], 0
-                for rep in range(cfg.repetitions):
-                    progress(head, f"{_case(pct)}, {impl}, repetition {rep + 1}")
-                    raw.touch(pages)
-                    count, elapsed = raw.scan(runner.RESET, raw.start, raw.size, out)
-                    samples.append(elapsed / 1e6)
-                    total += count
-                found[pct] = samples, total
-        finally:
-            raw.close()
-        return found
-    array = ww.aligned_empty(cfg.size, np.uint8)
-    array[::P] = 1  # present: what is timed is finding the changes, not first touches
-    make = {COMPARE: _compare, HASH: _hash}.get(impl)
-    look, stop = make(array) if make else _watched(array, impl)
+    stop: Callable[[], None]
+    if raw is not None:
+        write_and_look = _raw_looks(raw)
+        stop = raw.close
+    else:
+        array = ww.aligned_empty(size, np.uint8)
+        array[::P] = 1  # present: what is timed is finding the changes, not first touches
+        make = {COMPARE: _compare, HASH: _hash}.get(impl)
+        look, stop = make(array) if make else _watched(array, impl)
+
+        def write_and_look(pages: np.ndarray) -> tuple[int, int]:
+            array[pages.astype(np.intp) * P] += 1  # a change every look can see
+            return look()
     try:
         for pct, pages in page_sets.items():
             samples, total = [], 0
-            for rep in range(cfg.repetitions):
-                progress(head, f"{_case(pct)}, {impl}, repetition {rep + 1}")
-                array[pages.astype(np.intp) * P] += 1  # a change every look can see
-                count, elapsed = look()
+            for rep in range(repetitions):
+                progress("7 numpy buffers", f"{case(pct)}, {impl}, repetition {rep + 1}")
+                count, elapsed = write_and_look(pages)
                 samples.append(elapsed / 1e6)
                 total += count
             found[pct] = samples, total
@@ -122,57 +141,37 @@ def _measure(impl: str, cfg: runner.Config, page_sets: dict[float, np.ndarray],
     return found
 
 
-def scenario(cfg: runner.Config, backends: list[str], impls: list[str],
-             progress: runner.Progress) -> runner.Scenario:
-    """Scenario 7 for the runner: impls are its columns for the backends (raw
-    references included), to which compare and hash are added."""
-    npages = cfg.size // P
-    rng = np.random.default_rng(cfg.seed + 7)
-    page_sets = {pct: np.sort(rng.choice(npages, max(1, round(npages * pct / 100)),
-                                         replace=False)).astype(np.uint32)
-                 for pct in PERCENTS}
-    columns = [*impls, COMPARE, HASH]
-    result = runner.Scenario(
-        7, "What changed in a numpy array",
-        f"{cfg.size // runner.MiB} MiB page-aligned numpy array ({npages} pages) with a "
-        "share of its pages written since the last look; one look finds them: "
-        "WatchedBuffer.written(reset=True) per backend, raw C, a compare with a full copy, "
-        f"sha1 per page; median of {cfg.repetitions}",
-        "ms", columns, [_case(pct) for pct in PERCENTS])
-    for impl in columns:
-        for pct, (samples, total) in _measure(impl, cfg, page_sets, progress).items():
-            result.add(runner.Result(_case(pct), impl, "ms", samples, found=total,
-                                     expected=len(page_sets[pct]) * cfg.repetitions))
-    result.notes.append(
-        "compare keeps a full copy (twice the memory) and hash a digest per page; both read "
-        "the whole array on every look. The ratios of compare and hash are to raw C.")
-    return result
+def page_sets(npages: int, seed: int) -> dict[float, np.ndarray]:
+    """The pages written at each percent (uint32, ascending), the same for every impl."""
+    rng = np.random.default_rng(seed)
+    return {pct: np.sort(rng.choice(npages, max(1, round(npages * pct / 100)),
+                                    replace=False)).astype(np.uint32) for pct in PERCENTS}
 
 
-def targets(report: runner.Report, cfg: runner.Config) -> list[runner.Target]:
-    """At 1% of a 1 GiB array written: each backend finds what changed in at
-    most 1/50 of compare's time, and pagemap in at most 1.1x raw PAGEMAP_SCAN."""
-    found = report.scenario(7)
-    if found is None:
-        return []
-    full = cfg.size >= runner.GiB
-    case = _case(1)
-    compare = found.result(case, COMPARE)
-    made: list[runner.Target] = []
-
-    def target(name: str, value: float | None, limit: str, met: bool | None) -> None:
-        made.append(runner.Target(name, value, limit, met if full else None,
-                                  "" if full else runner.NOT_JUDGED))
-
-    for impl in found.impls:
-        if impl in runner.RAW_MODES or impl in (COMPARE, HASH):
+def targets(times: dict[str, float], ratio_to_raw: dict[str, float | None]
+            ) -> list[tuple[str, float | None, str, bool | None]]:
+    """At 1% written: (name, value, limit, met) for each backend's compare/backend
+    (>= 50) and for pagemap/raw (<= 1.1). times and ratio_to_raw are each
+    implementation's at 1%."""
+    compare = times.get(COMPARE)
+    made: list[tuple[str, float | None, str, bool | None]] = []
+    for impl, mine in times.items():
+        if impl in (COMPARE, HASH) or impl not in ratio_to_raw:
             continue
-        mine = found.result(case, impl)
-        times = compare.value / mine.value if compare and mine and mine.value > 0 else None
-        target(f"numpy array {cfg.size // runner.MiB} MiB, 1% written: compare/{impl}", times,
-               ">= 50", None if times is None else times >= 50)
-    pagemap = found.result(case, "pagemap")
-    ratio = pagemap.ratio if pagemap else None
-    target(f"numpy array {cfg.size // runner.MiB} MiB, 1% written: pagemap/raw", ratio,
-           "<= 1.1", None if ratio is None else ratio <= 1.1)
+        value = compare / mine if compare and mine > 0 else None
+        made.append((f"compare/{impl}", value, ">= 50", None if value is None else value >= 50))
+    ratio = ratio_to_raw.get("pagemap")
+    made.append(("pagemap/raw", ratio, "<= 1.1", None if ratio is None else ratio <= 1.1))
     return made
+
+
+def describe(size: int, repetitions: int) -> str:
+    return (f"{size >> 20} MiB page-aligned numpy array ({size // P} pages) with a share of "
+            "its pages written since the last look; one look finds them: "
+            "WatchedBuffer.written(reset=True) per backend, raw C, a compare with a full "
+            f"copy, sha1 per page; median of {repetitions}")
+
+
+NOTE = ("compare keeps a full copy (twice the memory) and hash a digest per page; both read "
+        "the whole array on every look. The ratios of compare and hash are to raw C.")
+
