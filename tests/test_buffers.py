@@ -335,6 +335,20 @@ def test_a_finalizer_acts_on_its_own_watch_only():
     second.close()
 
 
+def test_prepared_kernel_writes_work_and_are_reported_on_every_backend():
+    state = ww.aligned_empty(4 * P, np.uint8)
+    state[:] = 9
+    with ww.WatchedBuffer(state[100:]) as watched:  # the buffer starts inside page 0
+        watched.prepare_kernel_write(P - 100, 2 * P)  # pages 1 and 2
+        assert bytes(state) == b"\x09" * (4 * P)  # the preparation changed nothing
+        assert readv_into(state[P:3 * P], b"k" * (2 * P)) == 2 * P
+        assert watched.written(unit="page").tolist() == [1, 2]
+        with pytest.raises(ValueError, match="not inside"):
+            watched.prepare_kernel_write(10, watched.nbytes)
+    with pytest.raises(ValueError, match="closed"):
+        watched.prepare_kernel_write()
+
+
 def test_kernel_writes_as_each_backend_states():
     state = ww.aligned_empty(2 * P, np.uint8)
     with ww.WatchedBuffer(state) as watched:

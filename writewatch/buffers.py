@@ -183,8 +183,8 @@ class WatchedBuffer:
     backend picks the mechanism ("auto": WRITEWATCH_BACKEND, or the best
     here). Where .kernel_writes_fault is True (mprotect; uffd without
     privilege), the kernel's own writes into the watched pages (os.readv,
-    readinto, recv_into) fail with EFAULT: fill such buffers from a copy, or
-    close the watch first. close() (or the with block, or collection) stops
+    readinto, recv_into) fail with EFAULT unless prepare_kernel_write comes
+    first. close() (or the with block, or collection) stops
     the watch and leaves the memory as it was; a closed watch raises
     ValueError.
     """
@@ -366,6 +366,25 @@ class WatchedBuffer:
         starts = np.cumsum(counts) - counts
         rows += np.repeat(low - starts, counts)
         return rows.astype(dtype, copy=False)
+
+    def prepare_kernel_write(self, offset: int = 0, size: int | None = None) -> None:
+        """Mark the pages holding bytes [offset, offset+size) of the buffer
+        (size None: to its end) written, so that the kernel's own write into
+        them (os.readv, readinto, recv_into) succeeds on every backend (rule
+        B7). Each page gets an atomic add of nothing: no byte changes, even
+        while other threads write. A reset between this call and the kernel's
+        write re-arms the pages: call it again."""
+        offset = operator.index(offset)
+        size = self.nbytes - offset if size is None else operator.index(size)
+        if offset < 0 or size < 0 or offset + size > self.nbytes:
+            raise ValueError(f"[{offset}, +{size}) is not inside the {self.nbytes}-byte buffer")
+        watch = self._watch
+        with watch.lock:  # the buffer stays alive and watched meanwhile
+            self._check_open()
+            if size:
+                first = page_floor(self.address + offset)
+                kernel.check(lib.ww_touch_for_write(
+                    first, page_ceil(self.address + offset + size) - first), "touch")
 
     def reset(self) -> None:
         """Mark the whole buffer unwritten."""
