@@ -281,6 +281,17 @@ def test_close_twice_and_use_after_close():
             use()
 
 
+def test_a_watch_cannot_be_copied_or_pickled():
+    import copy
+    import pickle
+
+    with ww.WatchedBuffer(ww.aligned_empty(P, np.uint8)) as watched:
+        for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="copied or pickled"):
+                attempt(watched)
+        assert not watched.closed
+
+
 def test_the_watch_keeps_its_buffer_alive():
     state = ww.aligned_empty(2 * P, np.uint8)
     alive = weakref.ref(state)

@@ -398,6 +398,11 @@ class WatchedBuffer:
         registrations); closing again does nothing."""
         self._finalizer()
 
+    def __reduce__(self) -> Any:
+        # A copy would share this watch: closing either would end both.
+        raise TypeError("a WatchedBuffer cannot be copied or pickled: watch a copy of the "
+                        "buffer instead")
+
     def __enter__(self) -> WatchedBuffer:
         self._check_open()
         return self
