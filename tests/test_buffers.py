@@ -65,6 +65,9 @@ def test_numpy_rows_pages_and_offsets():
                                                              state.ctypes.data + 700 * P]
         assert watched.written(reset=True, unit="row").tolist() == [3, 700]
         assert watched.written(unit="row").tolist() == []
+        state[5] = 1
+        answer = watched.written()  # owns its memory: not a view of a 1000-entry array
+        assert answer.tolist() == [5 * P] and answer.base is None and answer.dtype == np.uintp
 
 
 @pytest.mark.parametrize("row_bytes", [8, 24, 1000, P, 3 * P + 8, 5 * P])

@@ -281,7 +281,8 @@ class WatchedBuffer:
         out (a 1-D contiguous array of 8-byte integers) caps the result at
         len(out) entries and receives it (the result is a view of out); what
         did not fit stays written for the next call. For rows, out must hold
-        at least the rows one page can touch. Without out, a new uintp array."""
+        at least the rows one page can touch. Without out, a new uintp array
+        of its own."""
         if not isinstance(reset, (bool, np.bool_)):
             raise TypeError(f"reset must be a bool, not {type(reset).__name__}")
         if unit not in ("offset", "page", "row", "address"):
@@ -303,17 +304,18 @@ class WatchedBuffer:
             found = vec[:watch.scan(watch.first, flags, vec, min(len(vec), npages))]
         # process_memwatch gives byte offsets from the first page: converted in
         # place, with as few numpy calls as can be (each costs about a microsecond).
-        if not len(found) or (unit == "offset" and not self.page_offset):
-            return found
         if unit == "address":
             found += watch.first
         elif unit == "page":
             found >>= _PAGE_SHIFT
+        elif not self.page_offset or not len(found):
+            pass
         elif found[0] == 0:  # the first page begins before the buffer: offset 0
             found[1:] -= self.page_offset
         else:
             found -= self.page_offset
-        return found
+        # A short answer must not keep a page-count array alive (8 bytes per page).
+        return found.copy() if out is None and 2 * len(found) < len(vec) else found
 
     def _rows(self, flags: int, out: np.ndarray | None) -> np.ndarray:
         """written(unit="row"), under the watch's lock."""
