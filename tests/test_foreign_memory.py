@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from forking import patience
+from forking import patience, run_forked
 from native_writers import NativeWriters
 
 import writewatch as ww
@@ -237,3 +237,21 @@ def test_first_get_clear_is_atomic_under_concurrent_native_writers(flags):
     stale = np.unique(np.flatnonzero(shadow != memory) // P)
     assert stale.size == 0, f"pages {stale[:10].tolist()} lost a write to GET|CLEAR"
     assert written(base, npages * P) == [], "rule M7: all of it is clear after the drain"
+
+
+def test_forked_child_watches_its_own_memory(anonymous):
+    """Rules M13 and K17: a forked child's memory is not registered: it reads
+    as never watched there, the child's own CLEAR works, and the parent's
+    state is untouched."""
+    base = address(anonymous)
+    clear(base, 8 * P)
+    anonymous[P] = 1
+
+    def child() -> list[list[int]]:
+        before = written(base, 8 * P)
+        clear(base, 8 * P)
+        anonymous[2 * P] = 1
+        return [before, written(base, 8 * P)]
+
+    assert run_forked(child) == [list(range(8)), [2]]
+    assert written(base, 8 * P) == [1], "the parent's written state is its own"

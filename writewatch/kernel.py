@@ -342,6 +342,12 @@ class Backend:
         OSError(EINVAL) naming it, before anything is read or cleared."""
         raise NotImplementedError
 
+    def memwatch_handle(self) -> tuple[int, int, int]:
+        """(kind, uffd, pagemap_fd) under which native/index.c serves
+        process_memwatch in one call (kind WW_INDEX_PAGEMAP); any other kind
+        means process_memwatch above is called."""
+        return lib.WW_INDEX_PLAIN, -1, -1
+
     def memwatch_unwatch(self, start: int, end: int) -> None:
         """Stop watching [start, end) of memory process_memwatch watched,
         leaving its contents and protection as they were; it then reads as

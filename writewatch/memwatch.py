@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import backends, kernel
-from writewatch.backends.pagemap import memwatch_scan
+from writewatch.backends.pagemap import memwatch_scan, refusal_struct, refusal_text
 from writewatch.kernel import PAGE_MASK, ffi, lib, oserror
 
 
@@ -73,6 +73,8 @@ def _target_pagemap(pidfd: int) -> int:
 
 
 _INT64 = np.dtype(np.int64)
+_UINT64S = ffi.typeof("uint64_t[]")
+_from_buffer = ffi.from_buffer
 
 
 def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
@@ -84,8 +86,8 @@ def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
     if not 0 < vec_len <= len(vec):
         raise oserror(errno.EINVAL, f"vec_len {vec_len} must be 1..len(vec) ({len(vec)})")
     try:
-        # cffi checks contiguity and writability in one step.
-        return ffi.from_buffer("uint64_t[]", vec, require_writable=True), vec_len
+        # cffi checks contiguity and writability (the third argument) in one step.
+        return _from_buffer(_UINT64S, vec, True), vec_len
     except (TypeError, ValueError, BufferError) as exc:  # cffi's words for either
         raise oserror(errno.EINVAL, "vec must be contiguous and writable") from exc
 
@@ -103,6 +105,8 @@ _BAD_ARGUMENTS = {
 _IN_REGION = lib.WW_MEMWATCH_IN_REGION
 _INT64_MAX = (1 << 63) - 1
 _checked = lib.ww_memwatch_checked
+_call = lib.ww_memwatch_call
+_REFUSED_BASE = lib.WW_MEMWATCH_REFUSED_BASE
 
 
 def _refused(bad: int, start: int, length: int, flags: int) -> OSError:
@@ -130,19 +134,27 @@ def _checked_range(start: int, length: int, flags: int, out: Any, capacity: int)
 # largest cost of a small call); its dict of bytes is a plain lookup.
 _environ: dict[bytes, bytes] | None = getattr(os.environ, "_data", None)
 _BACKEND_KEY = os.fsencode(backends.BACKEND_ENV)
-_selected: tuple[bytes | str | None, kernel.Backend] | None = None
+_selected: tuple[bytes | str | None, int, kernel.Backend, tuple[int, int, int]] | None = None
 
 
 def _backend() -> kernel.Backend:
-    """backends.backend(), remembered per WRITEWATCH_BACKEND value: the fast
-    path costs one dict lookup, not a probe-table copy."""
+    return _selection()[2]
+
+
+def _selection() -> tuple[bytes | str | None, int, kernel.Backend, tuple[int, int, int]]:
+    """(WRITEWATCH_BACKEND, process epoch, backend, its memwatch_handle()),
+    remembered until either changes: the fast path costs one dict lookup, not a
+    probe-table copy and a descriptor check."""
     global _selected
     env = (_environ.get(_BACKEND_KEY) if _environ is not None
            else os.environ.get(backends.BACKEND_ENV))
     selected = _selected
-    if selected is None or selected[0] != env:
-        selected = _selected = (env, backends.backend())
-    return selected[1]
+    if selected is None or selected[0] != env or selected[1] != kernel.process_epoch():
+        backend = backends.backend()
+        # The epoch first: a fork after this line makes the entry stale, never the reverse.
+        epoch = kernel.process_epoch()
+        selected = _selected = (env, epoch, backend, backend.memwatch_handle())
+    return selected
 
 
 def process_memwatch(pidfd: int, start: int, length: int, flags: int,
@@ -185,6 +197,20 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
         out, capacity = _vec_pointer(vec, None if vec_len is None else operator.index(vec_len))
     else:
         out, capacity = ffi.NULL, 0
+    if pidfd == 0 and 0 <= start < 1 << 64 and 0 <= flags < 1 << 32:
+        # The fast path: checks and walk in one native call (native/index.c).
+        why = refusal_struct()
+        kind, uffd, pagemap_fd = _selection()[3]
+        result = _call(kind, uffd, pagemap_fd, start, max(min(length, _INT64_MAX), -1), flags,
+                       capacity, out, why)
+        if result >= 0:
+            return int(result)
+        if result == -errno.EINVAL:
+            raise oserror(errno.EINVAL, refusal_text(why))
+        if result != -errno.EOPNOTSUPP and result != -_REFUSED_BASE - _IN_REGION:
+            if result > -_REFUSED_BASE:
+                return _memwatch_check(result)
+            raise _refused(-_REFUSED_BASE - result, start, length, flags)
     end, in_region = _checked_range(start, length, flags, out, capacity)
     if end == start:
         return 0

@@ -80,11 +80,15 @@ class PagemapBackend(kernel.Backend):
     def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
         uffd, pagemap_fd = self.descriptors.get()
-        why = _refusal()
+        why = refusal_struct()
         result = int(lib.ww_memwatch(uffd, pagemap_fd, start, end, flags, out, capacity, why))
         if result == -errno.EINVAL:
             raise oserror(errno.EINVAL, refusal_text(why))
         return result
+
+    def memwatch_handle(self) -> tuple[int, int, int]:
+        uffd, pagemap_fd = self.descriptors.get()
+        return lib.WW_INDEX_PAGEMAP, uffd, pagemap_fd
 
     def memwatch_unwatch(self, start: int, end: int) -> None:
         uffd, pagemap_fd = self.descriptors.get()
@@ -94,7 +98,7 @@ class PagemapBackend(kernel.Backend):
 _per_thread = threading.local()
 
 
-def _refusal() -> Any:
+def refusal_struct() -> Any:
     """This thread's struct ww_memwatch_refusal (one allocation per thread,
     not per call: the fast path is one native call)."""
     why = getattr(_per_thread, "why", None)

@@ -248,4 +248,9 @@ int ww_index_set_latched(uint64_t base, int latched);
 int ww_output_check(const void *out, uint64_t size);
 int64_t ww_memwatch_checked(uint64_t start, int64_t length, unsigned int flags,
                             int64_t vec_len, const void *vec);
+/* ww_memwatch_call's answer for a refusal of ww_memwatch_checked: -(base + reason). */
+#define WW_MEMWATCH_REFUSED_BASE 2000
+int64_t ww_memwatch_call(int kind, int64_t uffd, int64_t pagemap_fd, uint64_t start,
+                         int64_t length, unsigned int flags, int64_t vec_len, uint64_t *vec,
+                         struct ww_memwatch_refusal *why);
 void ww_index_after_fork_child(void);

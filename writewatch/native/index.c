@@ -506,3 +506,24 @@ int64_t ww_memwatch_checked(uint64_t start, int64_t length, unsigned int flags,
     reader_exit(phase);
     return bad ? -bad : (int64_t)end;
 }
+
+/*
+ * process_memwatch on the calling process in one native call: the checks of
+ * ww_memwatch_checked, then the backend's walk (kind WW_INDEX_PAGEMAP: its
+ * userfaultfd and pagemap descriptors). Returns the count, -errno, or
+ * -(WW_MEMWATCH_REFUSED_BASE + reason) for a refusal or a range of region
+ * memory (WW_MEMWATCH_IN_REGION). Another kind answers -EOPNOTSUPP before
+ * anything is done: Python serves it.
+ */
+int64_t ww_memwatch_call(int kind, int64_t uffd, int64_t pagemap_fd, uint64_t start,
+                         int64_t length, unsigned int flags, int64_t vec_len, uint64_t *vec,
+                         struct ww_memwatch_refusal *why)
+{
+    if (kind != WW_INDEX_PAGEMAP)
+        return -EOPNOTSUPP;
+    int64_t end = ww_memwatch_checked(start, length, flags, vec_len, vec);
+    if (end < 0)
+        return -WW_MEMWATCH_REFUSED_BASE + end;
+    return ww_memwatch((int)uffd, (int)pagemap_fd, start, (uint64_t)end, flags, vec,
+                       (flags & MEMWATCH_SD_GET) ? (uint64_t)vec_len : 0, why);
+}
