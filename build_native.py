@@ -5,7 +5,9 @@ by the package. The C sources live in writewatch/native/, split by job:
 abi.h (the kernel ABI and every helper's prototype, read both as the cdef and
 by the C compiler, so each struct is declared once), syscalls.c (system-call
 wrappers), pagemap.c (PAGEMAP_SCAN scans), tracking.c (the fallback backends'
-per-page state, SIGSEGV handler and userfaultfd handler thread), index.c
+per-page state, SIGSEGV handler and userfaultfd handler thread), foreign.c and
+foreign_maps.c (process_memwatch over memory writewatch did not allocate, on
+the fallbacks: the kernel's mappings and pagemap read per call), index.c
 (the native index behind one-call GetWriteWatch/ResetWriteWatch) and
 ctable.h (the lock-free sorted table both of those keep their items in).
 """
@@ -16,7 +18,8 @@ from typing import Any
 from cffi import FFI
 
 NATIVE = Path(__file__).resolve().parent / "writewatch" / "native"
-SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "index.c"]
+SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "index.c", "foreign.c",
+           "foreign_maps.c"]
 # libprocess_memwatch (process_memwatch.h): the proposal's C entry point, pure C
 # from the same sources; only process_memwatch is exported.
 LIBRARY = "process_memwatch"

@@ -59,6 +59,11 @@ def _kernel_writes_note(report: list[dict[str, object]]) -> str:
         lines.append(f"  {', '.join(prepared)}: fail with EFAULT unless prepared: use "
                      "writewatch.read_into / recv_into (or WatchedMemory.read_into), or call "
                      "prepare_kernel_write(address, size) first.")
+    fallbacks = [name for name in ("uffd", "mprotect") if name in prepared]
+    if fallbacks:
+        lines.append(f"  process_memwatch on memory writewatch did not allocate, on "
+                     f"{', '.join(fallbacks)}: the kernel's writes into its armed pages fail "
+                     "with EFAULT until memwatch_unwatch.")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from writewatch import kernel
-from writewatch.kernel import check, lib, oserror
+from writewatch.kernel import check, ffi, lib, oserror
 
 
 class TrackedWatcher(kernel.Watcher):
@@ -58,8 +58,25 @@ def region_memwatch(mode: int, start: int, end: int, get: bool, clear: bool, out
     return result
 
 
-def foreign_memwatch(name: str, start: int, end: int) -> int:
-    """process_memwatch on memory no region holds: not on this mechanism yet."""
-    # TODO(issue 17, i17b): ww_track_memwatch_any replaces this refusal at merge.
-    raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is memory writewatch did not "
-                                f"allocate, which the {name} backend does not watch yet")
+def memwatch_any(mode: int, start: int, end: int, flags: int, out: Any, capacity: int) -> int:
+    """process_memwatch (the proposal's flags) over any private anonymous memory
+    of this process in [start, end), watched in mode from its first call on
+    (native/foreign.c): the count, or -errno for memwatch.py to decode; a
+    refusal raises OSError(EINVAL) with its reason."""
+    result = int(lib.ww_track_memwatch_any(mode, start, end, flags, out, capacity))
+    if result == -errno.EINVAL:
+        check(result, _reason(result, "process_memwatch"))
+    return result
+
+
+def memwatch_unwatch(mode: int, start: int, end: int) -> None:
+    """Stop watching [start, end): armed pages get back the protection their
+    mapping had, and the memory is left as it was."""
+    result = int(lib.ww_track_memwatch_unwatch(mode, start, end))
+    check(result, _reason(result, "process_memwatch unwatch"))
+
+
+def _reason(result: int, what: str) -> str:
+    if result != -errno.EINVAL:
+        return what
+    return ffi.string(lib.ww_memwatch_reason()).decode() or what

@@ -96,7 +96,9 @@ class MprotectBackend(kernel.Backend):
 
     def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        return _tracked.foreign_memwatch(self.name, start, end)
+        _keep_handler_first()
+        check(lib.ww_segv_install(), "sigaction(SIGSEGV)")
+        return _tracked.memwatch_any(lib.WW_MODE_MPROTECT, start, end, flags, out, capacity)
 
     def memwatch_unwatch(self, start: int, end: int) -> None:
-        pass  # nothing of foreign memory is watched here yet
+        _tracked.memwatch_unwatch(lib.WW_MODE_MPROTECT, start, end)

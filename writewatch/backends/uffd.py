@@ -44,6 +44,7 @@ class _Descriptor(kernel.PerProcess):
                       | offered & (lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_THREAD_ID))
             self.features = kernel.uffd_enable_features(uffd, wanted) & wanted
             check(lib.ww_uffd_handler_start(uffd), "pthread_create")
+            lib.ww_memwatch_use_uffd(uffd, self.features)
         except OSError:
             os.close(uffd)
             raise
@@ -89,10 +90,12 @@ class UffdBackend(kernel.Backend):
 
     def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
-        return _tracked.foreign_memwatch(self.name, start, end)
+        self.descriptor.get()  # this process's descriptor and handler thread
+        return _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
 
     def memwatch_unwatch(self, start: int, end: int) -> None:
-        pass  # nothing of foreign memory is watched here yet
+        self.descriptor.get()
+        _tracked.memwatch_unwatch(lib.WW_MODE_UFFD, start, end)
 
 
 class _UffdWatcher(_tracked.TrackedWatcher):

@@ -51,6 +51,38 @@ struct pm_scan_arg {
     uint64_t return_mask;
 };
 
+/* ---- PROCMAP_QUERY on /proc/PID/maps (Linux 6.11): one VMA per ioctl ---- */
+#define PROCMAP_QUERY 0xC0686611
+#define PROCMAP_QUERY_VMA_READABLE 0x1
+#define PROCMAP_QUERY_VMA_WRITABLE 0x2
+#define PROCMAP_QUERY_VMA_EXECUTABLE 0x4
+#define PROCMAP_QUERY_VMA_SHARED 0x8
+#define PROCMAP_QUERY_COVERING_OR_NEXT_VMA 0x10
+
+struct procmap_query {
+    uint64_t size;
+    uint64_t query_flags;
+    uint64_t query_addr;
+    uint64_t vma_start;
+    uint64_t vma_end;
+    uint64_t vma_flags;
+    uint64_t vma_page_size;
+    uint64_t vma_offset;
+    uint64_t inode;
+    uint32_t dev_major;
+    uint32_t dev_minor;
+    uint32_t vma_name_size;
+    uint32_t build_id_size;
+    uint64_t vma_name_addr;
+    uint64_t build_id_addr;
+};
+
+/* /proc/PID/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). */
+#define WW_PM_PFN_BITS 55
+#define WW_PM_UFFD_WP_BIT 57
+#define WW_PM_SWAPPED_BIT 62
+#define WW_PM_PRESENT_BIT 63
+
 /* ---- userfaultfd (syscall 323 on x86_64) ---- */
 #define WW_NR_USERFAULTFD 323
 #define UFFD_USER_MODE_ONLY 1
@@ -198,7 +230,10 @@ int ww_memwatch_open(int *uffd, int *pagemap_fd);
 #define WW_PAGE_WRITE 0x8
 #define WW_PAGE_WATCHED 0x10 /* committed and tracked */
 
-/* A range's handle is an opaque 64-bit id (non-negative; -errno on failure). */
+/* A range's handle is an opaque 64-bit id (non-negative; -errno on failure).
+ * mode | WW_TRACK_FOREIGN: memory writewatch did not map (foreign.c); its data
+ * and protection are left as they are. */
+#define WW_TRACK_FOREIGN 0x100
 int64_t ww_track_attach(uint64_t start, uint64_t length, int mode);
 int ww_track_detach(uint64_t handle);
 int ww_track_watch(uint64_t handle, uint64_t start, uint64_t length, int prot, int clean);
@@ -219,6 +254,22 @@ int ww_segv_install(void);
 int ww_segv_installed(void);
 int ww_uffd_handler_start(int uffd);
 int ww_touch_for_write(uint64_t start, uint64_t length);
+int ww_track_internal_overlaps(uint64_t start, uint64_t end);
+int ww_track_states(uint64_t handle, uint64_t address, uint64_t npages, uint8_t *out);
+
+/* process_memwatch over any private anonymous memory of this process on the
+ * fallback backends (foreign.c). A refusal (-EINVAL) leaves its reason in
+ * ww_memwatch_reason() of the calling thread. */
+#define WW_MEMWATCH_GET 0x1
+#define WW_MEMWATCH_CLEAR 0x2
+#define WW_MEMWATCH_NO_REUSED_REGIONS 0x4
+int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned flags,
+                              uint64_t *vec, uint64_t vec_len);
+int ww_track_memwatch_unwatch(int mode, uint64_t start, uint64_t end);
+const char *ww_memwatch_reason(void);
+void ww_memwatch_use_uffd(int uffd, uint64_t features);
+int ww_memwatch_maps_method(int force_maps);
+void ww_memwatch_evict(uint64_t start, uint64_t end);
 
 /* The native index of write-watch regions (index.c): GetWriteWatch and
  * ResetWriteWatch in one call each, Windows' checks included. A call the index

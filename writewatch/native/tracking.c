@@ -35,6 +35,7 @@
  * a fault, is counted in track_users; a range, and any table memory an update
  * replaced, is freed only once no counted access is left that could reach it.
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -424,11 +425,28 @@ static void share_one_anon_vma(uint64_t start, uint64_t length)
     mprotect(p, length, PROT_NONE);
 }
 
+/* A range's struct is written by the fault path, so it gets a mapping of its
+ * own, never a malloc heap page that process_memwatch may arm (foreign.c asks
+ * ww_track_internal_overlaps to keep such pages out). */
+static struct track_range *range_alloc(void)
+{
+    void *r = mmap(NULL, sizeof(struct track_range), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return r == MAP_FAILED ? NULL : r;
+}
+
+static void range_free(struct track_range *r)
+{
+    munmap(r, sizeof *r);
+}
+
 int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
 {
-    struct track_range *r = calloc(1, sizeof *r);
+    struct track_range *r = range_alloc();
     if (!r)
         return -ENOMEM;
+    int foreign = mode & WW_TRACK_FOREIGN; /* memory writewatch did not map: keep its data */
+    mode &= ~WW_TRACK_FOREIGN;
     r->start = start;
     r->end = start + length;
     r->mode = mode;
@@ -436,13 +454,15 @@ int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
     void *state = mmap(NULL, r->state_size, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (state == MAP_FAILED) {
-        free(r);
+        range_free(r);
         return -ENOMEM;
     }
     r->state = state;
-    if (mode == WW_MODE_MPROTECT)
+    if (mode == WW_MODE_MPROTECT && !foreign)
         share_one_anon_vma(start, length);
     struct ct_item item = { .start = r->start, .end = r->end, .ptr = r };
+    if (!foreign) /* a new reservation replaces whatever was watched there */
+        ww_memwatch_evict(r->start, r->end);
     pthread_mutex_lock(&track_slots_mutex);
     int result = length == 0 || ct_overlaps(track_table.top, r->start, r->end) ? -EEXIST
         : ct_splice(&track_table, r->start, r->start + 1, &item, 1, track_retire, NULL);
@@ -450,7 +470,7 @@ int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
     pthread_mutex_unlock(&track_slots_mutex);
     if (result) {
         munmap(state, r->state_size);
-        free(r);
+        range_free(r);
         return result;
     }
     return (int64_t)start;
@@ -469,7 +489,7 @@ int ww_track_detach(uint64_t handle)
     while (__atomic_load_n(&track_users, __ATOMIC_SEQ_CST))
         sched_yield();
     munmap(r->state, r->state_size);
-    free(r);
+    range_free(r);
     pthread_mutex_lock(&track_slots_mutex);
     track_reclaim();
     pthread_mutex_unlock(&track_slots_mutex);
@@ -485,6 +505,45 @@ int ww_track_mode_at(uint64_t address)
     int mode = r ? r->mode : -ENOENT;
     range_exit();
     return mode;
+}
+
+static uint64_t track_handler_stack[2]; /* the uffd handler thread's [low, high) */
+
+static int spans_overlap(uint64_t a, uint64_t b, uint64_t lo, uint64_t hi)
+{
+    return a < hi && lo < b;
+}
+
+/* Does [start, end) hold memory the fault path writes (a range's struct or
+ * state, the uffd handler thread's stack)? Arming it would make the fault path
+ * fault on itself. Whole pages count. */
+int ww_track_internal_overlaps(uint64_t start, uint64_t end)
+{
+    const uint64_t mask = WW_PAGE_SIZE - 1;
+    int found = spans_overlap(start, end, track_handler_stack[0], track_handler_stack[1]);
+    pthread_mutex_lock(&track_slots_mutex);
+    struct ct_top *top = track_table.top;
+    struct ct_pos pos = { 0, 0 };
+    if (!found && top && top->count)
+        do {
+            const struct track_range *r = ct_at(top, pos)->ptr;
+            uint64_t at = (uint64_t)(uintptr_t)r, state = (uint64_t)(uintptr_t)r->state;
+            found = spans_overlap(start, end, at & ~mask, (at + sizeof *r + mask) & ~mask) ||
+                    spans_overlap(start, end, state, state + r->state_size);
+        } while (!found && ct_next(top, &pos));
+    pthread_mutex_unlock(&track_slots_mutex);
+    return found;
+}
+
+/* The state bytes of npages pages from address, in one counted access. */
+int ww_track_states(uint64_t handle, uint64_t address, uint64_t npages, uint8_t *out)
+{
+    struct track_range *r = range_enter_span(handle, address, npages * WW_PAGE_SIZE);
+    if (!r)
+        return -EINVAL;
+    memcpy(out, r->state + (address - r->start) / WW_PAGE_SIZE, npages);
+    range_exit();
+    return 0;
 }
 
 int ww_track_state(uint64_t handle, uint64_t address)
@@ -955,6 +1014,16 @@ static void *uffd_handler_main(void *arg)
 {
     int uffd = (int)(intptr_t)arg;
     struct uffd_msg messages[64];
+    pthread_attr_t self;
+    void *stack;
+    size_t stack_size;
+    if (!pthread_getattr_np(pthread_self(), &self)) {
+        if (!pthread_attr_getstack(&self, &stack, &stack_size)) {
+            track_handler_stack[0] = (uint64_t)(uintptr_t)stack;
+            track_handler_stack[1] = (uint64_t)(uintptr_t)stack + stack_size;
+        }
+        pthread_attr_destroy(&self);
+    }
     for (;;) {
         struct pollfd ready = { .fd = uffd, .events = POLLIN };
         if (poll(&ready, 1, -1) < 0) {

@@ -1,0 +1,602 @@
+/*
+ * process_memwatch over memory writewatch did not map, on the fallback backends
+ * (mprotect + SIGSEGV, synchronous userfaultfd): the malloc heap, a plain mmap,
+ * a numpy buffer, transparent huge pages.
+ *
+ * Watched memory lives in tracking.c's range table like a reservation
+ * (ww_track_attach with WW_TRACK_FOREIGN), so the fault paths, the range lock
+ * and the arm-before-clear order that make GET|CLEAR atomic are the same ones.
+ * What this file adds is what the kernel knows and writewatch does not:
+ *
+ * - which mappings [start, end) holds now: each call walks the VMAs
+ *   (PROCMAP_QUERY on Linux 6.11+, else /proc/self/maps), refuses the ones that
+ *   cannot be watched before it touches any, and skips holes;
+ * - whether a watched page is still the one that was armed: a page armed for
+ *   tracking must still trap writes (mprotect: its VMA is read-only; uffd: its
+ *   pagemap entry carries the uffd-wp bit), and a page's VMA must still have the
+ *   protection recorded for it. Otherwise the mapping was replaced (munmap +
+ *   mmap at the same address), or its owner changed its protection: the page
+ *   is watched afresh, as a new mapping, and reads as written until cleared.
+ *   So a replacement is seen at the latest by the next call, and writes made
+ *   meanwhile are reported by it, never lost.
+ *
+ * A new mapping reads as written until its first CLEAR (the proposal's
+ * VM_SOFTDIRTY): its pages are tracked dirty and left unarmed. With
+ * NO_REUSED_REGIONS, memory met for the first time is armed first and then
+ * only the pages written before (present in /proc/self/pagemap and not the
+ * shared zero page) are marked dirty.
+ *
+ * Calls are serialised by one mutex (taken before any range lock, and around
+ * fork, so a child never inherits it held).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+
+#include "abi.h"
+#include "foreign.h"
+
+#define PAGE WW_FOREIGN_PAGE
+#define CHUNK_PAGES WW_FOREIGN_CHUNK_PAGES
+#define NAME_SIZE WW_FOREIGN_NAME_SIZE
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
+#endif
+
+static pthread_mutex_t foreign_mutex = PTHREAD_MUTEX_INITIALIZER;
+static int foreign_uffd = -1;
+static uint64_t foreign_uffd_features;
+
+/* The uffd backend's descriptor and the features it enabled (set at each open,
+ * a forked child's included). */
+void ww_memwatch_use_uffd(int uffd, uint64_t features)
+{
+    pthread_mutex_lock(&foreign_mutex);
+    foreign_uffd = uffd;
+    foreign_uffd_features = features;
+    pthread_mutex_unlock(&foreign_mutex);
+}
+
+static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+static uint64_t max_u64(uint64_t a, uint64_t b) { return a > b ? a : b; }
+
+/* ---- the watched spans: one tracking range each, sorted by address ---- */
+
+struct span {
+    uint64_t start, end;
+    int mode;
+};
+
+static struct span *spans;
+static size_t span_count, span_capacity;
+
+static int span_insert(uint64_t start, uint64_t end, int mode)
+{
+    if (span_count == span_capacity) {
+        size_t capacity = span_capacity ? span_capacity * 2 : 256;
+        /* mmap, not malloc: the table is never on a heap page being armed. */
+        struct span *grown = mmap(NULL, capacity * sizeof *grown, PROT_READ | PROT_WRITE,
+                                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (grown == MAP_FAILED)
+            return -ENOMEM;
+        if (spans) {
+            memcpy(grown, spans, span_count * sizeof *spans);
+            munmap(spans, span_capacity * sizeof *spans);
+        }
+        spans = grown;
+        span_capacity = capacity;
+    }
+    size_t at = 0;
+    while (at < span_count && spans[at].start < start)
+        at++;
+    memmove(spans + at + 1, spans + at, (span_count - at) * sizeof *spans);
+    spans[at] = (struct span){ start, end, mode };
+    span_count++;
+    return 0;
+}
+
+static void span_remove(size_t at)
+{
+    memmove(spans + at, spans + at + 1, (span_count - at - 1) * sizeof *spans);
+    span_count--;
+}
+
+/* The first span that ends after address. */
+static size_t span_from(uint64_t address)
+{
+    size_t at = 0;
+    while (at < span_count && spans[at].end <= address)
+        at++;
+    return at;
+}
+
+/* ---- starting to watch ---- */
+
+static int uffd_register(uint64_t a, uint64_t b)
+{
+    uint64_t ioctls = 0;
+    int result = ww_uffd_register_wp(foreign_uffd, a, b - a, &ioctls);
+    if (result)
+        return refuse("userfaultfd cannot write-protect [%#llx, %#llx): %s",
+                      (unsigned long long)a, (unsigned long long)b, strerror(-result));
+    if (!(ioctls >> WW_UFFDIO_WRITEPROTECT_BIT & 1))
+        return refuse("userfaultfd cannot write-protect [%#llx, %#llx) on this kernel",
+                      (unsigned long long)a, (unsigned long long)b);
+    return 0;
+}
+
+/* Mark the pages set in bits dirty (tracking's prepare-write marks and disarms
+ * them), by runs. */
+static int mark_written(uint64_t handle, uint64_t a, uint64_t b, const uint8_t *bits)
+{
+    uint64_t total = (b - a) / PAGE, run = UINT64_MAX;
+    int result = 0;
+    for (uint64_t i = 0; i <= total && !result; i++) {
+        int written = i < total && bits[i / 8] >> i % 8 & 1;
+        if (written && run == UINT64_MAX)
+            run = i;
+        if (!written && run != UINT64_MAX) {
+            result = ww_track_prepare_write(handle, a + run * PAGE, (i - run) * PAGE);
+            run = UINT64_MAX;
+        }
+    }
+    return result;
+}
+
+/*
+ * Watch [a, b) of the span with this handle as a new mapping, with the
+ * protection prot its VMA has now. All of it reads as written until cleared;
+ * with exact (NO_REUSED_REGIONS) only the pages written so far.
+ */
+static int watch_new(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact)
+{
+    int result = 0, populated = 0;
+    uint8_t *bits = NULL;
+    if (mode == WW_MODE_UFFD) {
+        /* Read before registering: afterwards write-protect markers in empty
+         * entries read as swapped pages. */
+        if (exact && !(bits = written_pages(a, b, 1, NULL, &result)))
+            return result;
+        result = result ? result : uffd_register(a, b);
+        /* Before Linux 6.4 write-protect skips empty page table entries: fault
+         * the pages in first. A write between the reading above and the arming
+         * below is then only reported as part of a new mapping (by calls
+         * without NO_REUSED_REGIONS). */
+        if (!result && !(foreign_uffd_features & UFFD_FEATURE_WP_UNPOPULATED) &&
+            (prot & PROT_WRITE)) {
+            populated = 1;
+            if (ww_madvise(a, b - a, MADV_POPULATE_WRITE) < 0)
+                ww_touch_for_write(a, b - a);
+        }
+    }
+    if (!result && !exact) {
+        free(bits);
+        return ww_track_watch(handle, a, b - a, prot, 0);
+    }
+    /* Armed first, then read: a write after the reading faults and is
+     * recorded, one before it shows in pagemap (present pages only: see above). */
+    if (!result)
+        result = ww_track_watch(handle, a, b - a, prot, 1);
+    if (!result && !populated)
+        bits = written_pages(a, b, mode == WW_MODE_MPROTECT, bits, &result);
+    if (!result)
+        result = mark_written(handle, a, b, bits);
+    free(bits);
+    return result;
+}
+
+/* The protection the kernel should show for a watched page in state st. */
+static int expected_prot(int mode, int st)
+{
+    int logical = (st & WW_PAGE_READ ? PROT_READ : 0) | (st & WW_PAGE_WRITE ? PROT_WRITE : 0);
+    if (mode == WW_MODE_MPROTECT && (st & WW_PAGE_ARMED) && (st & WW_PAGE_WRITE))
+        return PROT_READ;
+    return logical;
+}
+
+/*
+ * The tracking state of every watched page of [start, end), read before the
+ * VMAs are: between calls the fault paths only ever unarm a page (mprotect
+ * gives it write access), so a page read armed whose VMA turns out writable
+ * was unarmed meanwhile or replaced, and one read unarmed whose VMA is
+ * read-only had its protection changed by its owner. Read the other way round,
+ * an unarm racing the walk would look like the owner's mprotect.
+ */
+struct snapshot {
+    uint64_t start, end; /* of this part of a span */
+    uint8_t *state;
+};
+
+struct snapshots {
+    struct snapshot *at;
+    size_t count;
+};
+
+static void snapshots_free(struct snapshots *list)
+{
+    for (size_t i = 0; i < list->count; i++)
+        free(list->at[i].state);
+    free(list->at);
+    list->count = 0;
+}
+
+static int take_snapshots(uint64_t start, uint64_t end, struct snapshots *list)
+{
+    size_t first = span_from(start), count = 0;
+    while (first + count < span_count && spans[first + count].start < end)
+        count++;
+    list->at = count ? calloc(count, sizeof *list->at) : NULL;
+    if (count && !list->at)
+        return -ENOMEM;
+    for (size_t i = 0; i < count; i++) {
+        struct snapshot *shot = &list->at[list->count++];
+        const struct span *span = &spans[first + i];
+        shot->start = max_u64(start, span->start);
+        shot->end = min_u64(end, span->end);
+        uint64_t npages = (shot->end - shot->start) / PAGE;
+        shot->state = malloc(npages);
+        if (!shot->state)
+            return -ENOMEM;
+        if (ww_track_states(span->start, shot->start, npages, shot->state))
+            memset(shot->state, 0, npages);
+    }
+    return 0;
+}
+
+/* A page's state in the snapshot; 0 (never watched) for one it does not hold. */
+static int snapshot_state(const struct snapshots *list, uint64_t page)
+{
+    for (size_t i = 0; i < list->count; i++)
+        if (page >= list->at[i].start && page < list->at[i].end)
+            return list->at[i].state[(page - list->at[i].start) / PAGE];
+    return 0;
+}
+
+/*
+ * Bring [a, b) of a span, all inside one VMA of protection prot, up to date:
+ * pages never watched, and pages whose kernel state no longer is what was
+ * armed (the mapping was replaced or its protection changed), are watched as
+ * a new mapping.
+ */
+static int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact,
+                   const struct snapshots *before)
+{
+    uint64_t entries[CHUNK_PAGES], run = 0;
+    int result = 0;
+    for (uint64_t at = a; at < b && !result; at += CHUNK_PAGES * PAGE) {
+        uint64_t pages = (b - at) / PAGE < CHUNK_PAGES ? (b - at) / PAGE : CHUNK_PAGES;
+        result = read_pagemap(at, pages, entries);
+        for (uint64_t i = 0; i <= pages && !result; i++) {
+            uint64_t page = at + i * PAGE;
+            int renew = 0;
+            if (i < pages) {
+                int st = snapshot_state(before, page);
+                uint64_t entry = entries[i];
+                /* uffd: an armed page must still carry the write-protect bit.
+                 * A page written since its clear is present (not the zero
+                 * page) or swapped; one marked written with neither was never
+                 * written in a new mapping (or was dropped by its owner's
+                 * MADV_DONTNEED): it starts again as new, which
+                 * NO_REUSED_REGIONS then reads exactly. */
+                renew = !(st & WW_PAGE_WATCHED) ||
+                        expected_prot(mode, st) != (prot & (PROT_READ | PROT_WRITE)) ||
+                        (mode == WW_MODE_UFFD && (st & WW_PAGE_ARMED) &&
+                         !(entry >> WW_PM_UFFD_WP_BIT & 1)) ||
+                        ((st & WW_PAGE_DIRTY) && !(st & WW_PAGE_ARMED) && !entry_written(entry));
+            }
+            if (renew && !run)
+                run = page;
+            if (!renew && run && (i < pages || page == b)) {
+                result = watch_new(mode, handle, run, page, prot, exact);
+                run = 0;
+            }
+        }
+    }
+    return result;
+}
+
+static pthread_once_t fork_handlers_once = PTHREAD_ONCE_INIT;
+
+static void lock_calls(void) { pthread_mutex_lock(&foreign_mutex); }
+static void unlock_calls(void) { pthread_mutex_unlock(&foreign_mutex); }
+
+/* Registered after tracking.c's (kernel.py installs those at import), so it
+ * runs first before fork: the order every call takes, this mutex first. */
+static void install_fork_handlers(void)
+{
+    pthread_atfork(lock_calls, unlock_calls, unlock_calls);
+}
+
+
+/* Is some span overlapping [a, b) of another mode? */
+static int other_mode(int mode, uint64_t a, uint64_t b)
+{
+    for (size_t at = span_from(a); at < span_count && spans[at].start < b; at++)
+        if (spans[at].mode != mode)
+            return refuse("[%#llx, %#llx) is watched by the %s backend",
+                          (unsigned long long)max_u64(a, spans[at].start),
+                          (unsigned long long)min_u64(b, spans[at].end),
+                          spans[at].mode == WW_MODE_UFFD ? "uffd" : "mprotect");
+    return 0;
+}
+
+/* Start a span over each part of [a, b) no span covers. A part the range table
+ * refuses overlaps a writewatch region. */
+static int cover(int mode, uint64_t a, uint64_t b)
+{
+    uint64_t at = a;
+    for (size_t s = span_from(a); at < b; s++) {
+        uint64_t gap_end = s < span_count ? min_u64(b, spans[s].start) : b;
+        if (at < gap_end) {
+            int64_t handle = ww_track_attach(at, gap_end - at, mode | WW_TRACK_FOREIGN);
+            if (handle == -EEXIST)
+                return refuse("[%#llx, %#llx) overlaps a region writewatch allocated; "
+                              "watch that region on its own", (unsigned long long)at,
+                              (unsigned long long)gap_end);
+            int result = handle < 0 ? (int)handle : span_insert(at, gap_end, mode);
+            if (result) {
+                if (handle >= 0)
+                    ww_track_detach((uint64_t)handle);
+                return result;
+            }
+            s++; /* the span just inserted */
+        }
+        if (s >= span_count)
+            break;
+        at = max_u64(at, spans[s].end);
+    }
+    return 0;
+}
+
+/* Each part of each VMA piece of [start, end) covered by a span, ascending:
+ * call step(mode, span start, a, b, vma) until it returns non-zero. */
+typedef int (*piece_step)(int mode, uint64_t handle, uint64_t a, uint64_t b,
+                          const struct vma *vma, void *context);
+
+static int each_piece(int mode, uint64_t start, uint64_t end, const struct vmas *list,
+                      piece_step step, void *context)
+{
+    for (size_t v = 0; v < list->count; v++) {
+        uint64_t a = max_u64(start, list->at[v].start), b = min_u64(end, list->at[v].end);
+        for (size_t s = span_from(a); s < span_count && spans[s].start < b; s++) {
+            int result = step(mode, spans[s].start, max_u64(a, spans[s].start),
+                              min_u64(b, spans[s].end), &list->at[v], context);
+            if (result)
+                return result;
+        }
+    }
+    return 0;
+}
+
+/* Is [a, b) still all mapped? A piece unmapped during a call (its owner
+ * racing it) became a hole, which holds nothing: what failed on it is moot. */
+static int still_mapped(uint64_t a, uint64_t b)
+{
+    struct vmas list = { 0 };
+    uint64_t covered = a;
+    if (!walk_vmas(a, b, &list))
+        for (size_t v = 0; v < list.count && list.at[v].start <= covered; v++)
+            covered = max_u64(covered, list.at[v].end);
+    free(list.at);
+    return covered >= b;
+}
+
+static int unless_unmapped(int result, uint64_t a, uint64_t b)
+{
+    if (!result || still_mapped(a, b))
+        return result;
+    refuse_clear();
+    return 0;
+}
+
+struct refreshing {
+    int exact;
+    const struct snapshots *before;
+};
+
+static int refresh_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
+                        const struct vma *vma, void *context)
+{
+    const struct refreshing *how = context;
+    return unless_unmapped(refresh(mode, handle, a, b, vma->prot, how->exact, how->before),
+                           a, b);
+}
+
+struct scan {
+    uint64_t origin, *vec, capacity, count;
+    int get, clear;
+    const struct snapshots *before;
+};
+
+/*
+ * Before Linux 6.4 write-protect skips empty page table entries, and a dirty
+ * page of foreign memory may have none (its owner's MADV_DONTNEED, or a
+ * replaced mapping whose page was dirty before): populate the dirty pages a
+ * clear is about to arm. Armed pages are left alone: populating them for
+ * writing would fault into the handler and dirty them.
+ */
+static void populate_dirty(uint64_t a, uint64_t b, const struct snapshots *before)
+{
+    uint64_t run = 0;
+    for (uint64_t page = a; page <= b; page += PAGE) {
+        int dirty = page < b && (snapshot_state(before, page) & WW_PAGE_DIRTY);
+        if (dirty && !run)
+            run = page;
+        if (!dirty && run) {
+            ww_madvise(run, page - run, MADV_POPULATE_WRITE);
+            run = 0;
+        }
+    }
+}
+
+static int scan_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
+                     const struct vma *vma, void *context)
+{
+    struct scan *scan = context;
+    if (mode == WW_MODE_UFFD && scan->clear && (vma->prot & PROT_WRITE) &&
+        !(foreign_uffd_features & UFFD_FEATURE_WP_UNPOPULATED))
+        populate_dirty(a, b, scan->before);
+    uint64_t room = scan->get ? scan->capacity - scan->count : (b - a) / PAGE;
+    uint64_t *out = scan->get ? scan->vec + scan->count : NULL;
+    int64_t n = ww_track_scan(handle, a, b, scan->clear, out, room, scan->origin);
+    if (n == -ENOENT && mode == WW_MODE_UFFD) {
+        /* The VMA was replaced since the refresh: registered again, its pages
+         * are re-armed; the next call's refresh sees the replacement. */
+        int failed = uffd_register(a, b);
+        n = failed ? failed : ww_track_scan(handle, a, b, scan->clear, out, room, scan->origin);
+    }
+    if (n < 0)
+        return unless_unmapped((int)n, a, b);
+    if (scan->get)
+        scan->count += (uint64_t)n;
+    return scan->get && scan->count >= scan->capacity; /* 1: stop, vec is full */
+}
+
+static int check_call(int mode, uint64_t start, uint64_t end)
+{
+    if (start % PAGE || end % PAGE || end < start)
+        return refuse("[%#llx, %#llx) is not a page-aligned range",
+                      (unsigned long long)start, (unsigned long long)end);
+    if (mode != WW_MODE_MPROTECT && mode != WW_MODE_UFFD)
+        return refuse("unknown write-watch mode %d", mode);
+    if (mode == WW_MODE_UFFD && foreign_uffd < 0)
+        return -EBADF; /* the backend opens its descriptor first */
+    pthread_once(&fork_handlers_once, install_fork_handlers);
+    return 0;
+}
+
+int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned flags,
+                              uint64_t *vec, uint64_t vec_len)
+{
+    refuse_clear();
+    int get = flags & WW_MEMWATCH_GET, clear = !!(flags & WW_MEMWATCH_CLEAR);
+    if (flags & ~(unsigned)(WW_MEMWATCH_GET | WW_MEMWATCH_CLEAR |
+                            WW_MEMWATCH_NO_REUSED_REGIONS) || !(get || clear))
+        return refuse("invalid process_memwatch flags %#x", flags);
+    if (get && (!vec || !vec_len))
+        return refuse("MEMWATCH_SD_GET needs a vec with room");
+    int result = check_call(mode, start, end);
+    if (result || start == end)
+        return result;
+    /* A writewatch region: its own table knows what it watches. */
+    int region_mode = ww_track_mode_at(start);
+    pthread_mutex_lock(&foreign_mutex);
+    size_t at = span_from(start);
+    int foreign = at < span_count && spans[at].start <= start;
+    pthread_mutex_unlock(&foreign_mutex);
+    if (region_mode >= 0 && !foreign) {
+        if (region_mode != mode)
+            return refuse("%#llx is in a region of the %s backend", (unsigned long long)start,
+                          region_mode == WW_MODE_UFFD ? "uffd" : "mprotect");
+        int64_t n = ww_track_memwatch(mode, start, end, get, clear, vec, vec_len);
+        if (n == -EINVAL)
+            refuse("[%#llx, %#llx) is not all committed memory of one writewatch region",
+                   (unsigned long long)start, (unsigned long long)end);
+        return n;
+    }
+
+    struct vmas list = { 0 };
+    struct snapshots before = { 0 };
+    struct refreshing how = { !!(flags & WW_MEMWATCH_NO_REUSED_REGIONS), &before };
+    pthread_mutex_lock(&foreign_mutex);
+    result = take_snapshots(start, end, &before);
+    result = result ? result : walk_vmas(start, end, &list);
+    /* Everything refused is refused before anything is watched, read or cleared. */
+    result = result ? result : other_mode(mode, start, end);
+    for (size_t v = 0; v < list.count && !result; v++)
+        result = refusal(&list.at[v], max_u64(start, list.at[v].start),
+                         min_u64(end, list.at[v].end), mode);
+    for (size_t v = 0; v < list.count && !result; v++)
+        result = cover(mode, max_u64(start, list.at[v].start), min_u64(end, list.at[v].end));
+    if (!result)
+        result = each_piece(mode, start, end, &list, refresh_step, &how);
+    struct scan scan = { start, vec, vec_len, 0, get, clear, &before };
+    if (!result)
+        result = each_piece(mode, start, end, &list, scan_step, &scan);
+    pthread_mutex_unlock(&foreign_mutex);
+    snapshots_free(&before);
+    free(list.at);
+    return result < 0 ? result : (int64_t)scan.count;
+}
+
+static int unwatch_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
+                        const struct vma *vma, void *context)
+{
+    /* Pages whose mapping changed are first made plain watched pages (their
+     * kernel state left as the new mapping has it), so that stopping restores
+     * only what this watch changed. */
+    int result = refresh(mode, handle, a, b, vma->prot, 0, context);
+    if (!result)
+        result = ww_track_unwatch(handle, a, b - a);
+    if (!result && mode == WW_MODE_UFFD)
+        result = ww_uffd_unregister(foreign_uffd, a, b - a);
+    return result;
+}
+
+/* Stop watching [start, end) in mode, the caller holding the mutex. */
+static int unwatch_locked(int mode, uint64_t start, uint64_t end)
+{
+    struct vmas list = { 0 };
+    struct snapshots before = { 0 };
+    int result = take_snapshots(start, end, &before);
+    result = result ? result : walk_vmas(start, end, &list);
+    result = result ? result : other_mode(mode, start, end);
+    if (!result)
+        result = each_piece(mode, start, end, &list, unwatch_step, &before);
+    snapshots_free(&before);
+    free(list.at);
+    return result;
+}
+
+/*
+ * writewatch maps a region of its own at [start, end): whatever was watched
+ * there was unmapped, and the spans over it are dropped. Their parts outside
+ * stop being watched, their protection restored: a span is all or nothing.
+ */
+void ww_memwatch_evict(uint64_t start, uint64_t end)
+{
+    pthread_mutex_lock(&foreign_mutex);
+    for (size_t at = span_from(start); at < span_count && spans[at].start < end;) {
+        struct span span = spans[at];
+        if (span.start < start)
+            unwatch_locked(span.mode, span.start, start);
+        if (span.end > end)
+            unwatch_locked(span.mode, end, span.end);
+        if (!ww_track_detach(span.start))
+            span_remove(at);
+        else
+            at++;
+    }
+    pthread_mutex_unlock(&foreign_mutex);
+}
+
+int ww_track_memwatch_unwatch(int mode, uint64_t start, uint64_t end)
+{
+    refuse_clear();
+    int result = check_call(mode, start, end);
+    if (result || start == end)
+        return result;
+    pthread_mutex_lock(&foreign_mutex);
+    result = unwatch_locked(mode, start, end);
+    /* Spans wholly inside [start, end) are done with; their unmapped parts
+     * (holes now) hold no protection to restore. */
+    for (size_t at = span_from(start); !result && at < span_count && spans[at].start < end;) {
+        if (spans[at].start >= start && spans[at].end <= end) {
+            result = ww_track_detach(spans[at].start);
+            if (!result)
+                span_remove(at);
+        } else {
+            at++;
+        }
+    }
+    pthread_mutex_unlock(&foreign_mutex);
+    return result;
+}
