@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import writewatch as ww
+from writewatch import backends, memwatch
 
 P = ww.PAGE_SIZE
 HPAGE = 2 << 20
@@ -101,13 +102,22 @@ def huge_page() -> Iterator[Memory]:
                         "fragmented)")
         yield Memory(base, HPAGE)
     finally:
-        _libc.free(base)
+        _unwatch_then_free(base, HPAGE)
+
+
+def _unwatch_then_free(base: int, size: int) -> None:
+    """Heap memory goes back to malloc unwatched on the fallbacks: a page left
+    armed would fail the kernel's writes into whatever malloc puts there (the
+    pagemap mechanism's leftover registration harms nothing)."""
+    if backends.backend().name in ("uffd", "mprotect"):
+        memwatch.memwatch_unwatch(base, size)
+    _libc.free(base)
 
 
 def aligned_page() -> tuple[int, Callable[[], None]]:
     base = _libc.aligned_alloc(P, P)
     assert base, "aligned_alloc failed"
-    return base, lambda: _libc.free(base)
+    return base, lambda: _unwatch_then_free(base, P)
 
 
 class Cases:

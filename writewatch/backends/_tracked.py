@@ -77,6 +77,9 @@ def memwatch_unwatch(mode: int, start: int, end: int) -> None:
 
 
 def _reason(result: int, what: str) -> str:
-    if result != -errno.EINVAL:
-        return what
+    return refusal_reason(what) if result == -errno.EINVAL else what
+
+
+def refusal_reason(what: str) -> str:
+    """Why this thread's last foreign-memory call was refused (what, if unsaid)."""
     return ffi.string(lib.ww_memwatch_reason()).decode() or what

@@ -8,6 +8,7 @@ that the faulting thread may hold.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from writewatch.backends import _tracked
 if TYPE_CHECKING:
     from writewatch.probe import Capabilities
 
-from writewatch.kernel import check, lib
+from writewatch.kernel import check, lib, oserror
 
 
 class _Descriptor(kernel.PerProcess):
@@ -91,11 +92,31 @@ class UffdBackend(kernel.Backend):
     def process_memwatch(self, start: int, end: int, flags: int, out: Any,
                          capacity: int) -> int:
         self.descriptor.get()  # this process's descriptor and handler thread
-        return _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
+        result = _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
+        if result == -errno.EBUSY and _release_from_pagemap(start, end):
+            # The pagemap backend watched this memory (freed since and reused,
+            # or watched through both): it stops, and this backend starts afresh.
+            result = _tracked.memwatch_any(lib.WW_MODE_UFFD, start, end, flags, out, capacity)
+        if result == -errno.EBUSY:
+            raise oserror(errno.EINVAL, _tracked.refusal_reason("process_memwatch"))
+        return result
 
     def memwatch_unwatch(self, start: int, end: int) -> None:
         self.descriptor.get()
         _tracked.memwatch_unwatch(lib.WW_MODE_UFFD, start, end)
+
+
+def _release_from_pagemap(start: int, end: int) -> bool:
+    """Have the pagemap backend stop watching [start, end) if it runs here."""
+    from writewatch import backends  # the registry imports this module
+
+    if backends.backend_status().get("pagemap"):
+        return False
+    try:
+        backends.backend("pagemap").memwatch_unwatch(start, end)
+    except OSError:
+        return False
+    return True
 
 
 class _UffdWatcher(_tracked.TrackedWatcher):

@@ -124,11 +124,18 @@ static int uffd_register(uint64_t a, uint64_t b)
 {
     uint64_t ioctls = 0;
     int result = ww_uffd_register_wp(foreign_uffd, a, b - a, &ioctls);
+    if (result == -EBUSY) { /* another userfaultfd of this process holds it */
+        refuse("[%#llx, %#llx) cannot be watched: another userfaultfd of this process "
+               "watches it", (unsigned long long)a, (unsigned long long)b);
+        return -EBUSY;
+    }
     if (result)
-        return refuse("userfaultfd cannot write-protect [%#llx, %#llx): %s",
+        return refuse("[%#llx, %#llx) cannot be watched: userfaultfd will not "
+                      "write-protect it (%s)",
                       (unsigned long long)a, (unsigned long long)b, strerror(-result));
     if (!(ioctls >> WW_UFFDIO_WRITEPROTECT_BIT & 1))
-        return refuse("userfaultfd cannot write-protect [%#llx, %#llx) on this kernel",
+        return refuse("[%#llx, %#llx) cannot be watched: userfaultfd cannot "
+                      "write-protect it on this kernel",
                       (unsigned long long)a, (unsigned long long)b);
     return 0;
 }
@@ -316,15 +323,31 @@ static void install_fork_handlers(void)
 }
 
 
-/* Is some span overlapping [a, b) of another mode? */
+static int unwatch_locked(int mode, uint64_t start, uint64_t end);
+
+/* Spans of the other backend overlapping [a, b) (memory it watched that was
+ * unmapped and mapped again, or watched through both): that backend stops
+ * watching them, restoring what it armed, and this one starts afresh. */
 static int other_mode(int mode, uint64_t a, uint64_t b)
 {
-    for (size_t at = span_from(a); at < span_count && spans[at].start < b; at++)
-        if (spans[at].mode != mode)
-            return refuse("[%#llx, %#llx) is watched by the %s backend",
-                          (unsigned long long)max_u64(a, spans[at].start),
-                          (unsigned long long)min_u64(b, spans[at].end),
-                          spans[at].mode == WW_MODE_UFFD ? "uffd" : "mprotect");
+    for (size_t at = span_from(a); at < span_count && spans[at].start < b;) {
+        struct span span = spans[at];
+        if (span.mode == mode) {
+            at++;
+            continue;
+        }
+        if (span.mode == WW_MODE_UFFD && foreign_uffd < 0)
+            return refuse("[%#llx, %#llx) is watched by the uffd backend, which this process "
+                          "has not opened", (unsigned long long)span.start,
+                          (unsigned long long)span.end);
+        int result = unwatch_locked(span.mode, span.start, span.end);
+        if (span.mode == WW_MODE_UFFD)
+            result = 0; /* what userfaultfd no longer has registered traps nothing */
+        result = result ? result : ww_track_detach(span.start);
+        if (result)
+            return result;
+        span_remove(at);
+    }
     return 0;
 }
 

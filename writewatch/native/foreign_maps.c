@@ -98,6 +98,15 @@ int ww_memwatch_maps_method(int force_maps)
     return use_procmap_query;
 }
 
+/* Shared memory by its name in /proc/self/maps (MAP_SHARED|MAP_ANONYMOUS,
+ * memfd, SysV): the device number cannot tell, as 9p and overlay files have
+ * major 0 too. */
+static int shmem_name(int shared, const char *name)
+{
+    return shared && (!strncmp(name, "/dev/zero", 9) || !strncmp(name, "/memfd:", 7) ||
+                      !strncmp(name, "/SYSV", 5) || !strncmp(name, "[anon_shmem:", 12));
+}
+
 static int query_vmas(int fd, uint64_t start, uint64_t end, struct vmas *list)
 {
     for (uint64_t address = start; address < end;) {
@@ -120,7 +129,7 @@ static int query_vmas(int fd, uint64_t start, uint64_t end, struct vmas *list)
                    (q.vma_flags & PROCMAP_QUERY_VMA_EXECUTABLE ? PROT_EXEC : 0);
         vma.shared = !!(q.vma_flags & PROCMAP_QUERY_VMA_SHARED);
         vma.file = q.inode || q.dev_major || q.dev_minor;
-        vma.shmem = vma.shared && !q.dev_major;
+        vma.shmem = shmem_name(vma.shared, vma.name);
         if (!q.vma_name_size)
             vma.name[0] = 0;
         int failed = vma_push(list, &vma);
@@ -179,7 +188,7 @@ static int parse_vmas(uint64_t start, uint64_t end, struct vmas *list)
                        (perms[2] == 'x' ? PROT_EXEC : 0);
             vma.shared = perms[3] == 's';
             vma.file = inode || major || minor;
-            vma.shmem = vma.shared && !major;
+            vma.shmem = shmem_name(vma.shared, vma.name);
             snprintf(vma.name, sizeof vma.name, "%s", name_at ? line + name_at : "");
             result = vma_push(list, &vma);
         }

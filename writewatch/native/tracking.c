@@ -65,6 +65,7 @@ struct track_range {
     uint8_t *state;
     uint64_t state_size;
     int mode;
+    int foreign;                              /* foreign.c's: memory no region holds */
     int lock;                                 /* 0 free, 1 held, 2 held, sleepers */
     int owner;                                /* the lock holder's thread id */
     int deferred_pending;                     /* pages below, or an overflow */
@@ -450,6 +451,7 @@ int64_t ww_track_attach(uint64_t start, uint64_t length, int mode)
     r->start = start;
     r->end = start + length;
     r->mode = mode;
+    r->foreign = foreign;
     r->state_size = (length / WW_PAGE_SIZE + WW_PAGE_SIZE - 1) & ~(uint64_t)(WW_PAGE_SIZE - 1);
     void *state = mmap(NULL, r->state_size, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -496,13 +498,13 @@ int ww_track_detach(uint64_t handle)
     return 0;
 }
 
-/* The mode (WW_MODE_MPROTECT or WW_MODE_UFFD) of the range holding address,
- * or -ENOENT. */
+/* The mode (WW_MODE_MPROTECT or WW_MODE_UFFD) of the region's range holding
+ * address, or -ENOENT (also for foreign.c's spans: they are no region). */
 int ww_track_mode_at(uint64_t address)
 {
     __atomic_add_fetch(&track_users, 1, __ATOMIC_SEQ_CST);
     struct track_range *r = range_of(address);
-    int mode = r ? r->mode : -ENOENT;
+    int mode = r && !r->foreign ? r->mode : -ENOENT; /* regions only */
     range_exit();
     return mode;
 }
