@@ -122,6 +122,46 @@ def test_game_state_sync_skips_an_unavailable_backend(monkeypatch, capsys):
         assert f"{name}: skipped (pretend: not here)" in out
 
 
+# -- incremental_checkpoint
+
+
+@needs_a_backend
+def test_incremental_checkpoint_restores_every_checked_step_on_every_backend():
+    result = run("examples/incremental_checkpoint.py", "--small")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.split()
+            and line.split()[0] in {"compare", "hash", *backends.backend_names()}}
+    assert set(rows) == {"compare", "hash", *HERE}
+    assert all("equal to their copies" in row for row in rows.values())
+    assert "OK: every method's checkpoint restored steps 1, 3, 6 bit for bit" in result.stdout
+
+
+@needs_a_backend
+def test_incremental_checkpoint_notices_a_page_missing_from_a_record(monkeypatch, capsys):
+    example = load_example("incremental_checkpoint")
+    real = ww.WatchedBuffer.written
+
+    def drops_the_last_page(self, reset=False, *, out=None, unit="offset"):
+        return real(self, reset, out=out, unit=unit)[:-1]
+
+    monkeypatch.setattr(ww.WatchedBuffer, "written", drops_the_last_page)
+    assert example.main(["--small", "--backend", HERE[0], "--steps", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERED" in out and "FAILED" in out
+
+
+@needs_a_backend
+def test_incremental_checkpoint_appends_only_what_changed(capsys):
+    example = load_example("incremental_checkpoint")
+    assert example.main(["--small", "--backend", HERE[0], "--steps", "2", "--check", "2",
+                         "--percent", "0.5"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in {"compare", HERE[0]}}
+    # The same pages as a full comparison finds, a small share of the 4096.
+    assert rows["compare"][1] == rows[HERE[0]][1]
+    assert 0 < float(rows[HERE[0]][1]) < 4096 * 0.02
+
+
 # -- translation_layer
 
 

@@ -32,8 +32,5 @@ def test_the_readme_has_python_blocks():
                          ids=[f"line{line}" for line, _ in python_blocks()])
 def test_readme_block_runs_as_written(line: int, code: str, tmp_path: Path,
                                       write_watch_backend: str | None) -> None:
-    if "ww.process_memwatch(0, start" in code and write_watch_backend in ("uffd", "mprotect"):
-        # TODO(issue 17, at the i17b merge): remove; the fallbacks then watch foreign memory.
-        pytest.skip("fallbacks for foreign memory: not merged yet")
     result = run_python(code, cwd=tmp_path)
     assert result.returncode == 0, f"README.md line {line}:\n{code}\n{result.stderr}"

@@ -190,6 +190,8 @@ EXAMPLES = {
                        "incremental mark-and-sweep collector re-scanning written pages"),
     "game_state_sync": ("examples/game_state_sync.py",
                         "ship only the pages each frame wrote to a replica, per backend"),
+    "incremental_checkpoint": ("examples/incremental_checkpoint.py",
+                               "append only the pages each step of a numpy simulation wrote"),
     "translation_layer": ("examples/translation_layer/run.py",
                           "a Windows C program, unchanged, on a libwinshim.so over writewatch"),
     "conformance": ("-m writewatch.testing.conformance",

@@ -51,7 +51,7 @@ import numpy as np
 
 import writewatch as ww
 from writewatch import backends, kernel, memory, regions
-from writewatch.bench import scale
+from writewatch.bench import buffers, scale
 
 P = ww.PAGE_SIZE
 KiB = 1 << 10
@@ -1005,6 +1005,16 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
                     f"no per-page Python objects ({impl}): heap peak of a call at 0%/100%",
                     max(peak), "flat (< 4 KiB)", max(peak) < 4 * KiB,
                     " / ".join(f"{v:.0f} B" for v in peak)))
+    scenario = report.scenario(7)
+    if scenario is not None:
+        at_one = {impl: result for impl in scenario.impls
+                  if (result := scenario.result(buffers.case(1), impl)) is not None}
+        big = cfg.size >= GiB  # the targets are defined at 1 GiB
+        for name, value, limit, met in buffers.targets(
+                {impl: result.value for impl, result in at_one.items()},
+                {impl: result.ratio for impl, result in at_one.items() if impl not in RAW_MODES}):
+            targets.append(Target(f"numpy array {cfg.size // MiB} MiB, 1% written: {name}",
+                                  value, limit, met if big else None, "" if big else NOT_JUDGED))
     return targets
 
 
@@ -1040,6 +1050,23 @@ def scenario_scale(cfg: Config, impls: list[str], progress: Progress) -> Scenari
     for (case, backend), value in found.items():
         result.add(Result(case, backend, "us", [value]))
     result.notes.append("nan: the backend could not hold that many live regions.")
+    return result
+
+
+def scenario_buffers(cfg: Config, impls: list[str], progress: Progress) -> Scenario:
+    """Scenario 7 (opt-in; bench/buffers.py measures): the backends' columns
+    (raw references included), then compare and hash."""
+    sets = buffers.page_sets(cfg.size // P, cfg.seed + 7)
+    columns = [*impls, buffers.COMPARE, buffers.HASH]
+    result = Scenario(7, "What changed in a numpy array",
+                      buffers.describe(cfg.size, cfg.repetitions), "ms", columns, buffers.cases())
+    for impl in columns:
+        raw = RawTarget(cfg.size, 0, cfg.size, impl) if impl in RAW_MODES else None
+        for pct, (samples, total) in buffers.measure(impl, cfg.size, cfg.repetitions, sets,
+                                                     progress, raw).items():
+            result.add(Result(buffers.case(pct), impl, "ms", samples, found=total,
+                              expected=len(sets[pct]) * cfg.repetitions))
+    result.notes.append(buffers.NOTE)
     return result
 
 
@@ -1080,6 +1107,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         4: lambda: scenario_wine_shape(cfg, impls, progress, floors),
         5: lambda: scenario_reserve(cfg, impls, progress),
         6: lambda: scenario_scale(cfg, backends, progress),  # opt-in
+        7: lambda: scenario_buffers(cfg, impls, progress),  # opt-in
     }
     started = time.monotonic()
     try:
@@ -1262,8 +1290,10 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                                 "writing while GetWriteWatch polls), "
                                                 "5 reserve-heavy (a huge reservation, "
                                                 "little committed); 6 scale (100k live "
-                                                "regions, 32k protection runs) runs only "
-                                                "when named"}),
+                                                "regions, 32k protection runs) and 7 what "
+                                                "changed in a numpy array (WatchedBuffer "
+                                                "against compare and hash) run only when "
+                                                "named"}),
     ("--backends", {"metavar": "LIST", "help": "which backends, e.g. pagemap,mprotect "
                                                "(default: every one available)"}),
     ("--repetitions", {"type": int, "metavar": "N", "help": "repetitions per measurement "
@@ -1312,8 +1342,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config.quick() if args.quick else Config()
     if args.scenarios:
         cfg.scenarios = _int_list(args.scenarios, "--scenarios")
-        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6}:
-            raise BenchError("--scenarios are numbered 1 to 6 (6, scale, only when named)")
+        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6, 7}:
+            raise BenchError("--scenarios are numbered 1 to 7 (6 and 7 only when named)")
     if args.backends:
         cfg.backends = tuple(name.strip() for name in args.backends.split(","))
     if args.repetitions is not None:
