@@ -1,15 +1,26 @@
-"""cffi build script for writewatch._native (API mode, compiled at install).
+"""cffi build script for writewatch's compiled parts (API mode, compiled at install).
 
-setup.py names this file in cffi_modules; it is a build input, never imported
-by the package. The C sources live in writewatch/native/, split by job:
-abi.h (the kernel ABI and every helper's prototype, read both as the cdef and
-by the C compiler, so each struct is declared once), syscalls.c (system-call
-wrappers), pagemap.c (PAGEMAP_SCAN scans), tracking*.c (the fallback backends'
-per-page state, by concern: tracking.h says which file holds what), foreign.c and
-foreign_maps.c (process_memwatch over memory writewatch did not allocate, on
-the fallbacks: the kernel's mappings and pagemap read per call), index.c
-(the native index behind one-call GetWriteWatch/ResetWriteWatch) and
+setup.py names the builders here in cffi_modules and calls build_library; this
+file is a build input, never imported by the package.
+
+ffibuilder: writewatch._native, the extension. The C sources live in
+writewatch/native/, split by job: abi.h (the kernel ABI and every helper's
+prototype, read both as the cdef and by the C compiler, so each struct is
+declared once), syscalls.c (system-call wrappers), pagemap.c (PAGEMAP_SCAN
+scans), memwatch.c (process_memwatch on any memory), tracking*.c (the fallback
+backends' per-page state, by concern: tracking.h says which file holds what),
+foreign.c and foreign_maps.c (process_memwatch over memory writewatch did not
+allocate, on the fallbacks: the kernel's mappings and pagemap read per call),
+index.c (the native index behind one-call GetWriteWatch/ResetWriteWatch) and
 ctable.h (the lock-free sorted table both of those keep their items in).
+
+build_library: libprocess_memwatch.so, the proposal's C entry point (capi.c,
+process_memwatch.h), a plain C library from the same sources.
+
+reference_builder: writewatch.bench._reference, the benchmark's raw C
+references (writewatch/bench/reference.c). Compiled here rather than when the
+benchmark runs, so that `python -m writewatch bench` from a wheel needs neither
+a compiler nor setuptools.
 """
 
 from pathlib import Path
@@ -17,7 +28,8 @@ from typing import Any
 
 from cffi import FFI
 
-NATIVE = Path(__file__).resolve().parent / "writewatch" / "native"
+ROOT = Path(__file__).resolve().parent
+NATIVE = ROOT / "writewatch" / "native"
 SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "tracking_arming.c",
            "tracking_scan.c", "tracking_faults.c", "index.c", "foreign.c", "foreign_maps.c"]
 # libprocess_memwatch (process_memwatch.h): the proposal's C entry point, pure C
@@ -37,6 +49,47 @@ ffibuilder.set_source(
     libraries=["pthread"],
 )
 
+# Only the reference's own functions: the kernel structs stay declared once,
+# in native/abi.h, which reference.c includes.
+REFERENCE_CDEF = """
+struct wwb_region {
+    uint64_t base, size;
+    uint64_t commit_start, commit_end;
+    int mode;
+    ...;
+};
+struct wwb_writers;
+struct wwb_region *wwb_region_new(uint64_t size, uint64_t offset, uint64_t length, int *err);
+struct wwb_region *wwb_region_new_mode(uint64_t size, uint64_t offset, uint64_t length,
+                                       int mode, int *err);
+int wwb_segv_first(void);
+void wwb_region_free(struct wwb_region *r);
+int64_t wwb_scan_timed(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
+                       uint64_t *out, uint64_t capacity, uint64_t *elapsed_ns);
+int64_t wwb_reset(const struct wwb_region *r, uint64_t start, uint64_t end);
+int64_t wwb_scan_loop(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
+                      uint64_t dirty, uint64_t iterations, uint64_t expected,
+                      uint64_t *out, uint64_t capacity, uint64_t *samples);
+void wwb_timer_floor(uint64_t iterations, uint64_t *samples);
+uint64_t wwb_touch(uint64_t base, const uint32_t *pages, uint64_t count);
+struct wwb_writers *wwb_writers_start(uint64_t base, uint64_t npages, int nthreads,
+                                      uint64_t seed, uint64_t delay_ns, int *err);
+void wwb_writers_stop(struct wwb_writers *w, uint64_t *writes, uint64_t *write_ns);
+int64_t wwb_watch_loop(const struct wwb_region *r, uint64_t start, uint64_t end,
+                       uint64_t duration_ns, uint64_t period_ns, uint64_t *out,
+                       uint64_t capacity, uint64_t *samples, uint64_t max_samples,
+                       uint64_t *pages);
+"""
+
+reference_builder = FFI()
+reference_builder.cdef(REFERENCE_CDEF)
+reference_builder.set_source(
+    "writewatch.bench._reference",
+    (ROOT / "writewatch" / "bench" / "reference.c").read_text(),
+    include_dirs=[str(NATIVE)],
+    extra_compile_args=["-O2", "-Wall", "-pthread"],
+    libraries=["pthread"],
+)
 
 
 def build_library(compiler: Any, directory: str, temp: str) -> str:
@@ -52,4 +105,5 @@ def build_library(compiler: Any, directory: str, temp: str) -> str:
 
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(NATIVE.parent.parent), verbose=True)
+    for builder in (ffibuilder, reference_builder):
+        builder.compile(tmpdir=str(ROOT), verbose=True)

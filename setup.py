@@ -23,4 +23,10 @@ class BuildWithLibrary(build_ext):
         return [*super().get_outputs(), str(directory / "libprocess_memwatch.so")]
 
 
-setup(cffi_modules=["build_native.py:ffibuilder"], cmdclass={"build_ext": BuildWithLibrary})
+setup(
+    cffi_modules=["build_native.py:ffibuilder", "build_native.py:reference_builder"],
+    cmdclass={"build_ext": BuildWithLibrary},
+    # cffi compiles against the stable ABI (the modules are *.abi3.so): one
+    # wheel serves every CPython from 3.10 on.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

@@ -197,3 +197,54 @@ def test_the_backend_choice_is_logged_once_without_a_doubled_prefix(tmp_path):
     lines = [line for line in result.stderr.splitlines() if "backend" in line]
     assert len(lines) == 1 and lines[0].startswith("INFO:writewatch:using the ")
     assert lines[0].count("writewatch") == 1
+
+
+@pytest.mark.any_backend
+def test_the_console_script_names_itself_and_ends_quietly_into_a_closed_pipe():
+    script = os.path.join(os.path.dirname(sys.executable), "writewatch")
+    if not os.path.exists(script):
+        pytest.skip("the writewatch script is not installed beside this interpreter")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True,
+                            timeout=patience(60))
+    assert result.returncode == 0 and result.stdout.startswith("usage: writewatch ")
+    # Unbuffered (as in CI and containers), info's second line meets the closed pipe.
+    result = subprocess.run(f"'{script}' info | head -1", shell=True, capture_output=True,
+                            text=True, timeout=patience(60),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.stdout.startswith("writewatch ") and len(result.stdout.splitlines()) == 1
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+    assert "usage: python -m writewatch " in run_cli("--help").stdout
+
+
+@pytest.mark.any_backend
+def test_demo_with_an_unknown_backend_answers_like_info():
+    result = run_cli_env({"WRITEWATCH_BACKEND": "bogus"}, "demo")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("writewatch: WRITEWATCH_BACKEND='bogus' names no backend")
+
+
+def test_demo_says_which_backend_it_used():
+    assert f"with the {backends.backend().name} backend" in run_cli("demo").stdout
+
+
+@pytest.mark.any_backend
+def test_info_and_the_package_import_no_tooling():
+    """The benchmark and the testing tools are imported only when used; the
+    benchmark's scenario 6 (scale.py) does not import the runner back."""
+    from forking import run_python
+
+    result = run_python("""
+        import contextlib, io, sys
+        import writewatch
+        from writewatch.__main__ import main
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+            main(["info"])
+            main(["--help"])
+        print(sorted(name for name in sys.modules
+                     if name.startswith(("writewatch.bench", "writewatch.testing"))))
+        import writewatch.bench.scale
+        print("writewatch.bench.runner" in sys.modules)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "False"]

@@ -165,3 +165,33 @@ def test_the_block_is_a_buffer():
         assert len(mem) == 4 * P
         view = memoryview(mem) if sys.version_info >= (3, 12) else memoryview(mem.array)
         assert view.nbytes == 4 * P and view[P] == 7
+
+
+def test_a_block_refuses_copy_and_pickle():
+    """A copy would own the same memory: closing it freed the original's."""
+    import copy
+    import pickle
+
+    with ww.WatchedMemory(2 * P) as mem:
+        for make_copy in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="WatchedMemory cannot be"):
+                make_copy(mem)
+        mem.array[P] = 1  # still its own, still mapped
+        assert mem.written(unit="page").tolist() == [1]
+
+
+def test_a_closed_block_has_no_size_and_cannot_be_entered():
+    mem = ww.WatchedMemory(2 * P)
+    mem.close()
+    for use in (len, lambda m: m.size, lambda m: m.__enter__()):
+        with pytest.raises(ValueError, match="freed"):
+            use(mem)
+    with pytest.raises(ValueError, match="freed"), mem:
+        pass
+
+
+def test_a_negative_size_is_a_value_error():
+    with pytest.raises(ValueError, match="negative"):
+        ww.WatchedMemory(-1)
+    with pytest.raises(TypeError):
+        ww.WatchedMemory(4096.0)  # type: ignore[arg-type]

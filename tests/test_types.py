@@ -28,14 +28,15 @@ pages = good.written(unit="pages")
 
 
 def test_mypy_catches_a_misspelt_backend_in_a_user_script(tmp_path: Path) -> None:
+    """From outside the checkout, as installed (an editable install too: its
+    .pth is a plain path mypy follows, not an import hook)."""
     script = tmp_path / "user.py"
     script.write_text(USER_SCRIPT)
     result = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary",
                              "--cache-dir", str(tmp_path / "cache"), str(script)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            # an editable install's import hook is invisible to mypy
-                            env={**os.environ,
-                                 "MYPYPATH": str(Path(ww.__file__).resolve().parent.parent)})
+                            env={k: v for k, v in os.environ.items()
+                                 if k not in ("MYPYPATH", "PYTHONPATH")})
     errors = [line for line in result.stdout.splitlines()
               if line.startswith("user.py:") and ": error:" in line]
     assert {int(line.split(":")[1]) for line in errors} == {5, 7, 8}, result.stdout
@@ -77,3 +78,31 @@ def test_every_public_function_and_class_has_a_docstring() -> None:
                     missing.append(f"{name}.{attribute}")
     assert not missing
     assert "WatchedMemory" in (ww.__doc__ or "")
+
+
+def test_constants_read_as_names_and_stay_ints() -> None:
+    """IntFlag/IntEnum, as the stdlib and psutil spell theirs: help() and repr
+    name them, while numpy, cffi, JSON and f-strings see the plain numbers."""
+    import json
+
+    import numpy as np
+
+    from writewatch.kernel import ffi
+
+    assert "PAGE_READWRITE" in repr(inspect.signature(ww.WatchedMemory).parameters["protect"])
+    both = ww.MEM_RESERVE | ww.MEM_COMMIT
+    assert isinstance(both, ww.AllocationType) and "MEM_RESERVE" in repr(both) \
+        and "MEM_COMMIT" in repr(both)
+    assert isinstance(ww.PAGE_READWRITE, ww.Protection)
+    assert isinstance(ww.ERROR_NOACCESS, ww.ErrorCode) and ww.ERROR_NOACCESS == 998
+    assert isinstance(ww.WRITE_WATCH_FLAG_RESET, ww.WriteWatchFlag)
+    for constant in (both, ww.PAGE_READWRITE, ww.ERROR_NOACCESS, ww.MEM_FREE):
+        assert isinstance(constant, int)
+        assert str(constant) == f"{constant}" == str(int(constant))
+        assert f"{constant:#x}" == hex(constant)  # 3.10's Enum.__format__ used str()
+        assert json.dumps(constant) == str(int(constant))
+        assert np.array([constant]).dtype.kind in "iu"
+        assert int(ffi.cast("uint32_t", constant)) == int(constant)
+    # ~ is the integer's, as C code expects: unknown bits survive a mask.
+    assert 7 & ~ww.WRITE_WATCH_FLAG_RESET == 6
+    assert (ww.MEM_RESERVE | ww.MEM_COMMIT) & ~ww.MEM_COMMIT == ww.MEM_RESERVE

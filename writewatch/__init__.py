@@ -26,6 +26,13 @@ Or, from Python code::
         pages = mem.written(reset=True, unit="page")   # array([5], dtype=uint64)
         ww.read_into(open("data.bin", "rb"), mem.view(0, 4096))  # on every backend
 
+Or over memory Python code already has (a numpy array, bytearray, mmap)::
+
+    state = ww.aligned_empty((100_000, 512), np.float32)  # pages of its own
+    with ww.WatchedBuffer(state) as watched:
+        state[[7, 5000]] += 1
+        rows = watched.written(reset=True, unit="row")   # array([6, 7, 5000, 5001])
+
 This module lists every public name; README.md states the rules.
 """
 
@@ -45,6 +52,7 @@ from writewatch.api import (
     region_info,
 )
 from writewatch.backends import BackendName
+from writewatch.buffers import WatchedBuffer, aligned_empty
 from writewatch.constants import (
     ERROR_INVALID_ADDRESS,
     ERROR_INVALID_PARAMETER,
@@ -78,6 +86,11 @@ from writewatch.constants import (
     PAGE_WRITECOPY,
     WRITE_WATCH_FAILED,
     WRITE_WATCH_FLAG_RESET,
+    AllocationType,
+    ErrorCode,
+    MemoryState,
+    Protection,
+    WriteWatchFlag,
 )
 from writewatch.errors import WriteWatchError
 from writewatch.kernel import PAGE_SIZE
@@ -134,10 +147,14 @@ __all__ = [
     "PAGE_WRITECOPY",
     "WRITE_WATCH_FAILED",
     "WRITE_WATCH_FLAG_RESET",
+    "AllocationType",
     "BackendName",
     "Capabilities",
+    "ErrorCode",
     "GetLastError",
     "GetWriteWatch",
+    "MemoryState",
+    "Protection",
     "RegionInfo",
     "ResetWriteWatch",
     "SetLastError",
@@ -145,8 +162,11 @@ __all__ = [
     "VirtualFree",
     "VirtualProtect",
     "VirtualQuery",
+    "WatchedBuffer",
     "WatchedMemory",
     "WriteWatchError",
+    "WriteWatchFlag",
+    "aligned_empty",
     "as_array",
     "last_error_reason",
     "prepare_kernel_write",

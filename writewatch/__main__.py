@@ -66,16 +66,6 @@ def _kernel_writes_note(report: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-RELIABILITY_LIMITS = """\
-Promises narrowed on every backend (README, "Reliability"):
-  - An output array (GetWriteWatch's addresses, WatchedMemory.written's out) in VirtualAlloc
-    memory stays writable for the call only against VirtualProtect/VirtualFree made through
-    writewatch (they wait for the call); an array spanning more than 64 reservations
-    answers 998.
-  - A WatchedMemory collected while its thread held writewatch's locks is released at the
-    next VirtualAlloc, VirtualFree or collection."""
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     caps = ww.probe()
     report = backends.backend_report()
@@ -107,8 +97,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  The {chosen} backend is a fallback: {sandbox.FALLBACK_MEANS[chosen]}.")
     print()
     print(_kernel_writes_note(report))
-    print()
-    print(RELIABILITY_LIMITS)
     print()
     print("Kernel features each backend relies on:")
     for feature in caps.features:
@@ -147,6 +135,10 @@ def _summary(pages: list[int] | None, shown: int = 8) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Allocate a watched region, write patterns, and check every report."""
+    backend, why = _chosen_backend()
+    if backend is None:
+        print(f"writewatch: {why}", file=sys.stderr)
+        return 2
     npages = args.pages
     page = ww.PAGE_SIZE
     base = ww.VirtualAlloc(0, npages * page,
@@ -159,7 +151,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     memory = ww.as_array(base, npages * page)
     addresses = np.zeros(npages, np.uintp)
     failures = 0
-    print(f"Watching {npages} pages at {base:#x} (page size {page}).")
+    print(f"Watching {npages} pages at {base:#x} (page size {page}) with the {backend} backend "
+          f"({why}).")
 
     def report(title: str, expected: list[int], flags: int = 0, count: int | None = None) -> None:
         nonlocal failures
@@ -197,6 +190,8 @@ EXAMPLES = {
                        "incremental mark-and-sweep collector re-scanning written pages"),
     "game_state_sync": ("examples/game_state_sync.py",
                         "ship only the pages each frame wrote to a replica, per backend"),
+    "incremental_checkpoint": ("examples/incremental_checkpoint.py",
+                               "append only the pages each step of a numpy simulation wrote"),
     "translation_layer": ("examples/translation_layer/run.py",
                           "a Windows C program, unchanged, on a libwinshim.so over writewatch"),
     "conformance": ("-m writewatch.testing.conformance",
@@ -224,9 +219,14 @@ def run_example(name: str, example_args: Sequence[str]) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks against the raw kernel and the slow methods (writewatch/bench/)."""
-    from writewatch.bench import runner as benchmarks  # tooling: only this command loads it
+    from writewatch.bench import runner
 
-    return benchmarks.main(args)
+    return runner.main(args)
+
+
+def _program_name() -> str:
+    """How the user called us: `python -m writewatch` or the `writewatch` script."""
+    return "python -m writewatch" if Path(sys.argv[0]).name == "__main__.py" else "writewatch"
 
 
 def cmd_cflags(args: argparse.Namespace) -> int:
@@ -241,11 +241,27 @@ def cmd_cflags(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status. A reader that goes away
+    (`writewatch info | head -1`) ends it quietly, as Unix tools do."""
+    try:
+        status = _main(argv)
+        # With stdout buffered (not a terminal, no PYTHONUNBUFFERED), a short
+        # output meets a closed pipe only here: flush while the handler below
+        # can still catch it, not at interpreter exit.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Keep Python from complaining again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["demo"] and len(arguments) > 1 and arguments[1] in EXAMPLES:
         # Everything after the name is the example's own (--small, --help, ...).
         return run_example(arguments[1], arguments[2:])
-    parser = argparse.ArgumentParser(prog="python -m writewatch",
+    parser = argparse.ArgumentParser(prog=_program_name(),
                                      description="Windows write watch on Linux.")
     parser.add_argument("--version", action="version", version=f"writewatch {ww.__version__}")
     sub = parser.add_subparsers(dest="command")
@@ -269,10 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "kernel calls: one table per scenario, medians and ratios to raw C. "
                     "Runs with OPENBLAS_NUM_THREADS=1 (restarting itself to set it).")
     if arguments[:1] == ["bench"]:
-        # The benchmark is tooling: info, demo and the API never import it.
-        from writewatch.bench import runner as benchmarks
+        # The benchmark is tooling: imported only when asked for, never by info or demo.
+        from writewatch.bench import runner
 
-        benchmarks.add_arguments(bench)
+        runner.add_arguments(bench)
     bench.set_defaults(run=cmd_bench)
     cflags = sub.add_parser(
         "cflags", help="compiler flags for C code calling process_memwatch()",
@@ -292,15 +308,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        status = main()
-        # With stdout buffered (not a terminal, no PYTHONUNBUFFERED), a short
-        # output meets a closed pipe only here: flush while the handler below
-        # can still catch it, not at interpreter exit.
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader went away (`... info | head`): stop quietly, as Unix tools
-        # do, and keep Python from complaining again when it flushes stdout.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    sys.exit(status)
+    sys.exit(main())

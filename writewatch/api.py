@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, SupportsIndex, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -252,9 +252,12 @@ class WatchedMemory:
 
     def __init__(self, size: int, *, commit: bool = True, protect: int = PAGE_READWRITE,
                  backend: BackendName = "auto") -> None:
+        size = operator.index(size)
+        if size < 0:
+            raise ValueError(f"size must not be negative, not {size}")
         allocation_type = MEM_RESERVE | MEM_WRITE_WATCH | (MEM_COMMIT if commit else 0)
         self.address = memory.allocate(0, size, allocation_type, protect, backend)
-        self.size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        self._size = -(-size // PAGE_SIZE) * PAGE_SIZE
         name = memory.info(self.address).backend
         assert name is not None
         self.backend: str = name
@@ -270,12 +273,32 @@ class WatchedMemory:
         self._finalizer = weakref.finalize(self, memory.release_collected, region)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed or not self._region.listed else f"{self.size:#x} bytes"
+        state = ("closed" if self._closed or not self._region.listed
+                 else f"{self._size:#x} bytes")
         return f"<WatchedMemory at {self.address:#x}, {state}, backend {self.backend}>"
 
     def _check_open(self) -> None:
         if self._closed or not self._region.listed:
             raise ValueError("the memory was freed")
+
+    # One object owns the memory: a copy would free it a second time, and a
+    # pickle cannot carry a mapping to another process.
+    def __copy__(self) -> WatchedMemory:
+        raise TypeError("a WatchedMemory cannot be copied: it owns its memory (copy the "
+                        "contents with mem.array.copy())")
+
+    def __deepcopy__(self, memo: object) -> WatchedMemory:
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> str | tuple[Any, ...]:
+        raise TypeError("a WatchedMemory cannot be pickled: it is memory of this process "
+                        "(pickle the contents, mem.array, instead)")
+
+    @property
+    def size(self) -> int:
+        """The block's size in bytes (whole pages)."""
+        self._check_open()
+        return self._size
 
     @property
     def kernel_writes_fault(self) -> bool:
@@ -294,7 +317,7 @@ class WatchedMemory:
         return self._array
 
     def __len__(self) -> int:
-        return self.size
+        return self.size  # raises once closed, like .size
 
     def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
         array = self.array
@@ -382,6 +405,7 @@ class WatchedMemory:
                 memory.release_region(self._region)
 
     def __enter__(self) -> WatchedMemory:
+        self._check_open()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -14,7 +14,7 @@ from writewatch.constants import (
     ERROR_NOT_SUPPORTED,
 )
 
-_ERRNO_OF = {
+_ERRNO_OF: dict[int, int] = {
     ERROR_NOT_ENOUGH_MEMORY: errno.ENOMEM,
     ERROR_NOT_SUPPORTED: errno.EOPNOTSUPP,
     ERROR_INVALID_PARAMETER: errno.EINVAL,

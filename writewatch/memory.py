@@ -37,7 +37,8 @@ def _named(value: int, names: dict[int, str]) -> str:
     return names.get(value, f"{value:#x}")
 
 
-_STATE_NAMES = {MEM_COMMIT: "MEM_COMMIT", MEM_RESERVE: "MEM_RESERVE", MEM_FREE: "MEM_FREE"}
+_STATE_NAMES: dict[int, str] = {MEM_COMMIT: "MEM_COMMIT", MEM_RESERVE: "MEM_RESERVE",
+                                 MEM_FREE: "MEM_FREE"}
 _TYPE_NAMES = {0: "0", MEM_PRIVATE: "MEM_PRIVATE"}
 
 

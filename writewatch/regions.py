@@ -33,7 +33,7 @@ ALLOCATION_GRANULARITY = 0x10000
 # tables; five-level needs an opt-in mmap hint).
 USER_SPACE_END = (1 << 47) - PAGE_SIZE
 
-POSIX_PROT = {
+POSIX_PROT: dict[int, int] = {
     PAGE_NOACCESS: kernel.PROT_NONE,
     PAGE_READONLY: kernel.PROT_READ,
     PAGE_READWRITE: kernel.PROT_READ | kernel.PROT_WRITE,

@@ -12,12 +12,12 @@ itself, so it can be loaded into a running Python (the differential tester
 does, with ctypes) and into a C program linked with libpython.
 
 The directories this interpreter imports writewatch, numpy and cffi from are
-baked into the library's start-up code, so a C program linked with it finds
-them without PYTHONPATH, ahead of any other writewatch the embedded
-interpreter's own site-packages may hold (PYTHONPATH, when set, still comes
-first), and the
-library and libpython are found through the program's rpath, without
-LD_LIBRARY_PATH.
+baked into the library: a C program linked with it finds them without
+PYTHONPATH, from any virtual environment (the library's constructor hands them
+to the embedded interpreter before it starts, since cffi imports its backend
+first), ahead of any other writewatch the embedded interpreter's own
+site-packages may hold (PYTHONPATH, when set, still comes first); the library
+and libpython are found through the program's rpath, without LD_LIBRARY_PATH.
 
 Builds are cached under build/<hash of the inputs>/, so only the first run
 pays for the compiler (where this checkout cannot be written, another user's or
@@ -40,7 +40,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from writewatch.testing.cbuild import build_privately, inputs_digest
+from writewatch.testing.cbuild import (
+    build_privately,
+    compiler,
+    inputs_digest,
+    python_include,
+)
 
 HERE = Path(__file__).resolve().parent
 INCLUDE = HERE / "include"
@@ -106,7 +111,7 @@ static volatile int python_ready;
 
 CFFI_DLLEXPORT DWORD WINAPI GetLastError(void) { return last_error; }
 CFFI_DLLEXPORT void WINAPI SetLastError(DWORD code) { last_error = code; }
-static void winshim_ready(void) { python_ready = 1; }
+static void winshim_ready(void) { python_ready = 1; winshim_restore_environment(); }
 
 /* Defined further down by cffi: each calls its function in winshim_glue.py. */
 LPVOID winshim_VirtualAlloc(LPVOID, SIZE_T, DWORD, DWORD);
@@ -193,19 +198,69 @@ def _python_link_flags() -> list[str] | None:
     return [f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}"]
 
 
-def _python_home_source() -> str:
-    """C that points the embedded interpreter at this one's standard library
-    before a C program starts it: left to itself, Python finds its home
-    through the first `python3` on PATH, which may be another installation
-    (the system's) whose libraries do not match the libpython the program was
-    linked with. Loaded into a running Python (ctypes), it changes nothing."""
-    home = json.dumps(str(Path(sys.base_prefix).resolve()))  # a C string literal
-    return (
-        "#include <stdlib.h>\n"
-        "extern int Py_IsInitialized(void);\n"
-        "static void __attribute__((constructor)) winshim_python_home(void)\n"
-        f"{{ if (!Py_IsInitialized()) setenv(\"PYTHONHOME\", {home}, 0); }}\n"
-    )
+def _python_setup_source() -> str:
+    """C that sets the embedded interpreter up before a C program starts it.
+
+    PYTHONHOME: this interpreter's standard library. Left to itself, Python
+    finds its home through the first `python3` on PATH, which may be another
+    installation (the system's) whose libraries do not match the libpython the
+    program was linked with.
+
+    PYTHONPATH: the import paths (after any the user set). cffi imports its
+    _cffi_backend as Python starts, before the library's start-up code could
+    extend sys.path, and the embedded interpreter is the base one, which knows
+    nothing of a virtual environment's site-packages.
+
+    Both are put back as they were once Python is up (winshim_ready), so the
+    program's own child processes do not inherit them. Loaded into a running
+    Python (ctypes), it changes nothing."""
+    home = json.dumps(str(Path(sys.base_prefix).resolve()))  # C string literals
+    paths = json.dumps(os.pathsep.join(_import_paths()))
+    return f"""#include <stdlib.h>
+#include <string.h>
+extern int Py_IsInitialized(void);
+static char *winshim_saved[2];
+static int winshim_env_set;
+static const char *const winshim_env_names[2] = {{"PYTHONHOME", "PYTHONPATH"}};
+
+static void __attribute__((constructor)) winshim_python_setup(void)
+{{
+    const char *home = getenv("PYTHONHOME"), *path = getenv("PYTHONPATH");
+    static const char ours[] = {paths};
+    char *joined;
+    if (Py_IsInitialized())
+        return;
+    winshim_saved[0] = home ? strdup(home) : NULL;
+    winshim_saved[1] = path ? strdup(path) : NULL;
+    winshim_env_set = 1;
+    if (!home)
+        setenv("PYTHONHOME", {home}, 1);
+    if (!path || !*path) {{
+        setenv("PYTHONPATH", ours, 1);
+    }} else if ((joined = malloc(strlen(path) + sizeof ours + 1)) != NULL) {{
+        strcpy(joined, path);
+        strcat(joined, ":");
+        strcat(joined, ours);
+        setenv("PYTHONPATH", joined, 1);
+        free(joined);
+    }}
+}}
+
+static void winshim_restore_environment(void)
+{{
+    if (!winshim_env_set)
+        return;
+    winshim_env_set = 0;
+    for (int i = 0; i < 2; i++) {{
+        if (winshim_saved[i])
+            setenv(winshim_env_names[i], winshim_saved[i], 1);
+        else
+            unsetenv(winshim_env_names[i]);
+        free(winshim_saved[i]);
+        winshim_saved[i] = NULL;
+    }}
+}}
+"""
 
 
 def _import_paths() -> list[str]:
@@ -264,25 +319,24 @@ def _compile(work: Path, verbose: bool) -> None:
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(_TYPES + _C_IMPLEMENTED)
     ffibuilder.embedding_api(_PYTHON_IMPLEMENTED)
-    ffibuilder.set_source("_winshim", _python_home_source() + _C_SOURCE)
+    ffibuilder.set_source("_winshim", _python_setup_source() + _C_SOURCE)
     ffibuilder.embedding_init_code(_init_code())
     c_file = work / "_winshim.c"
     with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
         ffibuilder.emit_c_code(str(c_file))  # it prints "generating ..."
 
-    compiler = os.environ.get("CC", "gcc")
-    python_include = sysconfig.get_paths()["include"]
-    _run([compiler, "-O2", "-fPIC", "-shared", f"-I{INCLUDE}", f"-I{python_include}",
+    cc = compiler()
+    _run([*cc, "-O2", "-fPIC", "-shared", f"-I{INCLUDE}", f"-I{python_include()}",
           str(c_file), "-o", str(work / "libwinshim.so")], verbose)
     # The port, unchanged: once as a program, once as a library whose main()
     # is called port_main() so that a running Python can host it.
     # $ORIGIN: found next to the program, wherever the build directory ends up.
     shim = ["-L", str(work), "-lwinshim", "-Wl,-rpath,$ORIGIN"]
-    _run([compiler, "-O2", "-fPIC", "-shared", "-Dmain=port_main", f"-I{INCLUDE}",
+    _run([*cc, "-O2", "-fPIC", "-shared", "-Dmain=port_main", f"-I{INCLUDE}",
           str(PROGRAM_SOURCE), "-o", str(work / "libport.so"), *shim], verbose)
     python_link = _python_link_flags()
     if python_link is not None:
-        _run([compiler, "-O2", f"-I{INCLUDE}", str(PROGRAM_SOURCE), "-o",
+        _run([*cc, "-O2", f"-I{INCLUDE}", str(PROGRAM_SOURCE), "-o",
               str(work / "write_watch_port"), *shim, *python_link], verbose)
 
 
@@ -331,7 +385,7 @@ def build_and_run(source: Path, arguments: list[str], verbose: bool = False) -> 
     compile_flags, link_flags = c_flags(build(verbose=verbose))
     with tempfile.TemporaryDirectory(prefix="winshim-run-") as work:
         program = Path(work) / source.stem
-        _run([os.environ.get("CC", "gcc"), "-O2", *compile_flags, str(source), "-o",
+        _run([*compiler(), "-O2", *compile_flags, str(source), "-o",
               str(program), *link_flags], verbose)
         return subprocess.call([str(program), *arguments])
 
@@ -358,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             compile_flags, link_flags = c_flags(built)
             print(f"gcc {' '.join(compile_flags)} prog.c -o prog {' '.join(link_flags)}")
             return 0
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # CompilerMissingError among them: it says what to install
         print(f"build.py: {exc}", file=sys.stderr)
         return 2
     print(f"library: {built.library}")

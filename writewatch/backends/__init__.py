@@ -19,6 +19,7 @@ import threading
 from typing import Any, Literal, cast
 
 from writewatch import kernel
+from writewatch.backends import uffd
 from writewatch.backends.mprotect import MprotectBackend
 from writewatch.backends.pagemap import PagemapBackend
 from writewatch.backends.uffd import UffdBackend
@@ -138,4 +139,5 @@ def _forget_process_state() -> None:
         each.forget_process_state()
 
 
-kernel.on_fork("backends", child=_forget_process_state)
+kernel.on_fork("backends", before=uffd.pause_handler, parent=uffd.resume_handler,
+               child=_forget_process_state)

@@ -134,3 +134,22 @@ class _UffdWatcher(_tracked.TrackedWatcher):
         super().unwatch(start, length)
         (uffd,) = self.backend.descriptor.get()
         check(lib.ww_uffd_unregister(uffd, start, length), "UFFDIO_UNREGISTER")
+
+
+# Around os.fork(): when the handler thread is the only other thread, it stops
+# before the fork and starts again after it in the parent, so the process forks
+# single-threaded (Python 3.12 warns "This process is multi-threaded, use of
+# fork() may lead to deadlocks" for any thread alive, native ones too; with
+# other threads alive the warning is due anyway, and one of them could fault
+# while the handler is away: native/tracking.c). The child has no handler to restart:
+# it forgets the parent's userfaultfd (docs/semantics.md rule K17). Python 3.13
+# counts the threads after the after-fork hooks have run, so there the restarted
+# thread is counted and the warning stays.
+
+
+def pause_handler() -> None:
+    check(lib.ww_uffd_handler_pause(), "stopping the userfaultfd handler thread")
+
+
+def resume_handler() -> None:
+    check(lib.ww_uffd_handler_resume(), "pthread_create")

@@ -31,9 +31,9 @@
  *     (re-protecting a protected page is harmless) where the runs are so many
  *     that this is cheaper: that call walks every PTE of its range.
  *
- * Compiled at bench time by writewatch/bench/runner.py (cffi API mode, cached
- * under the temporary directory, keyed by a hash of this file and abi.h); it is
- * not part of the installed extension. Timings are taken here with
+ * Compiled at install time beside the extension (build_native.py, cffi API
+ * mode) into writewatch.bench._reference, so the benchmark needs no compiler
+ * where writewatch is installed from a wheel. Timings are taken here with
  * clock_gettime(CLOCK_MONOTONIC), so no Python runs inside a measured interval.
  */
 #ifndef _GNU_SOURCE

@@ -14,8 +14,8 @@ machines; ratios measured side by side in one run hold better):
    M-page region while the main thread calls GetWriteWatch(RESET) every 3 ms.
 5. Reserve-heavy: a 256 GiB reservation with 64 MiB committed.
 
-The raw reference (reference.c, compiled here at bench time with cffi
-into a cache directory) makes the pagemap backend's kernel calls on a region
+The raw reference (reference.c, compiled with the extension at install time,
+writewatch.bench._reference) makes the pagemap backend's kernel calls on a region
 set up the way that backend sets one up, with no Python in the loop. Every
 benchmark write is made by C code (one byte per page), so what the backends are
 compared on is their fault cost, never numpy's. GetWriteWatch through writewatch
@@ -51,7 +51,7 @@ import numpy as np
 
 import writewatch as ww
 from writewatch import backends, kernel, memory, regions
-from writewatch.testing.cbuild import build_cached
+from writewatch.bench import buffers, scale
 
 P = ww.PAGE_SIZE
 KiB = 1 << 10
@@ -81,57 +81,17 @@ class BenchError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------
-# The raw C reference, compiled at bench time (never at install time)
-
-_HERE = Path(__file__).resolve().parent
-_RAW_C_SOURCE = _HERE / "reference.c"
-_NATIVE = _HERE.parent / "native"
-_ABI_HEADER = _NATIVE / "abi.h"
-
-# Only the reference's own functions: the kernel structs stay declared once,
-# in native/abi.h, which the C file includes.
-_CDEF = """
-struct wwb_region {
-    uint64_t base, size;
-    uint64_t commit_start, commit_end;
-    int mode;
-    ...;
-};
-struct wwb_writers;
-struct wwb_region *wwb_region_new(uint64_t size, uint64_t offset, uint64_t length, int *err);
-struct wwb_region *wwb_region_new_mode(uint64_t size, uint64_t offset, uint64_t length,
-                                       int mode, int *err);
-int wwb_segv_first(void);
-void wwb_region_free(struct wwb_region *r);
-int64_t wwb_scan_timed(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
-                       uint64_t *out, uint64_t capacity, uint64_t *elapsed_ns);
-int64_t wwb_reset(const struct wwb_region *r, uint64_t start, uint64_t end);
-int64_t wwb_scan_loop(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
-                      uint64_t dirty, uint64_t iterations, uint64_t expected,
-                      uint64_t *out, uint64_t capacity, uint64_t *samples);
-void wwb_timer_floor(uint64_t iterations, uint64_t *samples);
-uint64_t wwb_touch(uint64_t base, const uint32_t *pages, uint64_t count);
-struct wwb_writers *wwb_writers_start(uint64_t base, uint64_t npages, int nthreads,
-                                      uint64_t seed, uint64_t delay_ns, int *err);
-void wwb_writers_stop(struct wwb_writers *w, uint64_t *writes, uint64_t *write_ns);
-int64_t wwb_watch_loop(const struct wwb_region *r, uint64_t start, uint64_t end,
-                       uint64_t duration_ns, uint64_t period_ns, uint64_t *out,
-                       uint64_t capacity, uint64_t *samples, uint64_t max_samples,
-                       uint64_t *pages);
-"""
-
-_reference: ModuleType | None = None
+# The raw C reference, compiled at install time with the extension
+# (build_native.py), so an installed wheel benchmarks without a compiler.
 
 
 def reference() -> ModuleType:
-    """The compiled reference (ffi, lib), built once per source and interpreter
-    into a cache directory under tempfile.gettempdir()."""
-    global _reference
-    if _reference is None:
-        _reference = build_cached("bench_reference", _CDEF, _RAW_C_SOURCE.read_text(),
-                                  include_dirs=[str(_NATIVE)], depends=[_ABI_HEADER],
-                                  extra_compile_args=["-O2", "-Wall", "-pthread"],
-                                  libraries=["pthread"])
+    """The compiled reference (ffi, lib): writewatch.bench._reference."""
+    try:
+        import writewatch.bench._reference as _reference
+    except ImportError as exc:  # a tree whose extension was built before the reference
+        raise BenchError(f"the raw C reference is not built ({exc}): reinstall writewatch "
+                         "(pip install -e . in a checkout) to compile it") from exc
     return _reference
 
 
@@ -1045,6 +1005,16 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
                     f"no per-page Python objects ({impl}): heap peak of a call at 0%/100%",
                     max(peak), "flat (< 4 KiB)", max(peak) < 4 * KiB,
                     " / ".join(f"{v:.0f} B" for v in peak)))
+    scenario = report.scenario(7)
+    if scenario is not None:
+        at_one = {impl: result for impl in scenario.impls
+                  if (result := scenario.result(buffers.case(1), impl)) is not None}
+        big = cfg.size >= GiB  # the targets are defined at 1 GiB
+        for name, value, limit, met in buffers.targets(
+                {impl: result.value for impl, result in at_one.items()},
+                {impl: result.ratio for impl, result in at_one.items() if impl not in RAW_MODES}):
+            targets.append(Target(f"numpy array {cfg.size // MiB} MiB, 1% written: {name}",
+                                  value, limit, met if big else None, "" if big else NOT_JUDGED))
     return targets
 
 
@@ -1065,9 +1035,39 @@ def _thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _scale() -> ModuleType:
-    from writewatch.bench import scale  # imports this module
-    return scale
+def scenario_scale(cfg: Config, impls: list[str], progress: Progress) -> Scenario:
+    """Scenario 6 (opt-in; bench/scale.py measures): sizes from ScaleSizes,
+    quick() ones when the run's other sizes are reduced."""
+    sizes = scale.ScaleSizes() if cfg.at_full_sizes() else scale.ScaleSizes.quick()
+    found = scale.measure(impls, sizes, progress)
+    result = Scenario(
+        6, "Scale",
+        f"{scale.SMALL_PAGES}-page GetWriteWatch (nothing written) and first write (us per "
+        "page) with no other region and with many alive; VirtualAlloc+VirtualFree of a 64 KiB "
+        "write-watch region beside 1k..100k live ones; VirtualProtect of one page in a "
+        f"region cut into 8k and 32k protection runs. Median of {sizes.calls} calls.",
+        "us", list(impls), scale.cases(sizes))
+    for (case, backend), value in found.items():
+        result.add(Result(case, backend, "us", [value]))
+    result.notes.append("nan: the backend could not hold that many live regions.")
+    return result
+
+
+def scenario_buffers(cfg: Config, impls: list[str], progress: Progress) -> Scenario:
+    """Scenario 7 (opt-in; bench/buffers.py measures): the backends' columns
+    (raw references included), then compare and hash."""
+    sets = buffers.page_sets(cfg.size // P, cfg.seed + 7)
+    columns = [*impls, buffers.COMPARE, buffers.HASH]
+    result = Scenario(7, "What changed in a numpy array",
+                      buffers.describe(cfg.size, cfg.repetitions), "ms", columns, buffers.cases())
+    for impl in columns:
+        raw = RawTarget(cfg.size, 0, cfg.size, impl) if impl in RAW_MODES else None
+        for pct, (samples, total) in buffers.measure(impl, cfg.size, cfg.repetitions, sets,
+                                                     progress, raw).items():
+            result.add(Result(buffers.case(pct), impl, "ms", samples, found=total,
+                              expected=len(sets[pct]) * cfg.repetitions))
+    result.notes.append(buffers.NOTE)
+    return result
 
 
 def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
@@ -1106,7 +1106,8 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         3: lambda: scenario_small_call(cfg, impls, progress, floors),
         4: lambda: scenario_wine_shape(cfg, impls, progress, floors),
         5: lambda: scenario_reserve(cfg, impls, progress),
-        6: lambda: _scale().scenario(cfg, backends, progress),  # opt-in: bench/scale.py
+        6: lambda: scenario_scale(cfg, backends, progress),  # opt-in
+        7: lambda: scenario_buffers(cfg, impls, progress),  # opt-in
     }
     started = time.monotonic()
     try:
@@ -1289,8 +1290,10 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                                 "writing while GetWriteWatch polls), "
                                                 "5 reserve-heavy (a huge reservation, "
                                                 "little committed); 6 scale (100k live "
-                                                "regions, 32k protection runs) runs only "
-                                                "when named"}),
+                                                "regions, 32k protection runs) and 7 what "
+                                                "changed in a numpy array (WatchedBuffer "
+                                                "against compare and hash) run only when "
+                                                "named"}),
     ("--backends", {"metavar": "LIST", "help": "which backends, e.g. pagemap,mprotect "
                                                "(default: every one available)"}),
     ("--repetitions", {"type": int, "metavar": "N", "help": "repetitions per measurement "
@@ -1339,8 +1342,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config.quick() if args.quick else Config()
     if args.scenarios:
         cfg.scenarios = _int_list(args.scenarios, "--scenarios")
-        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6}:
-            raise BenchError("--scenarios are numbered 1 to 6 (6, scale, only when named)")
+        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6, 7}:
+            raise BenchError("--scenarios are numbered 1 to 7 (6 and 7 only when named)")
     if args.backends:
         cfg.backends = tuple(name.strip() for name in args.backends.split(","))
     if args.repetitions is not None:

@@ -26,7 +26,6 @@ import numpy as np
 
 import writewatch as ww
 from writewatch.backends import checked_name
-from writewatch.bench import runner
 from writewatch.constants import (
     MEM_COMMIT,
     MEM_RELEASE,
@@ -162,21 +161,3 @@ def cases(sizes: ScaleSizes) -> list[str]:
             "first write, 0 live", f"first write, {most} live",
             *(f"alloc+free, {label_of(n)} live" for n in sorted(sizes.live)),
             *(f"VirtualProtect, {label_of(n)} runs" for n in sizes.runs)]
-
-
-def scenario(cfg: runner.Config, backends: list[str], progress: runner.Progress) -> runner.Scenario:
-    """Scenario 6 for the runner (sizes from ScaleSizes; quick() ones when the
-    run's other sizes are reduced)."""
-    sizes = ScaleSizes() if cfg.at_full_sizes() else ScaleSizes.quick()
-    found = measure(backends, sizes, progress)
-    result = runner.Scenario(
-        6, "Scale",
-        f"{SMALL_PAGES}-page GetWriteWatch (nothing written) and first write (us per page) "
-        "with no other region and with many alive; VirtualAlloc+VirtualFree of a 64 KiB "
-        "write-watch region beside 1k..100k live ones; VirtualProtect of one page in a "
-        f"region cut into 8k and 32k protection runs. Median of {sizes.calls} calls.",
-        "us", list(backends), cases(sizes))
-    for (case, backend), value in found.items():
-        result.add(runner.Result(case, backend, "us", [value]))
-    result.notes.append("nan: the backend could not hold that many live regions.")
-    return result

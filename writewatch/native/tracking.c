@@ -414,6 +414,7 @@ static void track_after_fork_child(void)
     track_waiting_count = 0;
     track_unlock_all();
     track_sync_uffd = -1;
+    track_faults_after_fork_child();
 }
 
 static pthread_once_t track_fork_handlers_once = PTHREAD_ONCE_INIT;

@@ -129,6 +129,9 @@ int set_armed(struct track_range *r, uint64_t first, uint64_t last, int armed);
 int needs_arming(const struct track_range *r, uint8_t st);
 int read_only_armed(const struct track_range *r, uint8_t st);
 
+/* tracking_faults.c: the fault paths */
+void track_faults_after_fork_child(void);
+
 #pragma GCC visibility pop
 
 #endif

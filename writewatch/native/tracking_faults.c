@@ -2,6 +2,10 @@
  * the uffd backend's handler thread (tracking.h). */
 #include "tracking.h"
 
+#include <dirent.h>
+#include <stdio.h>
+#include <sys/eventfd.h>
+
 /* ---- who is stopped in the fault path ---- */
 
 /*
@@ -387,6 +391,18 @@ static void resolve_waiting(void)
     }
 }
 
+/*
+ * The handler thread is stopped around os.fork() (ww_uffd_handler_pause from
+ * the fork hook's before step, ww_uffd_handler_resume after it in the parent),
+ * so that the process forks with no thread of ours: Python 3.12 warns about
+ * (and counts, through /proc) every thread alive at a fork. Faults arriving
+ * meanwhile wait in the userfaultfd, and faults queued for a lock in
+ * track_waiting, for the restarted thread.
+ */
+static pthread_t uffd_handler_thread;
+static int uffd_handler_running;
+static int uffd_handler_stop_fd = -1; /* eventfd: ends the handler's poll */
+static pid_t uffd_handler_tid;
 uint64_t track_handler_stack[2]; /* the uffd handler thread's [low, high) */
 
 /* Record this thread's stack: process_memwatch must not arm it (the handler
@@ -410,17 +426,21 @@ static void *uffd_handler_main(void *arg)
 {
     int uffd = (int)(intptr_t)arg;
     struct uffd_msg messages[64];
+    __atomic_store_n(&uffd_handler_tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
     record_handler_stack();
     for (;;) {
         /* Faults waiting for a lock are tried again after a short nap. */
         struct timespec nap = { .tv_sec = 0, .tv_nsec = TRACK_LOCK_NAP_NS };
-        struct pollfd ready = { .fd = uffd, .events = POLLIN };
-        int polled = ppoll(&ready, 1, track_waiting_count ? &nap : NULL, NULL);
+        struct pollfd ready[2] = { { .fd = uffd, .events = POLLIN },
+                                   { .fd = uffd_handler_stop_fd, .events = POLLIN } };
+        int polled = ppoll(ready, 2, track_waiting_count ? &nap : NULL, NULL);
         if (polled < 0 && errno != EINTR)
             break;
-        if (polled > 0 && (ready.revents & (POLLERR | POLLHUP | POLLNVAL)))
+        if (polled > 0 && ready[1].revents)
+            break; /* asked to stop: queued faults go to the next thread */
+        if (polled > 0 && (ready[0].revents & (POLLERR | POLLHUP | POLLNVAL)))
             break;
-        if (polled > 0) {
+        if (polled > 0 && ready[0].revents) {
             ssize_t got = read(uffd, messages, sizeof messages);
             if (got < 0 && errno != EAGAIN && errno != EINTR)
                 break;
@@ -438,18 +458,82 @@ static void *uffd_handler_main(void *arg)
 int ww_uffd_handler_start(int uffd)
 {
     pthread_attr_t attr;
-    pthread_t thread;
     sigset_t all, old;
+    if (uffd_handler_running)
+        return 0;
+    if (uffd_handler_stop_fd < 0) {
+        uffd_handler_stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (uffd_handler_stop_fd < 0)
+            return -errno;
+    }
     track_sync_uffd = uffd;
     pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&attr, 64 * 1024);
     /* Signals stay with Python's threads: the handler thread blocks them all. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int result = pthread_create(&thread, &attr, uffd_handler_main, (void *)(intptr_t)uffd);
+    int result = pthread_create(&uffd_handler_thread, &attr, uffd_handler_main,
+                                (void *)(intptr_t)uffd);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
+    if (!result)
+        uffd_handler_running = 1;
     return -result;
+}
+
+static int thread_count(void)
+{
+    DIR *tasks = opendir("/proc/self/task");
+    int count = 0;
+    if (!tasks)
+        return -1;
+    for (struct dirent *entry; (entry = readdir(tasks)) != NULL;)
+        count += entry->d_name[0] != '.';
+    closedir(tasks);
+    return count;
+}
+
+/* Stop the handler thread and wait until the kernel has let it go: the thread
+ * count drops a moment after pthread_join returns. Only when it is the one
+ * thread besides the caller: another thread could fault on watched memory
+ * while holding the GIL the caller waits for, with no handler to release it
+ * (and with another thread alive, the fork is multi-threaded anyway).
+ * Returns 0 or -errno. */
+int ww_uffd_handler_pause(void)
+{
+    uint64_t one = 1;
+    char task[64];
+    if (!uffd_handler_running || thread_count() != 2)
+        return 0;
+    if (write(uffd_handler_stop_fd, &one, sizeof one) != (ssize_t)sizeof one)
+        return -errno;
+    int result = pthread_join(uffd_handler_thread, NULL);
+    if (result)
+        return -result;
+    uffd_handler_running = 0;
+    uint64_t ignored;
+    while (read(uffd_handler_stop_fd, &ignored, sizeof ignored) < 0 && errno == EINTR)
+        ;
+    snprintf(task, sizeof task, "/proc/self/task/%d",
+             (int)__atomic_load_n(&uffd_handler_tid, __ATOMIC_ACQUIRE));
+    for (int i = 0; i < 100000 && access(task, F_OK) == 0; i++)
+        sched_yield();
+    return 0;
+}
+
+/* Start the handler thread again after a pause (a no-op if it runs, or if
+ * this process has no uffd of the uffd backend: a forked child). */
+int ww_uffd_handler_resume(void)
+{
+    return track_sync_uffd < 0 ? 0 : ww_uffd_handler_start(track_sync_uffd);
+}
+
+/* In a forked child: no handler thread exists (threads do not survive fork). */
+void track_faults_after_fork_child(void)
+{
+    uffd_handler_running = 0;
+    if (uffd_handler_stop_fd >= 0)
+        close(uffd_handler_stop_fd);
+    uffd_handler_stop_fd = -1;
 }
 

@@ -83,8 +83,8 @@ class Free:
     free_type: int
 
     def describe(self) -> str:
-        kind = {MEM_DECOMMIT: "MEM_DECOMMIT", MEM_RELEASE: "MEM_RELEASE"}.get(
-            self.free_type, f"{self.free_type:#x}")
+        kind = allocation_type_name(self.free_type) if self.free_type in (
+            MEM_DECOMMIT, MEM_RELEASE) else f"{self.free_type:#x}"
         return f"VirtualFree({_at(self.slot, self.offset)}, {_size(self.size)}, {kind})"
 
 
