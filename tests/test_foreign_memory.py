@@ -4,6 +4,7 @@ mappings that cannot be watched; stopping; ranges past user space."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -11,6 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,14 +31,23 @@ MAP_FIXED = 0x10
 
 
 @pytest.fixture(autouse=True)
-def foreign_memory_backend(write_watch_backend: str | None) -> None:
-    if write_watch_backend in ("uffd", "mprotect"):
-        # TODO(issue 17): these cases pass on the fallbacks run one backend per
-        # process; all backends in one process, memory the pagemap backend
-        # left registered and freed is met again by the fallbacks' cases (EBUSY,
-        # EACCES, a crash in the C library's cases after them). Until that is
-        # solved, tests/test_foreign_fallbacks.py covers the fallbacks.
-        pytest.skip("fallbacks: see tests/test_foreign_fallbacks.py")
+def unwatch_afterwards(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each case stops watching what it watched (rule M19), mapped still or not:
+    all backends run in one process, and memory one backend left watched and
+    freed is met again at the same address by the next backend's cases."""
+    watched: list[tuple[int, int]] = []
+    call = ww.process_memwatch
+
+    def recording(pidfd: int, start: int, length: int, *args: Any, **kwargs: Any) -> int:
+        watched.append((start, length))
+        return call(pidfd, start, length, *args, **kwargs)
+
+    monkeypatch.setattr(ww, "process_memwatch", recording)
+    yield
+    for start, length in watched:
+        # Refused when watched, or never watched: nothing to stop.
+        with contextlib.suppress(OSError, ValueError):
+            memwatch.memwatch_unwatch(start, length)
 
 
 def written(start: int, length: int, flags: int = GET, capacity: int = 1024) -> list[int]:
