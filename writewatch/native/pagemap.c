@@ -26,6 +26,21 @@ static void scan_arg_init(struct pm_scan_arg *arg, uint64_t start, uint64_t end)
     arg->return_mask = PAGE_IS_WRITTEN;
 }
 
+/* A scan of [start, end) selecting what filter says (the caller sets the
+ * return mask and the vec). */
+static void filter_arg_init(struct pm_scan_arg *arg, uint64_t start, uint64_t end,
+                            const struct ww_scan_filter *filter)
+{
+    memset(arg, 0, sizeof *arg);
+    arg->size = sizeof *arg;
+    arg->start = start;
+    arg->end = end;
+    arg->flags = filter->flags;
+    arg->category_mask = filter->mask;
+    arg->category_inverted = filter->inverted;
+    arg->category_anyof_mask = filter->anyof;
+}
+
 /*
  * The pages of [start, end) that filter selects (its masks; flags PM_SCAN_*)
  * go into out[0..capacity) as (page address - origin), ascending; out may be
@@ -46,14 +61,7 @@ int64_t ww_pagemap_select(int pagemap_fd, uint64_t start, uint64_t end,
 
     *walk_end = start;
     while (start < end && count < capacity) {
-        memset(&arg, 0, sizeof arg);
-        arg.size = sizeof arg;
-        arg.start = start;
-        arg.end = end;
-        arg.flags = filter->flags;
-        arg.category_mask = filter->mask;
-        arg.category_inverted = filter->inverted;
-        arg.category_anyof_mask = filter->anyof;
+        filter_arg_init(&arg, start, end, filter);
         arg.return_mask = filter->mask ? filter->mask : PAGE_IS_WPALLOWED;
         /* Always a vec: without one, WP_MATCHING protects every page and
          * ignores the masks (the kernel's fast path for an exclusive reset). */
@@ -107,14 +115,7 @@ int64_t ww_pagemap_runs(int pagemap_fd, uint64_t start, uint64_t end,
                         uint64_t max_runs, uint64_t *walk_end)
 {
     struct pm_scan_arg arg;
-    memset(&arg, 0, sizeof arg);
-    arg.size = sizeof arg;
-    arg.start = start;
-    arg.end = end;
-    arg.flags = filter->flags;
-    arg.category_mask = filter->mask;
-    arg.category_inverted = filter->inverted;
-    arg.category_anyof_mask = filter->anyof;
+    filter_arg_init(&arg, start, end, filter);
     arg.return_mask = PAGE_IS_WPALLOWED; /* one category for all: runs merge */
     struct page_region batch[WW_SCAN_BATCH];
     arg.vec = (uint64_t)(uintptr_t)batch;
