@@ -31,7 +31,8 @@ from cffi import FFI
 ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "writewatch" / "native"
 SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "tracking_arming.c",
-           "tracking_scan.c", "tracking_faults.c", "index.c", "foreign.c", "foreign_maps.c"]
+           "tracking_scan.c", "tracking_faults.c", "index.c", "index_calls.c", "foreign.c",
+           "foreign_maps.c"]
 # libprocess_memwatch (process_memwatch.h): the proposal's C entry point, pure C
 # from the same sources; only process_memwatch is exported.
 LIBRARY = "process_memwatch"

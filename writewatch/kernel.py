@@ -445,7 +445,7 @@ class Backend:
         raise NotImplementedError
 
     def memwatch_handle(self) -> tuple[int, int, int]:
-        """(kind, uffd, pagemap_fd) under which native/index.c serves
+        """(kind, uffd, pagemap_fd) under which native/index_calls.c serves
         process_memwatch in one call (kind WW_INDEX_PAGEMAP); any other kind
         means process_memwatch above is called."""
         return lib.WW_INDEX_PLAIN, -1, -1

@@ -118,7 +118,7 @@ def _checked_range(start: int, length: int, flags: int, out: Any, capacity: int)
                                                                                          bool]:
     """(end, in_region): the page-aligned end of [start, start+length) and
     whether it overlaps a write-watch region; EINVAL otherwise. The checks are
-    native (index.c, memwatch.c): the same for Python and for C callers."""
+    native (index_calls.c, memwatch.c): the same for Python and for C callers."""
     if not (0 <= start < 1 << 64 and 0 <= flags < 1 << 32):
         bad = lib.WW_MEMWATCH_PAST_USER_SPACE if flags < 1 << 32 else lib.WW_MEMWATCH_BAD_FLAGS
         raise _refused(bad, start, length, flags)
@@ -198,7 +198,7 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
     else:
         out, capacity = ffi.NULL, 0
     if pidfd == 0 and 0 <= start < 1 << 64 and 0 <= flags < 1 << 32:
-        # The fast path: checks and walk in one native call (native/index.c).
+        # The fast path: checks and walk in one native call (native/index_calls.c).
         why = refusal_struct()
         kind, uffd, pagemap_fd = _selection()[3]
         result = _call(kind, uffd, pagemap_fd, start, max(min(length, _INT64_MAX), -1), flags,

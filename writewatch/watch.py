@@ -1,6 +1,6 @@
 """GetWriteWatch, ResetWriteWatch and prepare_kernel_write on the region table.
 
-The range checks Windows makes live in the native index (native/index.c) and
+The range checks Windows makes live in the native index (native/index_calls.c) and
 only there: a refused call comes back as a reason, which this module words.
 Only the checks on the Python output array itself are made here.
 """
