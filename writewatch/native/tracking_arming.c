@@ -205,6 +205,29 @@ int ww_track_watch(uint64_t handle, uint64_t start, uint64_t length, int prot, i
 }
 
 /*
+ * Disarm (mprotect) each run of pages in [first, last) that has every bit of
+ * need, and clear their WW_PAGE_ARMED: one system call per run, not per page.
+ * Range lock held.
+ */
+static int disarm_runs(struct track_range *r, uint64_t first, uint64_t last, uint8_t need)
+{
+    uint64_t run = TRACK_NO_RUN;
+    int result = 0;
+    for (uint64_t i = first; i <= last && !result; i++) {
+        int disarm = i < last && (r->state[i] & need) == need;
+        if (disarm && run == TRACK_NO_RUN)
+            run = i;
+        if (!disarm && run != TRACK_NO_RUN) {
+            result = set_armed(r, run, i, 0);
+            for (uint64_t j = run; !result && j < i; j++)
+                r->state[j] &= ~WW_PAGE_ARMED;
+            run = TRACK_NO_RUN;
+        }
+    }
+    return result;
+}
+
+/*
  * Forget pages about to be decommitted or released. Armed pages get their
  * logical protection back first, under the lock: a write racing the release
  * then completes instead of faulting on a page no handler claims any more,
@@ -218,20 +241,10 @@ int ww_track_unwatch(uint64_t handle, uint64_t start, uint64_t length)
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
     int result = 0;
     range_lock(r);
-    if (r->mode == WW_MODE_UFFD) {
+    if (r->mode == WW_MODE_UFFD)
         result = uffd_protect(start, length, 0);
-    } else {
-        uint64_t run = TRACK_NO_RUN;
-        for (uint64_t i = first; i <= last && !result; i++) {
-            int armed = i < last && (r->state[i] & WW_PAGE_ARMED);
-            if (armed && run == TRACK_NO_RUN)
-                run = i;
-            if (!armed && run != TRACK_NO_RUN) {
-                result = set_armed(r, run, i, 0);
-                run = TRACK_NO_RUN;
-            }
-        }
-    }
+    else
+        result = disarm_runs(r, first, last, WW_PAGE_ARMED);
     if (!result)
         memset(r->state + first, 0, last - first);
     range_unlock(r);
@@ -277,22 +290,13 @@ int ww_track_prepare_write(uint64_t handle, uint64_t start, uint64_t length)
     if (!r)
         return -EINVAL;
     uint64_t first = (start - r->start) / WW_PAGE_SIZE, last = first + length / WW_PAGE_SIZE;
-    uint64_t run = TRACK_NO_RUN;
-    int result = 0;
     range_lock(r);
-    for (uint64_t i = first; i <= last && !result; i++) {
-        int disarm = i < last && (r->state[i] & WW_PAGE_WRITE) && (r->state[i] & WW_PAGE_ARMED);
-        if (disarm && run == TRACK_NO_RUN)
-            run = i;
-        if (!disarm && run != TRACK_NO_RUN) {
-            result = set_armed(r, run, i, 0);
-            for (uint64_t j = run; !result && j < i; j++)
-                r->state[j] &= ~WW_PAGE_ARMED;
-            run = TRACK_NO_RUN;
-        }
-        if (i < last && (r->state[i] & WW_PAGE_WRITE))
+    /* Dirty first: a page that stays armed after a failure reads written,
+     * which is one too many, never one too few. */
+    for (uint64_t i = first; i < last; i++)
+        if (r->state[i] & WW_PAGE_WRITE)
             r->state[i] |= WW_PAGE_DIRTY;
-    }
+    int result = disarm_runs(r, first, last, WW_PAGE_WRITE | WW_PAGE_ARMED);
     range_unlock(r);
     range_exit(r);
     return result;
