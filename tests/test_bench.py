@@ -214,7 +214,7 @@ def test_command_line_rebuilds_the_options():
     cfg = bench.config_from_args(args)
     assert (cfg.scenarios, cfg.repetitions, cfg.wine_shapes) == ((1, 3), 2, ((2, 64),))
     with pytest.raises(bench.BenchError):
-        bench.config_from_args(parse("--scenarios", "8"))
+        bench.config_from_args(parse("--scenarios", "9"))
     with pytest.raises(bench.BenchError):
         bench.config_from_args(parse("--wine-shapes", "six"))
 

@@ -14,6 +14,11 @@ machines; ratios measured side by side in one run hold better):
    M-page region while the main thread calls GetWriteWatch(RESET) every 3 ms.
 5. Reserve-heavy: a 256 GiB reservation with 64 MiB committed.
 
+Three more run only when named: 6 scale (bench/scale.py), 7 what changed in a
+numpy array (bench/buffers.py) and 8 process_memwatch over memory writewatch
+did not allocate, against a raw PAGEMAP_SCAN of the same range
+(bench/foreign.py).
+
 The raw reference (reference.c, compiled with the extension at install time,
 writewatch.bench._reference) makes the pagemap backend's kernel calls on a region
 set up the way that backend sets one up, with no Python in the loop. Every
@@ -51,7 +56,7 @@ import numpy as np
 
 import writewatch as ww
 from writewatch import backends, kernel, memory, regions
-from writewatch.bench import buffers, scale
+from writewatch.bench import buffers, foreign, scale
 
 P = ww.PAGE_SIZE
 KiB = 1 << 10
@@ -957,10 +962,11 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
     for pct in (1, 100):
         for flag in ("0", "RESET"):
             at_most(f"GetWriteWatch {cfg.size // MiB} MiB, {pct}% written, {flag}: pagemap/raw",
-                    _ratio(report, 2, f"{pct:g}% {flag}", "pagemap"), 1.10)
-    for case in ("GetWriteWatch(0)", "GetWriteWatch(RESET)"):
+                    _ratio(report, 2, f"{pct:g}% {flag}", "pagemap"), 1.05)
+    # The issue's limits: 1.3 for the per-frame GetWriteWatch(RESET), 1.5 without.
+    for case, bound in (("GetWriteWatch(0)", 1.5), ("GetWriteWatch(RESET)", 1.3)):
         floor = _ratio(report, 3, case, RAW_FROM_PYTHON)
-        at_most(f"small call {case}: pagemap/raw", _ratio(report, 3, case, "pagemap"), 1.5,
+        at_most(f"small call {case}: pagemap/raw", _ratio(report, 3, case, "pagemap"), bound,
                 "" if floor is None else f"raw C called from Python: {floor:.2f}x")
     for order in ("sequential", "random"):
         at_most(f"first write, {order}: pagemap/raw", _ratio(report, 1, order, "pagemap"), 1.1)
@@ -1005,6 +1011,12 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
                     f"no per-page Python objects ({impl}): heap peak of a call at 0%/100%",
                     max(peak), "flat (< 4 KiB)", max(peak) < 4 * KiB,
                     " / ".join(f"{v:.0f} B" for v in peak)))
+    if report.scenario(8) is not None:
+        at_most(f"process_memwatch {cfg.size // MiB} MiB, 1% written, GET|CLEAR: pagemap/raw",
+                _ratio(report, 8, foreign.case(1), "pagemap"), 1.1)
+        at_most(f"process_memwatch {foreign.SMALL_PAGES} pages, 1 written, GET|CLEAR: "
+                "pagemap/raw", _ratio(report, 8, foreign.SMALL, "pagemap"), 1.1,
+                "per-call cost: the Python call and its checks, as scenario 3's")
     scenario = report.scenario(7)
     if scenario is not None:
         at_one = {impl: result for impl in scenario.impls
@@ -1070,6 +1082,24 @@ def scenario_buffers(cfg: Config, impls: list[str], progress: Progress) -> Scena
     return result
 
 
+def scenario_foreign(cfg: Config, impls: list[str], progress: Progress,
+                     floors: dict[str, float]) -> Scenario:
+    """Scenario 8 (opt-in; bench/foreign.py measures): process_memwatch on
+    memory writewatch did not allocate, raw C on the same range."""
+    result = Scenario(8, "process_memwatch over memory writewatch did not allocate",
+                      foreign.describe(cfg.size, cfg.repetitions, cfg.small_calls, floors), "",
+                      list(impls), foreign.cases())
+    found = foreign.measure(reference(), impls, cfg.size, cfg.repetitions, cfg.small_calls,
+                            foreign.page_sets(cfg.size // P, cfg.seed + 8), floors,
+                            RAW_BASELINE_OF, lambda impl, size: RawTarget(size, 0, size, impl),
+                            RAW, progress)
+    for (case, impl), (samples, total, expected) in found.items():
+        result.add(Result(case, impl, "us" if case == foreign.SMALL else "ms", samples,
+                          found=total, expected=expected))
+    result.notes += foreign.NOTES
+    return result
+
+
 def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
     """Run the configured scenarios; the Report holds every sample."""
     cfg = cfg or Config()
@@ -1108,6 +1138,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         5: lambda: scenario_reserve(cfg, impls, progress),
         6: lambda: scenario_scale(cfg, backends, progress),  # opt-in
         7: lambda: scenario_buffers(cfg, impls, progress),  # opt-in
+        8: lambda: scenario_foreign(cfg, impls, progress, floors),  # opt-in
     }
     started = time.monotonic()
     try:
@@ -1290,10 +1321,12 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                                 "writing while GetWriteWatch polls), "
                                                 "5 reserve-heavy (a huge reservation, "
                                                 "little committed); 6 scale (100k live "
-                                                "regions, 32k protection runs) and 7 what "
+                                                "regions, 32k protection runs), 7 what "
                                                 "changed in a numpy array (WatchedBuffer "
-                                                "against compare and hash) run only when "
-                                                "named"}),
+                                                "against compare and hash) and 8 "
+                                                "process_memwatch over memory writewatch did "
+                                                "not allocate (against a raw PAGEMAP_SCAN of "
+                                                "the same range) run only when named"}),
     ("--backends", {"metavar": "LIST", "help": "which backends, e.g. pagemap,mprotect "
                                                "(default: every one available)"}),
     ("--repetitions", {"type": int, "metavar": "N", "help": "repetitions per measurement "
@@ -1342,8 +1375,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config.quick() if args.quick else Config()
     if args.scenarios:
         cfg.scenarios = _int_list(args.scenarios, "--scenarios")
-        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6, 7}:
-            raise BenchError("--scenarios are numbered 1 to 7 (6 and 7 only when named)")
+        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6, 7, 8}:
+            raise BenchError("--scenarios are numbered 1 to 8 (6, 7 and 8 only when named)")
     if args.backends:
         cfg.backends = tuple(name.strip() for name in args.backends.split(","))
     if args.repetitions is not None:
