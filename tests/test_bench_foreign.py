@@ -51,6 +51,20 @@ def test_each_backend_is_compared_with_its_own_reference(report):
                 assert result.reference == expected, (case, impl)
 
 
+def test_the_cffi_floor_is_measured_beside_raw_c(report):
+    """The raw scan is timed in Python around its cffi call too, as
+    writewatch's call is, and the small-call target quotes it."""
+    scenario = report.scenario(8)
+    if bench.RAW not in scenario.impls:
+        pytest.skip("no raw C reference here")
+    assert scenario.impls[:2] == [bench.RAW, bench.RAW_CFFI]
+    for case in scenario.cases:
+        floor = scenario.result(case, bench.RAW_CFFI)
+        assert floor.reference == bench.RAW and floor.found == floor.expected > 0
+    small = [t for t in report.targets if t.name.startswith("process_memwatch 16 pages")]
+    assert len(small) == 1 and f"{bench.RAW_CFFI}: " in small[0].detail
+
+
 def test_the_raw_scan_reads_the_range_pagemap_watches(report):
     """Raw C and pagemap share one mapping: each finds the pages written just
     before it, so the one's reset never hides a page from the other."""

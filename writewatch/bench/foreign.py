@@ -113,17 +113,22 @@ class Mapping:
             return found, t1 - t0
         return look
 
-    def raw_look(self, vec: np.ndarray) -> Look:
-        """The raw PAGEMAP_SCAN loop on the same range, timed in C."""
-        ffi, lib = self.ref.ffi, self.ref.lib
+    def raw_look(self, vec: np.ndarray, in_python: bool = False) -> Look:
+        """The raw PAGEMAP_SCAN loop on the same range, timed in C, or in
+        Python around its cffi call (in_python: the cffi boundary included,
+        as writewatch's call is timed)."""
+        ffi, lib, clock = self.ref.ffi, self.ref.lib, time.perf_counter_ns
         pointer, elapsed = ffi.from_buffer("int64_t[]", vec), ffi.new("uint64_t *")
-        start, end, room = self.start, self.start + self.size, len(vec)
+        start, end, room, scan = self.start, self.start + self.size, len(vec), \
+            lib.wwb_memwatch_timed
 
         def look() -> tuple[int, int]:
-            found = lib.wwb_memwatch_timed(start, end, 1, pointer, room, elapsed)
+            t0 = clock()
+            found = scan(start, end, 1, pointer, room, elapsed)
+            t1 = clock()
             if found < 0:
                 raise oserror(-found, "raw PAGEMAP_SCAN failed")
-            return int(found), int(elapsed[0])
+            return int(found), t1 - t0 if in_python else int(elapsed[0])
         return look
 
     def close(self) -> None:
@@ -140,17 +145,18 @@ def _raw_member(impl: str, raw: RawRegion) -> Member:
 
 
 def groups(ref: ModuleType, impls: list[str], size: int, raw_of: dict[str, str],
-           raw_region: Callable[[str, int], RawRegion], raw: str
+           raw_region: Callable[[str, int], RawRegion], raw: str, raw_cffi: str
            ) -> Iterator[tuple[str, list[Member], Callable[[], None]]]:
     """The columns measured side by side, by range: raw C and pagemap on one
     mapping; each fallback beside its own raw mechanism. Yields (the backend
     process_memwatch follows meanwhile, members, close)."""
-    shared = [impl for impl in impls if impl in (raw, "pagemap")]
+    shared = [impl for impl in impls if impl in (raw, raw_cffi, "pagemap")]
     if shared:
         vec = np.empty(size // P, np.int64)
         mapping = Mapping(ref, size, "pagemap")
-        members = [Member(impl, mapping.write, mapping.raw_look(vec) if impl == raw
-                          else mapping.look(vec), impl == raw) for impl in shared]
+        looks = {raw: mapping.raw_look(vec), raw_cffi: mapping.raw_look(vec, in_python=True),
+                 "pagemap": mapping.look(vec)}
+        members = [Member(impl, mapping.write, looks[impl], impl == raw) for impl in shared]
         yield "pagemap", members, mapping.close
     for backend, own in raw_of.items():
         if backend not in impls:
@@ -175,12 +181,13 @@ def groups(ref: ModuleType, impls: list[str], size: int, raw_of: dict[str, str],
 def measure(ref: ModuleType, impls: list[str], size: int, repetitions: int, calls: int,
             page_sets: dict[float, np.ndarray], floors: dict[str, float],
             raw_of: dict[str, str], raw_region: Callable[[str, int], RawRegion], raw: str,
-            progress: Callable[[str, str], None]) -> dict[tuple[str, str], tuple[list[float],
-                                                                                 int, int]]:
+            raw_cffi: str, progress: Callable[[str, str], None]
+            ) -> dict[tuple[str, str], tuple[list[float], int, int]]:
     """{(case, impl): (samples, pages found, pages expected)}: ms per look at
     each percent, and the small call's us (median of calls, floor subtracted)."""
     made: dict[tuple[str, str], tuple[list[float], int, int]] = {}
-    for backend, members, close in groups(ref, impls, size, raw_of, raw_region, raw):
+    for backend, members, close in groups(ref, impls, size, raw_of, raw_region, raw,
+                                          raw_cffi):
         try:
             with selected(backend):
                 for pct, pages in page_sets.items():
@@ -198,7 +205,7 @@ def measure(ref: ModuleType, impls: list[str], size: int, repetitions: int, call
             close()
     one = np.array([1], np.uint32)
     for backend, members, close in groups(ref, impls, SMALL_PAGES * P, raw_of, raw_region,
-                                          raw):
+                                          raw, raw_cffi):
         try:
             with selected(backend):
                 for rep in range(repetitions):
@@ -240,7 +247,8 @@ def describe(size: int, repetitions: int, calls: int, floors: dict[str, Any]) ->
 NOTES = (
     "raw C: the same PAGEMAP_SCAN loop (offsets from start, re-protected in the same walk) "
     "on the very range pagemap watches, timed in C, called from Python right before "
-    "writewatch's call with the same pages written again.",
+    "writewatch's call with the same pages written again; 'raw C, one cffi call': the "
+    "same, timed in Python around its cffi call as writewatch's call is.",
     "uffd and mprotect: each beside its own mechanism in raw C on a region it owns; on "
     "memory it did not allocate a fallback reads the process's mappings and pagemap on "
     "every call (rules M13, M16), which that reference does not: no target.",

@@ -1058,9 +1058,10 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
     if report.scenario(8) is not None:
         at_most(f"process_memwatch {cfg.size // MiB} MiB, 1% written, GET|CLEAR: pagemap/raw",
                 _ratio(report, 8, foreign.case(1), "pagemap"), 1.1)
+        cffi = _ratio(report, 8, foreign.SMALL, RAW_CFFI)
         at_most(f"process_memwatch {foreign.SMALL_PAGES} pages, 1 written, GET|CLEAR: "
                 "pagemap/raw", _ratio(report, 8, foreign.SMALL, "pagemap"), 1.1,
-                "per-call cost: the Python call and its checks, as scenario 3's")
+                "" if cffi is None else f"{RAW_CFFI}: {cffi:.2f}x")
     scenario = report.scenario(7)
     if scenario is not None:
         at_one = {impl: result for impl in scenario.impls
@@ -1130,13 +1131,14 @@ def scenario_foreign(cfg: Config, impls: list[str], progress: Progress,
                      floors: dict[str, float]) -> Scenario:
     """Scenario 8 (opt-in; bench/foreign.py measures): process_memwatch on
     memory writewatch did not allocate, raw C on the same range."""
+    columns = [RAW, RAW_CFFI, *impls[1:]] if impls[:1] == [RAW] else list(impls)
     result = Scenario(8, "process_memwatch over memory writewatch did not allocate",
                       foreign.describe(cfg.size, cfg.repetitions, cfg.small_calls, floors), "",
-                      list(impls), foreign.cases())
-    found = foreign.measure(reference(), impls, cfg.size, cfg.repetitions, cfg.small_calls,
+                      columns, foreign.cases())
+    found = foreign.measure(reference(), columns, cfg.size, cfg.repetitions, cfg.small_calls,
                             foreign.page_sets(cfg.size // P, cfg.seed + 8), floors,
                             RAW_BASELINE_OF, lambda impl, size: RawTarget(size, 0, size, impl),
-                            RAW, progress)
+                            RAW, RAW_CFFI, progress)
     for (case, impl), (samples, total, expected) in found.items():
         result.add(Result(case, impl, "us" if case == foreign.SMALL else "ms", samples,
                           found=total, expected=expected))
