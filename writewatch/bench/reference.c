@@ -130,7 +130,7 @@ static int open_kernel(void)
                 close((int)fd);
             } else {
                 wwb_uffd = (int)fd;
-                wwb_pagemap = pagemap;
+                __atomic_store_n(&wwb_pagemap, pagemap, __ATOMIC_RELEASE);
             }
         }
     }
@@ -586,7 +586,8 @@ int64_t wwb_scan(const struct wwb_region *r, uint64_t start, uint64_t end, int r
 int64_t wwb_memwatch_timed(uint64_t start, uint64_t end, int clear, int64_t *vec,
                            uint64_t vec_len, uint64_t *elapsed_ns)
 {
-    int result = open_kernel();
+    /* Opened once (the read outside the lock only skips the lock after). */
+    int result = __atomic_load_n(&wwb_pagemap, __ATOMIC_ACQUIRE) < 0 ? open_kernel() : 0;
     if (result)
         return result;
     uint64_t t0 = now_ns();
