@@ -67,7 +67,11 @@ int wwb_segv_first(void);
 void wwb_region_free(struct wwb_region *r);
 int64_t wwb_scan_timed(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
                        uint64_t *out, uint64_t capacity, uint64_t *elapsed_ns);
+int64_t wwb_scan(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
+                 uint64_t *out, uint64_t capacity);
 int64_t wwb_reset(const struct wwb_region *r, uint64_t start, uint64_t end);
+int64_t wwb_memwatch_timed(uint64_t start, uint64_t end, int clear, int64_t *vec,
+                           uint64_t vec_len, uint64_t *elapsed_ns);
 int64_t wwb_scan_loop(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
                       uint64_t dirty, uint64_t iterations, uint64_t expected,
                       uint64_t *out, uint64_t capacity, uint64_t *samples);

@@ -214,7 +214,7 @@ def test_command_line_rebuilds_the_options():
     cfg = bench.config_from_args(args)
     assert (cfg.scenarios, cfg.repetitions, cfg.wine_shapes) == ((1, 3), 2, ((2, 64),))
     with pytest.raises(bench.BenchError):
-        bench.config_from_args(parse("--scenarios", "8"))
+        bench.config_from_args(parse("--scenarios", "9"))
     with pytest.raises(bench.BenchError):
         bench.config_from_args(parse("--wine-shapes", "six"))
 
@@ -306,3 +306,33 @@ def test_cli_says_where_it_wrote(tmp_path):
     assert f"wrote {out}" in result.stdout
     if not bench.plot_available():
         assert f"wrote {png}" in result.stdout and png.exists()
+
+
+def test_first_write_has_a_second_raw_region_beside_the_first(report):
+    """Scenario 1's A/A column: a second raw C region, ratioed to the first,
+    shows the spread identical regions have here; the first-write targets
+    quote it."""
+    scenario = report.scenario(1)
+    if bench.RAW not in scenario.impls:
+        pytest.skip("no raw C reference here")
+    assert scenario.impls[:2] == [bench.RAW, bench.RAW_AGAIN]
+    for case in scenario.cases:
+        again = scenario.result(case, bench.RAW_AGAIN)
+        assert again.reference == bench.RAW and again.found == again.expected > 0
+    details = [t.detail for t in report.targets if t.name.startswith("first write")
+               and t.name.endswith("pagemap/raw")]
+    assert len(details) == 2 and all("a 2nd raw C region: " in d for d in details)
+
+
+def test_small_call_shows_the_cffi_boundary_floor(report):
+    """Scenario 3 times the raw scan as one cffi call too, in Python as
+    GetWriteWatch is timed, and the small-call targets quote it."""
+    scenario = report.scenario(3)
+    if bench.RAW not in scenario.impls:
+        pytest.skip("no raw C reference here")
+    assert scenario.impls[:3] == [bench.RAW, bench.RAW_FROM_PYTHON, bench.RAW_CFFI]
+    for case in scenario.cases:
+        floor = scenario.result(case, bench.RAW_CFFI)
+        assert floor.reference == bench.RAW and floor.found == floor.expected > 0
+    assert all(f"{bench.RAW_CFFI}: " in t.detail for t in report.targets
+               if t.name.startswith("small call"))

@@ -106,11 +106,11 @@ def test_process_memwatch_reports_the_proposals_errors_through_the_decoder():
 
 def test_the_index_shifts_its_kernel_failures_back_to_errno():
     with pytest.raises(PermissionError) as caught:
-        index._verdict(-(kernel.lib.WW_INDEX_ERRNO_BASE + errno.EPERM), "GetWriteWatch scan")
+        index.verdict(-(kernel.lib.WW_INDEX_ERRNO_BASE + errno.EPERM), "GetWriteWatch scan")
     assert caught.value.errno == errno.EPERM
     assert caught.value.strerror == "GetWriteWatch scan: Operation not permitted"
     with pytest.raises(index.RefusedError) as refused:
-        index._verdict(-(kernel.lib.WW_REFUSED_BASE + index.REFUSED_SIZE), "GetWriteWatch")
+        index.verdict(-(kernel.lib.WW_REFUSED_BASE + index.REFUSED_SIZE), "GetWriteWatch")
     assert refused.value.reason == index.REFUSED_SIZE
 
 

@@ -75,7 +75,7 @@ def quiesce(base: int) -> None:
     check(lib.ww_index_quiesce(base), "write-watch index")
 
 
-def _verdict(result: int, what: str) -> int:
+def verdict(result: int, what: str) -> int:
     """A count, or a refusal (RefusedError), or a kernel failure: the index
     returns -(ERRNO_BASE + errno), which shifted back is check()'s -errno."""
     if result >= 0:
@@ -85,10 +85,12 @@ def _verdict(result: int, what: str) -> int:
     raise RefusedError(-result - _REFUSED_BASE)
 
 
-# Looked up once: this is the per-frame path of a game loop.
-_native_get_write_watch = lib.ww_index_get_write_watch
+# Looked up once: this is the per-frame path of a game loop. watch.py's
+# get_write_watch calls native_get_write_watch itself (one Python frame fewer)
+# with out as from_buffer(UINT64S, array, True), then verdict() on a negative.
+native_get_write_watch = lib.ww_index_get_write_watch
 _from_buffer = ffi.from_buffer
-_UINT64S = ffi.typeof("uint64_t[]")
+UINT64S = ffi.typeof("uint64_t[]")
 
 
 def get_write_watch(flags: int, base: int, size: int, out: np.ndarray, capacity: int) -> int:
@@ -96,24 +98,21 @@ def get_write_watch(flags: int, base: int, size: int, out: np.ndarray, capacity:
     out[:capacity]. out must be a writable contiguous 64-bit array holding
     capacity entries (the caller checks). Raises RefusedError, or OSError for a
     kernel failure."""
-    found: int = _native_get_write_watch(flags, base, size, _from_buffer(_UINT64S, out),
-                                         capacity)
-    if found >= 0:
-        return found
-    return _verdict(found, "GetWriteWatch scan")
+    found: int = native_get_write_watch(flags, base, size, _from_buffer(UINT64S, out), capacity)
+    return found if found >= 0 else verdict(found, "GetWriteWatch scan")
 
 
 def get_write_watch_as(flags: int, base: int, size: int, out: np.ndarray, capacity: int,
                        origin: int, shift: int) -> int:
     """get_write_watch with each address stored as (address - origin) >> shift."""
-    found: int = lib.ww_index_get_write_watch_as(flags, base, size, _from_buffer(_UINT64S, out),
+    found: int = lib.ww_index_get_write_watch_as(flags, base, size, _from_buffer(UINT64S, out),
                                                  capacity, origin, shift)
-    return found if found >= 0 else _verdict(found, "GetWriteWatch scan")
+    return found if found >= 0 else verdict(found, "GetWriteWatch scan")
 
 
 def reset_write_watch(base: int, size: int) -> None:
     """ResetWriteWatch in one native call. Raises RefusedError, or OSError."""
-    _verdict(lib.ww_index_reset_write_watch(base, size), "ResetWriteWatch")
+    verdict(lib.ww_index_reset_write_watch(base, size), "ResetWriteWatch")
 
 
 def output_writable(out: np.ndarray, count: int) -> bool:
@@ -121,7 +120,7 @@ def output_writable(out: np.ndarray, count: int) -> bool:
     lies in memory writewatch manages that was made read-only, inaccessible or
     decommitted after the array was made (numpy still calls it writable).
     Asking writes nothing (so marks no watched page written)."""
-    return lib.ww_output_check(_from_buffer(_UINT64S, out), count * 8) == 0
+    return lib.ww_output_check(_from_buffer(UINT64S, out), count * 8) == 0
 
 
 kernel.on_fork("index", child=lib.ww_index_after_fork_child)

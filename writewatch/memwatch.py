@@ -75,6 +75,9 @@ def _target_pagemap(pidfd: int) -> int:
 _INT64 = np.dtype(np.int64)
 _UINT64S = ffi.typeof("uint64_t[]")
 _from_buffer = ffi.from_buffer
+_ndarray = np.ndarray
+_NULL = ffi.NULL
+_2_32, _2_64 = 1 << 32, 1 << 64
 
 
 def _vec_pointer(vec: Any, vec_len: int | None) -> tuple[Any, int]:
@@ -107,6 +110,7 @@ _INT64_MAX = (1 << 63) - 1
 _checked = lib.ww_memwatch_checked
 _call = lib.ww_memwatch_call
 _REFUSED_BASE = lib.WW_MEMWATCH_REFUSED_BASE
+_NATIVE_KIND = lib.WW_INDEX_PAGEMAP  # the backend ww_memwatch_call serves itself
 
 
 def _refused(bad: int, start: int, length: int, flags: int) -> OSError:
@@ -188,6 +192,53 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
     process is gone or may not be inspected), EIO (the kernel failed the scan).
     A non-integer argument raises TypeError.
     """
+    if type(pidfd) is int and pidfd == 0 and vec_len is None:
+        # The common call, in as few Python operations as it takes. cffi
+        # refuses an argument that is no integer or out of its C type's range,
+        # from_buffer a vec not contiguous or not writable; nothing is read or
+        # cleared before a refusal (EINVAL, no words asked for here), so any of
+        # them goes to the general path below, which words it.
+        try:
+            if not flags & _GET:
+                out, capacity = _NULL, 0
+            elif type(vec) is _ndarray and vec.dtype is _INT64 and vec.ndim == 1:
+                out, capacity = _from_buffer(_UINT64S, vec, True), len(vec)
+            else:
+                out = capacity = None
+            kind, uffd, pagemap_fd = _selection()[3]
+            if capacity is not None and kind == _NATIVE_KIND:
+                result: int = _call(kind, uffd, pagemap_fd, start, length, flags, capacity,
+                                    out, _NULL)
+                if result >= 0:
+                    return result
+                if result > -_REFUSED_BASE and result != -errno.EINVAL:
+                    return _memwatch_check(result)  # a kernel failure: not repeated
+        except (TypeError, ValueError, OverflowError, BufferError):
+            pass
+    return _process_memwatch(pidfd, start, length, flags, vec, vec_len)
+
+
+def _call_selected(start: int, length: int, flags: int, capacity: int, out: Any) -> int:
+    """The native call (checks and walk, native/index_calls.c) on the selected
+    backend, its refusals raised worded; -EOPNOTSUPP (a backend Python serves)
+    and -(REFUSED_BASE + IN_REGION) (write-watch region memory) for the caller
+    to serve."""
+    why = refusal_struct()
+    kind, uffd, pagemap_fd = _selection()[3]
+    result: int = _call(kind, uffd, pagemap_fd, start, length, flags, capacity, out, why)
+    if result >= 0 or result == -errno.EOPNOTSUPP or result == -_REFUSED_BASE - _IN_REGION:
+        return result
+    if result == -errno.EINVAL:
+        raise oserror(errno.EINVAL, refusal_text(why))
+    if result > -_REFUSED_BASE:
+        return _memwatch_check(result)
+    raise _refused(-_REFUSED_BASE - result, start, length, flags)
+
+
+def _process_memwatch(pidfd: Any, start: Any, length: Any, flags: Any, vec: Any,
+                      vec_len: Any) -> int:
+    """process_memwatch for every call: arguments converted and checked one
+    by one, then the native call, or another process, or region memory."""
     # numpy integers are integers too, but their fixed-width arithmetic would wrap.
     pidfd = operator.index(pidfd)
     start = operator.index(start)
@@ -197,20 +248,10 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
         out, capacity = _vec_pointer(vec, None if vec_len is None else operator.index(vec_len))
     else:
         out, capacity = ffi.NULL, 0
-    if pidfd == 0 and 0 <= start < 1 << 64 and 0 <= flags < 1 << 32:
-        # The fast path: checks and walk in one native call (native/index_calls.c).
-        why = refusal_struct()
-        kind, uffd, pagemap_fd = _selection()[3]
-        result = _call(kind, uffd, pagemap_fd, start, max(min(length, _INT64_MAX), -1), flags,
-                       capacity, out, why)
+    if pidfd == 0 and 0 <= start < _2_64 and 0 <= flags < _2_32:
+        result = _call_selected(start, max(min(length, _INT64_MAX), -1), flags, capacity, out)
         if result >= 0:
             return int(result)
-        if result == -errno.EINVAL:
-            raise oserror(errno.EINVAL, refusal_text(why))
-        if result != -errno.EOPNOTSUPP and result != -_REFUSED_BASE - _IN_REGION:
-            if result > -_REFUSED_BASE:
-                return _memwatch_check(result)
-            raise _refused(-_REFUSED_BASE - result, start, length, flags)
     end, in_region = _checked_range(start, length, flags, out, capacity)
     if end == start:
         return 0

@@ -11,6 +11,10 @@
  * the room left, PM_SCAN_WP_MATCHING for RESET, 256 page_region entries per
  * ioctl, expanded into an array of page addresses.
  *
+ * process_memwatch's raw reference (scenario 8) is the same PAGEMAP_SCAN loop
+ * with offsets from the range's start, on the very range writewatch watches
+ * (memory it did not allocate, registered by its first call).
+ *
  * Beside it, one raw reference per fallback mechanism, tracking the same pages
  * with no Python and none of writewatch's bookkeeping (per-page protections,
  * decommit, deferred faults, counted accesses):
@@ -126,7 +130,7 @@ static int open_kernel(void)
                 close((int)fd);
             } else {
                 wwb_uffd = (int)fd;
-                wwb_pagemap = pagemap;
+                __atomic_store_n(&wwb_pagemap, pagemap, __ATOMIC_RELEASE);
             }
         }
     }
@@ -525,15 +529,13 @@ static int64_t fallback_scan(struct wwb_region *r, uint64_t start, uint64_t end,
 }
 
 /*
- * GetWriteWatch, raw: the written pages of [start, end) as addresses into
- * out[0..capacity), ascending; with reset, re-protected in the same walk.
- * Returns the count or -errno.
+ * The raw PAGEMAP_SCAN loop: the written pages of [start, end) as (address -
+ * origin) into out[0..capacity), ascending; with reset, re-protected in the
+ * same walk. Returns the count or -errno.
  */
-int64_t wwb_scan(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
-                 uint64_t *out, uint64_t capacity)
+static int64_t pagemap_collect(uint64_t start, uint64_t end, int reset, uint64_t *out,
+                               uint64_t capacity, uint64_t origin)
 {
-    if (r->mode != WWB_PAGEMAP)
-        return fallback_scan((struct wwb_region *)r, start, end, reset, out, capacity);
     struct page_region batch[WWB_SCAN_BATCH];
     struct pm_scan_arg arg;
     uint64_t count = 0;
@@ -554,12 +556,44 @@ int64_t wwb_scan(const struct wwb_region *r, uint64_t start, uint64_t end, int r
         for (long i = 0; i < n; i++)
             for (uint64_t page = batch[i].start; page < batch[i].end && count < capacity;
                  page += WW_PAGE_SIZE)
-                out[count++] = page;
+                out[count++] = page - origin;
         if (arg.walk_end <= start)
             return -EIO;
         start = arg.walk_end;
     }
     return (int64_t)count;
+}
+
+/*
+ * GetWriteWatch, raw: the written pages of [start, end) as addresses into
+ * out[0..capacity), ascending; with reset, re-protected in the same walk.
+ * Returns the count or -errno.
+ */
+int64_t wwb_scan(const struct wwb_region *r, uint64_t start, uint64_t end, int reset,
+                 uint64_t *out, uint64_t capacity)
+{
+    if (r->mode != WWB_PAGEMAP)
+        return fallback_scan((struct wwb_region *)r, start, end, reset, out, capacity);
+    return pagemap_collect(start, end, reset, out, capacity, 0);
+}
+
+/*
+ * process_memwatch's GET (with CLEAR when clear is set), raw, on any range
+ * this process registered for async write-protect (whoever registered it):
+ * the written pages of [start, end) as byte offsets from start, timed alone
+ * into *elapsed_ns. Returns the count or -errno.
+ */
+int64_t wwb_memwatch_timed(uint64_t start, uint64_t end, int clear, int64_t *vec,
+                           uint64_t vec_len, uint64_t *elapsed_ns)
+{
+    /* Opened once (the read outside the lock only skips the lock after). */
+    int result = __atomic_load_n(&wwb_pagemap, __ATOMIC_ACQUIRE) < 0 ? open_kernel() : 0;
+    if (result)
+        return result;
+    uint64_t t0 = now_ns();
+    int64_t n = pagemap_collect(start, end, clear, (uint64_t *)vec, vec_len, start);
+    *elapsed_ns = now_ns() - t0;
+    return n;
 }
 
 /* wwb_scan, timed: *elapsed_ns is the time of the scan alone. */

@@ -14,6 +14,11 @@ machines; ratios measured side by side in one run hold better):
    M-page region while the main thread calls GetWriteWatch(RESET) every 3 ms.
 5. Reserve-heavy: a 256 GiB reservation with 64 MiB committed.
 
+Three more run only when named: 6 scale (bench/scale.py), 7 what changed in a
+numpy array (bench/buffers.py) and 8 process_memwatch over memory writewatch
+did not allocate, against a raw PAGEMAP_SCAN of the same range
+(bench/foreign.py).
+
 The raw reference (reference.c, compiled with the extension at install time,
 writewatch.bench._reference) makes the pagemap backend's kernel calls on a region
 set up the way that backend sets one up, with no Python in the loop. Every
@@ -51,7 +56,7 @@ import numpy as np
 
 import writewatch as ww
 from writewatch import backends, kernel, memory, regions
-from writewatch.bench import buffers, scale
+from writewatch.bench import buffers, foreign, scale
 
 P = ww.PAGE_SIZE
 KiB = 1 << 10
@@ -465,8 +470,15 @@ def c_timer_floor(samples: int = 20000) -> float:
 # Scenario 1: write cost
 
 
+RAW_AGAIN = "raw C, 2nd region"
+
+
 def scenario_write_cost(cfg: Config, impls: list[str], progress: Progress) -> Scenario:
     npages = cfg.size // P
+    # A second raw C region beside the first (an A/A column): its ratio to
+    # raw C is the spread two identical regions show on this machine, which a
+    # backend's first write, the kernel's own fault path, falls within.
+    impls = [RAW, RAW_AGAIN, *impls[1:]] if impls[:1] == [RAW] else impls
     rng = np.random.default_rng(cfg.seed)
     orders: dict[str, np.ndarray | None] = {
         "sequential": None,
@@ -482,13 +494,17 @@ def scenario_write_cost(cfg: Config, impls: list[str], progress: Progress) -> Sc
     samples: dict[tuple[str, str], list[float]] = {(c, i): [] for c in orders for i in impls}
     found: dict[tuple[str, str], int] = dict.fromkeys(samples, 0)
     head = "1/5 write cost"
-    with _targets(impls, cfg.size, 0, cfg.size) as targets:
-        for target in targets:
+    with _targets([RAW if impl == RAW_AGAIN else impl for impl in impls], cfg.size, 0,
+                  cfg.size) as targets:
+        for target, impl in zip(targets, impls, strict=True):
+            target.impl = impl
             progress(head, f"populating {target.impl}")
             target.prepare()
         for rep in range(cfg.write_repetitions):
             for case, order in orders.items():
-                for target in targets:
+                # Alternate the order: the first region written after a reset
+                # of all of them must not always be the same one.
+                for target in targets if rep % 2 == 0 else targets[::-1]:
                     progress(head, f"{case}, {target.impl}, repetition "
                                    f"{rep + 1}/{cfg.write_repetitions}")
                     target.reset()
@@ -655,15 +671,39 @@ def _small_calls_raw_from_python(target: RawTarget, flags: int, calls: int,
     return samples, right
 
 
+def _small_calls_raw_cffi(target: RawTarget, flags: int, calls: int,
+                          out: np.ndarray) -> tuple[list[int], int]:
+    """The raw reference's scan as one cffi call, timed in Python around the
+    call as GetWriteWatch is: what the cffi call itself adds (arguments
+    converted, the GIL released and taken back), the floor for any binding
+    made of cffi calls."""
+    ffi, lib, clock = target.ref.ffi, target.ref.lib, time.perf_counter_ns
+    scan, touch = lib.wwb_scan, lib.wwb_touch
+    pointer, capacity = ffi.from_buffer("uint64_t[]", out), len(out)
+    region, start, end, dirty = target.region, target.start, target.start + target.size, \
+        target.start + P
+    samples, right = [], 0
+    for _ in range(calls):
+        if flags:
+            touch(dirty, ffi.NULL, 1)
+        t0 = clock()
+        found = scan(region, start, end, flags, pointer, capacity)
+        t1 = clock()
+        samples.append(t1 - t0)
+        right += found == 1
+    return samples, right
+
+
 CFFI_LAYER = "pagemap, one cffi call"
 RAW_FROM_PYTHON = "raw C from Python"
+RAW_CFFI = "raw C, one cffi call"
 
 
 def scenario_small_call(cfg: Config, impls: list[str], progress: Progress,
                         floors: dict[str, float]) -> Scenario:
     columns = list(impls)
     if RAW in impls:
-        columns.insert(1, RAW_FROM_PYTHON)
+        columns[1:1] = [RAW_FROM_PYTHON, RAW_CFFI]
     has_cffi_layer = "pagemap" in impls and hasattr(kernel.lib, "ww_index_get_write_watch")
     if has_cffi_layer:
         columns.insert(columns.index("pagemap") + 1, CFFI_LAYER)
@@ -689,13 +729,14 @@ def scenario_small_call(cfg: Config, impls: list[str], progress: Progress,
             for rep in range(cfg.repetitions):
                 for column in columns:
                     progress(head, f"{case}, {column}, repetition {rep + 1}/{cfg.repetitions}")
-                    if column in RAW_MODES or column == RAW_FROM_PYTHON:
-                        raw = by_name[RAW if column == RAW_FROM_PYTHON else column]
+                    if column in RAW_MODES or column in (RAW_FROM_PYTHON, RAW_CFFI):
+                        raw = by_name[RAW if column in (RAW_FROM_PYTHON, RAW_CFFI) else column]
                         assert isinstance(raw, RawTarget)
                         run_raw = (_small_calls_raw if column in RAW_MODES
-                                   else _small_calls_raw_from_python)
+                                   else _small_calls_raw_from_python if column == RAW_FROM_PYTHON
+                                   else _small_calls_raw_cffi)
                         times, ok = run_raw(raw, flags, cfg.small_calls, out)
-                        floor = floors["c"]
+                        floor = floors["python" if column == RAW_CFFI else "c"]
                     else:
                         target = by_name["pagemap" if column == CFFI_LAYER else column]
                         assert isinstance(target, ApiTarget)
@@ -718,6 +759,10 @@ def scenario_small_call(cfg: Config, impls: list[str], progress: Progress,
             f"'{RAW_FROM_PYTHON}': the raw scan timed in C, but each call made from a Python "
             "loop: the kernel path runs colder when the interpreter runs between calls. "
             "No Python caller can go below it.")
+        scenario.notes.append(
+            f"'{RAW_CFFI}': the raw scan as one cffi call, timed in Python around the call as "
+            "GetWriteWatch is: the cffi boundary (arguments converted, the GIL released and "
+            "taken back) included, the floor for any binding made of cffi calls.")
     scenario.notes.append("found/expected: calls that reported exactly the one written page.")
     return scenario
 
@@ -957,13 +1002,18 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
     for pct in (1, 100):
         for flag in ("0", "RESET"):
             at_most(f"GetWriteWatch {cfg.size // MiB} MiB, {pct}% written, {flag}: pagemap/raw",
-                    _ratio(report, 2, f"{pct:g}% {flag}", "pagemap"), 1.10)
-    for case in ("GetWriteWatch(0)", "GetWriteWatch(RESET)"):
+                    _ratio(report, 2, f"{pct:g}% {flag}", "pagemap"), 1.05)
+    # The issue's limits: 1.3 for the per-frame GetWriteWatch(RESET), 1.5 without.
+    for case, bound in (("GetWriteWatch(0)", 1.5), ("GetWriteWatch(RESET)", 1.3)):
         floor = _ratio(report, 3, case, RAW_FROM_PYTHON)
-        at_most(f"small call {case}: pagemap/raw", _ratio(report, 3, case, "pagemap"), 1.5,
-                "" if floor is None else f"raw C called from Python: {floor:.2f}x")
+        cffi = _ratio(report, 3, case, RAW_CFFI)
+        at_most(f"small call {case}: pagemap/raw", _ratio(report, 3, case, "pagemap"), bound,
+                "; ".join(f"{name}: {value:.2f}x" for name, value in (
+                    ("raw C called from Python", floor), (RAW_CFFI, cffi)) if value is not None))
     for order in ("sequential", "random"):
-        at_most(f"first write, {order}: pagemap/raw", _ratio(report, 1, order, "pagemap"), 1.1)
+        again = _ratio(report, 1, order, RAW_AGAIN)
+        at_most(f"first write, {order}: pagemap/raw", _ratio(report, 1, order, "pagemap"), 1.1,
+                "" if again is None else f"a 2nd raw C region: {again:.2f}x")
         default = _value(report, 1, order, "pagemap")
         slow = _value(report, 1, order, "mprotect")
         speedup = slow / default if default and slow is not None else None
@@ -1005,6 +1055,13 @@ def evaluate_targets(report: Report, cfg: Config) -> list[Target]:
                     f"no per-page Python objects ({impl}): heap peak of a call at 0%/100%",
                     max(peak), "flat (< 4 KiB)", max(peak) < 4 * KiB,
                     " / ".join(f"{v:.0f} B" for v in peak)))
+    if report.scenario(8) is not None:
+        at_most(f"process_memwatch {cfg.size // MiB} MiB, 1% written, GET|CLEAR: pagemap/raw",
+                _ratio(report, 8, foreign.case(1), "pagemap"), 1.1)
+        cffi = _ratio(report, 8, foreign.SMALL, RAW_CFFI)
+        at_most(f"process_memwatch {foreign.SMALL_PAGES} pages, 1 written, GET|CLEAR: "
+                "pagemap/raw", _ratio(report, 8, foreign.SMALL, "pagemap"), 1.1,
+                "" if cffi is None else f"{RAW_CFFI}: {cffi:.2f}x")
     scenario = report.scenario(7)
     if scenario is not None:
         at_one = {impl: result for impl in scenario.impls
@@ -1070,6 +1127,25 @@ def scenario_buffers(cfg: Config, impls: list[str], progress: Progress) -> Scena
     return result
 
 
+def scenario_foreign(cfg: Config, impls: list[str], progress: Progress,
+                     floors: dict[str, float]) -> Scenario:
+    """Scenario 8 (opt-in; bench/foreign.py measures): process_memwatch on
+    memory writewatch did not allocate, raw C on the same range."""
+    columns = [RAW, RAW_CFFI, *impls[1:]] if impls[:1] == [RAW] else list(impls)
+    result = Scenario(8, "process_memwatch over memory writewatch did not allocate",
+                      foreign.describe(cfg.size, cfg.repetitions, cfg.small_calls, floors), "",
+                      columns, foreign.cases())
+    found = foreign.measure(reference(), columns, cfg.size, cfg.repetitions, cfg.small_calls,
+                            foreign.page_sets(cfg.size // P, cfg.seed + 8), floors,
+                            RAW_BASELINE_OF, lambda impl, size: RawTarget(size, 0, size, impl),
+                            RAW, RAW_CFFI, progress)
+    for (case, impl), (samples, total, expected) in found.items():
+        result.add(Result(case, impl, "us" if case == foreign.SMALL else "ms", samples,
+                          found=total, expected=expected))
+    result.notes += foreign.NOTES
+    return result
+
+
 def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
     """Run the configured scenarios; the Report holds every sample."""
     cfg = cfg or Config()
@@ -1108,6 +1184,7 @@ def run(cfg: Config | None = None, progress: Progress | None = None) -> Report:
         5: lambda: scenario_reserve(cfg, impls, progress),
         6: lambda: scenario_scale(cfg, backends, progress),  # opt-in
         7: lambda: scenario_buffers(cfg, impls, progress),  # opt-in
+        8: lambda: scenario_foreign(cfg, impls, progress, floors),  # opt-in
     }
     started = time.monotonic()
     try:
@@ -1290,10 +1367,12 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                                 "writing while GetWriteWatch polls), "
                                                 "5 reserve-heavy (a huge reservation, "
                                                 "little committed); 6 scale (100k live "
-                                                "regions, 32k protection runs) and 7 what "
+                                                "regions, 32k protection runs), 7 what "
                                                 "changed in a numpy array (WatchedBuffer "
-                                                "against compare and hash) run only when "
-                                                "named"}),
+                                                "against compare and hash) and 8 "
+                                                "process_memwatch over memory writewatch did "
+                                                "not allocate (against a raw PAGEMAP_SCAN of "
+                                                "the same range) run only when named"}),
     ("--backends", {"metavar": "LIST", "help": "which backends, e.g. pagemap,mprotect "
                                                "(default: every one available)"}),
     ("--repetitions", {"type": int, "metavar": "N", "help": "repetitions per measurement "
@@ -1342,8 +1421,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config.quick() if args.quick else Config()
     if args.scenarios:
         cfg.scenarios = _int_list(args.scenarios, "--scenarios")
-        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6, 7}:
-            raise BenchError("--scenarios are numbered 1 to 7 (6 and 7 only when named)")
+        if not set(cfg.scenarios) <= {1, 2, 3, 4, 5, 6, 7, 8}:
+            raise BenchError("--scenarios are numbered 1 to 8 (6, 7 and 8 only when named)")
     if args.backends:
         cfg.backends = tuple(name.strip() for name in args.backends.split(","))
     if args.repetitions is not None:
