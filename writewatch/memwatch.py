@@ -209,7 +209,7 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
             raise oserror(errno.EINVAL, refusal_text(why))
         if result != -errno.EOPNOTSUPP and result != -_REFUSED_BASE - _IN_REGION:
             if result > -_REFUSED_BASE:
-                return _memwatch_check(result)
+                return _memwatch_check(result, _selection()[2].operation)
             raise _refused(-_REFUSED_BASE - result, start, length, flags)
     end, in_region = _checked_range(start, length, flags, out, capacity)
     if end == start:
@@ -220,7 +220,8 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
         fd = _target_pagemap(pidfd)
         try:
             return _memwatch_check(memwatch_scan(fd, start, end, bool(flags & _GET),
-                                                 bool(flags & _CLEAR), out, capacity))
+                                                 bool(flags & _CLEAR), out, capacity),
+                                   "PAGEMAP_SCAN")
         finally:
             os.close(fd)
     if in_region:
@@ -230,10 +231,12 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
         for each in backends.available_backends()[::-1]:
             if each.watches(start):
                 return _memwatch_check(each.region_memwatch(
-                    start, end, bool(flags & _GET), bool(flags & _CLEAR), out, capacity))
+                    start, end, bool(flags & _GET), bool(flags & _CLEAR), out, capacity),
+                    each.operation)
         raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not watched memory")
-    result = _backend().process_memwatch(start, end, flags, out, capacity)
-    return result if result >= 0 else _memwatch_check(result)
+    backend = _backend()
+    result = backend.process_memwatch(start, end, flags, out, capacity)
+    return result if result >= 0 else _memwatch_check(result, backend.operation)
 
 
 def memwatch_unwatch(start: int, length: int) -> None:
@@ -249,8 +252,9 @@ def memwatch_unwatch(start: int, length: int) -> None:
     _backend().memwatch_unwatch(first, end)
 
 
-def _memwatch_check(result: int) -> int:
-    """The proposal's errors: EINVAL and ESRCH pass through, any other failure is EIO."""
+def _memwatch_check(result: int, operation: str) -> int:
+    """The proposal's errors: EINVAL and ESRCH pass through, any other failure is
+    EIO, worded by the operation of the mechanism that failed."""
     if result < 0 and -result not in (errno.EINVAL, errno.ESRCH):
-        raise oserror(errno.EIO, "PAGEMAP_SCAN failed", cause=-result)
+        raise oserror(errno.EIO, f"{operation} failed", cause=-result)
     return check(result, "process_memwatch")
