@@ -10,8 +10,10 @@ declared once), syscalls.c (system-call wrappers), pagemap.c (PAGEMAP_SCAN
 scans), memwatch.c (process_memwatch on any memory), mechanism.c (which
 mechanism is the default, decided for Python and C alike), tracking*.c (the fallback
 backends' per-page state, by concern: tracking.h says which file holds what),
-foreign.c and foreign_maps.c (process_memwatch over memory writewatch did not
-allocate, on the fallbacks: the kernel's mappings and pagemap read per call),
+foreign.c, foreign_spans.c and foreign_maps.c (process_memwatch over memory
+writewatch did not allocate, on the fallbacks: the calls, the spans watched
+and how each is brought up to date, the kernel's mappings and pagemap read
+per call),
 index.c (the native index behind one-call GetWriteWatch/ResetWriteWatch) and
 ctable.h (the lock-free sorted table both of those keep their items in).
 
@@ -35,7 +37,7 @@ NATIVE = ROOT / "writewatch" / "native"
 # Every mechanism's sources: the extension and libprocess_memwatch both build them.
 MECHANISM_SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "mechanism.c", "tracking.c",
                      "tracking_arming.c", "tracking_scan.c", "tracking_faults.c", "foreign.c",
-                     "foreign_maps.c"]
+                     "foreign_spans.c", "foreign_maps.c"]
 SOURCES = [*MECHANISM_SOURCES, "index.c"]
 # libprocess_memwatch (process_memwatch.h): the proposal's C entry point, pure C
 # from the same sources (the Windows layer's index.c aside); only
