@@ -30,7 +30,7 @@ static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
  * child inherits the parent's descriptors, which act on the parent's memory
  * (rule K17), and no handler thread: the fork handler marks what was opened
  * stale, and the child's first call opens its own. No system call on the
- * fast path.
+ * fast path but mprotect's check that its handler is still in front.
  */
 static int opened, open_error, open_mode;
 static int open_uffd = -1, open_pagemap = -1;
@@ -66,10 +66,11 @@ static int open_mechanism(void)
     if (!result && open_mode == WW_MODE_UFFD) {
         uint64_t features;
         int kernel_faults;
-        open_uffd = ww_uffd_mechanism_start(&features, &kernel_faults);
-        result = open_uffd >= 0 ? 0
-                 : open_uffd == -EPERM || open_uffd == -ENOSYS || open_uffd == -EINVAL ? -ENOSYS
-                 : open_uffd;
+        int uffd = ww_uffd_mechanism_start(&features, &kernel_faults);
+        if (uffd >= 0)
+            open_uffd = uffd;
+        else /* userfaultfd denied or missing: the uffd backend does not work here */
+            result = uffd == -EPERM || uffd == -ENOSYS || uffd == -EINVAL ? -ENOSYS : uffd;
     }
     return result;
 }
