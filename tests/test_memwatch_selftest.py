@@ -4,12 +4,13 @@ process_memwatch() of libprocess_memwatch (docs/semantics.md rules M1-M20)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from forking import run_forked, scaled_work
+from forking import patience, run_forked, run_python, scaled_work
 from memwatch_selftest import (
     CLEAR,
     GET,
@@ -142,3 +143,38 @@ def test_library_and_extension_in_one_process(write_watch_backend: str | None) -
         return seen
 
     assert run_forked(both) == [[1], [5, 7], [2], [4, 7], [3], [3, 7]]
+
+
+
+@pytest.mark.any_backend  # mprotect, named
+def test_a_real_fault_still_kills_with_both_handlers_installed() -> None:
+    """With the library's and the extension's SIGSEGV handlers both installed
+    (mprotect: each chained to the one it displaced, in both orders), tracked
+    writes go on, and a write to read-only memory neither watches still ends
+    in the default action, not in a loop between the two."""
+    library()
+    code = """
+        import ctypes
+        from memwatch_selftest import CLEAR, anonymous_mmap, c_driver, library, python_driver
+        through_c = c_driver(library())
+        libc = ctypes.CDLL(None)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        read_only = libc.mmap(None, 4096, 1, 0x22, -1, 0)  # PROT_READ, private anonymous
+        with anonymous_mmap(2) as mine, anonymous_mmap(2) as theirs:
+            python_driver(0, mine.base, mine.size, CLEAR, None, 0)
+            through_c(0, theirs.base, theirs.size, CLEAR, None, 0)  # the library in front
+            mine.touch(0)
+            theirs.touch(1)
+            python_driver(0, mine.base, mine.size, CLEAR, None, 0)  # the extension again
+            through_c(0, theirs.base, theirs.size, CLEAR, None, 0)
+            mine.touch(1)
+            theirs.touch(0)
+            print("tracked writes went on", flush=True)
+            ctypes.memset(read_only, 1, 1)
+            print("a write to read-only memory went on", flush=True)
+    """
+    run = run_python(code, env={"WRITEWATCH_BACKEND": "mprotect"}, timeout=patience(60))
+    assert run.stdout == "tracked writes went on\n", run.stdout + run.stderr
+    assert run.returncode == -signal.SIGSEGV, run.stderr
