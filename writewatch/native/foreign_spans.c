@@ -32,7 +32,6 @@ static uint64_t max_u64(uint64_t a, uint64_t b) { return a > b ? a : b; }
 
 /* ---- the watched spans: one tracking range each, sorted by address ---- */
 
-
 struct span *spans;
 size_t span_count;
 static size_t span_capacity;
@@ -168,14 +167,6 @@ static int expected_prot(int mode, int st)
     return logical;
 }
 
-/*
- * The tracking state of every watched page of [start, end), read before the
- * VMAs are: between calls the fault paths only ever unarm a page (mprotect
- * gives it write access), so a page read armed whose VMA turns out writable
- * was unarmed meanwhile or replaced, and one read unarmed whose VMA is
- * read-only had its protection changed by its owner. Read the other way round,
- * an unarm racing the walk would look like the owner's mprotect.
- */
 void snapshots_free(struct snapshots *list)
 {
     for (size_t i = 0; i < list->count; i++)
@@ -184,6 +175,14 @@ void snapshots_free(struct snapshots *list)
     list->count = 0;
 }
 
+/*
+ * The tracking state of every watched page of [start, end), read before the
+ * VMAs are: between calls the fault paths only ever unarm a page (mprotect
+ * gives it write access), so a page read armed whose VMA turns out writable
+ * was unarmed meanwhile or replaced, and one read unarmed whose VMA is
+ * read-only had its protection changed by its owner. Read the other way round,
+ * an unarm racing the walk would look like the owner's mprotect.
+ */
 int take_snapshots(uint64_t start, uint64_t end, struct snapshots *list)
 {
     size_t first = span_from(start), count = 0;
