@@ -300,6 +300,13 @@ int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned f
 static int unwatch_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
                         const struct vma *vma, void *context)
 {
+    /* A mapping no call would watch (a library mapped where watched memory
+     * was unmapped) holds nothing of this watch: left as it is. Restoring
+     * "its" protection would drop PROT_EXEC from a library's code. */
+    if (refusal(vma, a, b, mode)) {
+        refuse_clear();
+        return 0;
+    }
     /* Pages whose mapping changed are first made plain watched pages (their
      * kernel state left as the new mapping has it), so that stopping restores
      * only what this watch changed. */
