@@ -324,6 +324,29 @@ def test_a_file_mapping_where_watched_memory_was_is_never_touched(watch) -> None
             libc.munmap(start + 2 * P, 4 * P)
 
 
+def test_executable_memory_keeps_prot_exec(watch) -> None:
+    """JIT code: the mprotect backend would arm it read-only and take PROT_EXEC
+    away for good, so it refuses it; uffd write-protects without changing the
+    protection, and watches it."""
+    start = map_anon(2, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    try:
+        w = watch(start, 2)
+        if w.backend.name == "mprotect":
+            with pytest.raises(OSError) as refused:
+                w.call(CLEAR)
+            assert refused.value.errno == errno.EINVAL
+            assert "executable memory" in str(refused.value)
+        else:
+            w.call(CLEAR)
+            w.write(1)
+            assert w.call(GET) == [1]
+        assert _kernel_prot(start) == "rwx"
+        w.unwatch()
+        assert _kernel_prot(start) == "rwx"
+    finally:
+        libc.munmap(start, 2 * P)
+
+
 def _uffd_wp(address: int) -> bool:
     with open("/proc/self/pagemap", "rb") as pagemap:
         pagemap.seek(address // P * 8)
