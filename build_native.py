@@ -7,15 +7,19 @@ ffibuilder: writewatch._native, the extension. The C sources live in
 writewatch/native/, split by job: abi.h (the kernel ABI and every helper's
 prototype, read both as the cdef and by the C compiler, so each struct is
 declared once), syscalls.c (system-call wrappers), pagemap.c (PAGEMAP_SCAN
-scans), memwatch.c (process_memwatch on any memory), tracking*.c (the fallback
+scans), memwatch.c (process_memwatch on any memory), mechanism.c (which
+mechanism is the default, decided for Python and C alike), tracking*.c (the fallback
 backends' per-page state, by concern: tracking.h says which file holds what),
-foreign.c and foreign_maps.c (process_memwatch over memory writewatch did not
-allocate, on the fallbacks: the kernel's mappings and pagemap read per call),
+foreign.c, foreign_spans.c and foreign_maps.c (process_memwatch over memory
+writewatch did not allocate, on the fallbacks: the calls, the spans watched
+and how each is brought up to date, the kernel's mappings and pagemap read
+per call),
 index.c (the native index behind one-call GetWriteWatch/ResetWriteWatch) and
 ctable.h (the lock-free sorted table both of those keep their items in).
 
 build_library: libprocess_memwatch.so, the proposal's C entry point (capi.c,
-process_memwatch.h), a plain C library from the same sources.
+process_memwatch.h), a plain C library from the same sources: every mechanism,
+with the fallbacks' handlers started by the library itself.
 
 reference_builder: writewatch.bench._reference, the benchmark's raw C
 references (writewatch/bench/reference.c). Compiled here rather than when the
@@ -30,13 +34,16 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "writewatch" / "native"
-SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "tracking.c", "tracking_arming.c",
-           "tracking_scan.c", "tracking_faults.c", "index.c", "index_calls.c", "foreign.c",
-           "foreign_maps.c"]
+# Every mechanism's sources: the extension and libprocess_memwatch both build them.
+MECHANISM_SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "mechanism.c", "tracking.c",
+                     "tracking_arming.c", "tracking_scan.c", "tracking_faults.c", "foreign.c",
+                     "foreign_spans.c", "foreign_maps.c"]
+SOURCES = [*MECHANISM_SOURCES, "index.c", "index_calls.c"]
 # libprocess_memwatch (process_memwatch.h): the proposal's C entry point, pure C
-# from the same sources; only process_memwatch is exported.
+# from the same sources (the Windows layer's index aside); only
+# process_memwatch is exported.
 LIBRARY = "process_memwatch"
-LIBRARY_SOURCES = ["pagemap.c", "memwatch.c", "capi.c"]
+LIBRARY_SOURCES = [*MECHANISM_SOURCES, "capi.c"]
 COMPILE_ARGS = ["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 
 ffibuilder = FFI()

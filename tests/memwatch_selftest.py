@@ -13,14 +13,19 @@ import ctypes
 import errno
 import mmap
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
+from forking import patience, scaled_work
 
 import writewatch as ww
-from writewatch import backends, memwatch
+from writewatch import backends, clib, memwatch
 
 P = ww.PAGE_SIZE
 HPAGE = 2 << 20
@@ -89,7 +94,7 @@ def _is_huge(address: int) -> bool:
 
 
 @contextmanager
-def huge_page() -> Iterator[Memory]:
+def huge_page(unwatch: bool = True) -> Iterator[Memory]:
     """memalign(2 MiB) + MADV_HUGEPAGE + memset, as the selftest's gethugepage();
     skips when the kernel gave no transparent huge page."""
     base = _libc.memalign(HPAGE, HPAGE)
@@ -102,29 +107,31 @@ def huge_page() -> Iterator[Memory]:
                         "fragmented)")
         yield Memory(base, HPAGE)
     finally:
-        _unwatch_then_free(base, HPAGE)
+        _unwatch_then_free(base, HPAGE, unwatch)
 
 
-def _unwatch_then_free(base: int, size: int) -> None:
+def _unwatch_then_free(base: int, size: int, unwatch: bool) -> None:
     """Heap memory goes back to malloc unwatched on the fallbacks: a page left
     armed would fail the kernel's writes into whatever malloc puts there (the
-    pagemap mechanism's leftover registration harms nothing)."""
-    if backends.backend().name in ("uffd", "mprotect"):
+    pagemap mechanism's leftover registration harms nothing). Not unwatch:
+    the C library watched it, in a process about to end."""
+    if unwatch and backends.backend().name in ("uffd", "mprotect"):
         memwatch.memwatch_unwatch(base, size)
     _libc.free(base)
 
 
-def aligned_page() -> tuple[int, Callable[[], None]]:
+def aligned_page(unwatch: bool = True) -> tuple[int, Callable[[], None]]:
     base = _libc.aligned_alloc(P, P)
     assert base, "aligned_alloc failed"
-    return base, lambda: _unwatch_then_free(base, P)
+    return base, lambda: _unwatch_then_free(base, P, unwatch)
 
 
 class Cases:
     """The selftest's checks against one driver."""
 
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: Driver, unwatch_heap: bool = True) -> None:
         self.driver = driver
+        self.unwatch_heap = unwatch_heap  # through Python, before heap memory is freed
 
     def call(self, start: int, length: int, flags: int, vec: np.ndarray | None = None,
              vec_len: int = 0) -> int:
@@ -225,7 +232,7 @@ class Cases:
     # -- hpage_unit_tests (cases 35-41)
     def huge_unit_new_and_clean(self) -> None:
         n = HPAGE // P
-        with huge_page() as mem:
+        with huge_page(self.unwatch_heap) as mem:
             assert self.get(mem.base, HPAGE, GET | CLEAR, n) == list(range(n)), \
                 "rule M14: a new huge page reads as 512 written pages"
             assert self.get(mem.base, HPAGE, GET, n) == [], \
@@ -236,7 +243,7 @@ class Cases:
 
     def huge_unit_middle(self) -> None:
         n = HPAGE // P
-        with huge_page() as mem:
+        with huge_page(self.unwatch_heap) as mem:
             self.clear(mem)
             mem.touch(n // 2)
             assert n // 2 in self.get(mem.base, HPAGE, GET, n), \
@@ -244,14 +251,14 @@ class Cases:
 
     def huge_unit_clear_first_half(self) -> None:
         n = HPAGE // P
-        with huge_page() as mem:
+        with huge_page(self.unwatch_heap) as mem:
             assert self.call(mem.base, HPAGE // 2, CLEAR) == 0
             assert self.get(mem.base, HPAGE, GET, n) == list(range(n // 2, n)), \
                 "rule M14: a CLEAR of half a huge page splits it; the other half stays written"
 
     def huge_unit_capped_first_half(self) -> None:
         n = HPAGE // P
-        with huge_page() as mem:
+        with huge_page(self.unwatch_heap) as mem:
             assert self.get(mem.base, HPAGE, GET | CLEAR, n // 2) == list(range(n // 2)), \
                 "rule M6: a GET|CLEAR capped at half a huge page reports that half"
             assert self.get(mem.base, HPAGE, GET, n) == list(range(n // 2, n)), \
@@ -259,7 +266,7 @@ class Cases:
 
     def huge_unit_clear_second_half(self) -> None:
         n = HPAGE // P
-        with huge_page() as mem:
+        with huge_page(self.unwatch_heap) as mem:
             mem.fill(0, n)
             assert self.call(mem.base + HPAGE // 2, HPAGE // 2, CLEAR) == 0
             assert self.get(mem.base, HPAGE, GET, n) == list(range(n // 2)), \
@@ -276,7 +283,7 @@ class Cases:
 
     # -- test_simple (case 44)
     def simple(self, iterations: int) -> None:
-        base, release = aligned_page()
+        base, release = aligned_page(self.unwatch_heap)
         try:
             vec = np.zeros(1, np.int64)
             assert self.call(base, P, CLEAR) == 0
@@ -309,3 +316,37 @@ def c_driver(library: ctypes.CDLL) -> Driver:
         return int(result)
 
     return call
+
+
+def library() -> ctypes.CDLL:
+    """libprocess_memwatch, loaded (skips when it was not built)."""
+    path = clib.library_path()
+    if not path.exists():
+        pytest.skip(f"{path.name} was not built (no C compiler at install time)")
+    return ctypes.CDLL(str(path), use_errno=True)
+
+
+def build_c_cases(directory: Path) -> Path:
+    """tests/c/memwatch_cases.c built with the one line `python -m writewatch
+    cflags` prints (skips without a compiler or the library)."""
+    library()
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler (cc or gcc) on PATH")
+    flags = subprocess.run([sys.executable, "-m", "writewatch", "cflags"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    program = directory / "memwatch_cases"
+    subprocess.run([compiler, "-Wall", "-Werror", "-o", str(program),
+                    str(Path(__file__).parent / "c" / "memwatch_cases.c"), *flags], check=True)
+    return program
+
+
+def run_c_cases(program: Path, *wrapper: str,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*wrapper, str(program), str(scaled_work(10000, at_least=500))],
+                          capture_output=True, text=True, timeout=patience(120), env=env)
+
+
+def assert_c_cases_passed(run: subprocess.CompletedProcess[str]) -> None:
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "not ok" not in run.stdout and run.stdout.rstrip().endswith("1..26"), run.stdout

@@ -12,6 +12,7 @@ from forking import run_python
 
 import writewatch as ww
 from writewatch import backends, memory
+from writewatch.kernel import lib
 
 P = ww.PAGE_SIZE
 pytestmark = pytest.mark.any_backend  # names its backends itself
@@ -229,3 +230,28 @@ def test_unprivileged_uffd_falls_back_to_user_mode_only_and_prepare_kernel_write
     assert seen["unprepared"] == 14  # EFAULT: the fault never reached the handler thread
     assert seen["prepared"] == P
     assert seen["pages"] == [1, 4]
+
+
+def test_auto_is_the_mechanism_native_code_chooses(monkeypatch):
+    """One decision for Python and C (native/mechanism.c), and it agrees with
+    the facts the probe reports: the best backend available here."""
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(backends, "_auto_choice", None)
+    chosen = backends.backend().name
+    assert chosen == backends._by_mode[lib.ww_mechanism_best()]
+    assert chosen == backends.available_backends()[0].name
+
+
+@pytest.mark.parametrize("value, meaning", [
+    ("", "auto"), (" auto ", "auto"), ("pagemap", "pagemap"), ("uffd\n", "uffd"),
+    ("\tmprotect", "mprotect"), ("segfaulty", None), ("uffd mprotect", None)])
+def test_writewatch_backend_means_the_same_to_python_and_to_c(monkeypatch, value, meaning):
+    """The library reads WRITEWATCH_BACKEND through the same native function."""
+    mode = lib.ww_mechanism_named(value.encode())
+    assert (backends._by_mode.get(mode, "auto") if mode >= 0 else None) == meaning
+    monkeypatch.setenv(backends.BACKEND_ENV, value)
+    if meaning is None:
+        with pytest.raises(ValueError, match="names no backend"):
+            backends.requested_backend()
+    else:
+        assert backends.requested_backend() == meaning

@@ -299,6 +299,54 @@ def _kernel_prot(address: int) -> str:
     return ""
 
 
+def test_a_file_mapping_where_watched_memory_was_is_never_touched(watch) -> None:
+    """Watched memory unmapped and replaced by a file mapping (a library
+    loaded there: numpy.random's, on Python 3.12) is not the watch's any more:
+    stopping the watch, or writewatch mapping a region over the rest of it,
+    leaves the file mapping's protection alone. It used to be "restored" as
+    read-write, without PROT_EXEC, and the next call into the library's code
+    killed the process."""
+    start = map_anon(6)
+    w = watch(start, 6)
+    w.call(CLEAR)
+    libc.munmap(start, 6 * P)
+    with tempfile.TemporaryFile() as file:
+        file.write(b"x" * 4 * P)
+        file.flush()
+        placed = libc.mmap(start + 2 * P, 4 * P, mmap.PROT_READ | mmap.PROT_EXEC,
+                           mmap.MAP_PRIVATE | MAP_FIXED, file.fileno(), 0)
+        assert placed == start + 2 * P
+        try:
+            w.unwatch()
+            assert _kernel_prot(start + 2 * P) == "r-x"
+            assert _kernel_prot(start + 5 * P) == "r-x"
+        finally:
+            libc.munmap(start + 2 * P, 4 * P)
+
+
+def test_executable_memory_keeps_prot_exec(watch) -> None:
+    """JIT code: the mprotect backend would arm it read-only and take PROT_EXEC
+    away for good, so it refuses it; uffd write-protects without changing the
+    protection, and watches it."""
+    start = map_anon(2, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    try:
+        w = watch(start, 2)
+        if w.backend.name == "mprotect":
+            with pytest.raises(OSError) as refused:
+                w.call(CLEAR)
+            assert refused.value.errno == errno.EINVAL
+            assert "executable memory" in str(refused.value)
+        else:
+            w.call(CLEAR)
+            w.write(1)
+            assert w.call(GET) == [1]
+        assert _kernel_prot(start) == "rwx"
+        w.unwatch()
+        assert _kernel_prot(start) == "rwx"
+    finally:
+        libc.munmap(start, 2 * P)
+
+
 def _uffd_wp(address: int) -> bool:
     with open("/proc/self/pagemap", "rb") as pagemap:
         pagemap.seek(address // P * 8)

@@ -92,16 +92,31 @@ def test_the_decoder_picks_the_subclass_and_keeps_the_calls_wording():
 
 
 def test_process_memwatch_reports_the_proposals_errors_through_the_decoder():
-    assert memwatch._memwatch_check(3) == 3
+    assert memwatch._memwatch_check(3, "PAGEMAP_SCAN") == 3
     for err, kind in ((errno.EINVAL, OSError), (errno.ESRCH, ProcessLookupError)):
         with pytest.raises(kind) as caught:
-            memwatch._memwatch_check(-err)
+            memwatch._memwatch_check(-err, "PAGEMAP_SCAN")
         assert caught.value.errno == err
         assert caught.value.strerror == f"process_memwatch: {os.strerror(err)}"
     with pytest.raises(OSError) as caught:
-        memwatch._memwatch_check(-errno.EFAULT)
+        memwatch._memwatch_check(-errno.EFAULT, "PAGEMAP_SCAN")
     assert caught.value.errno == errno.EIO
     assert caught.value.strerror == "PAGEMAP_SCAN failed: Bad address"
+
+
+def test_a_failure_is_worded_by_the_mechanism_that_failed(monkeypatch):
+    """EIO names the operation of the backend in use, not PAGEMAP_SCAN on the fallbacks."""
+    from writewatch import backends
+    monkeypatch.setattr(memwatch, "_call", lambda *args: -errno.EOPNOTSUPP)  # the slow path
+    for backend in backends.available_backends():
+        monkeypatch.setenv(backends.BACKEND_ENV, backend.name)
+        monkeypatch.setattr(type(backend), "process_memwatch",
+                            lambda self, *args: -errno.EFAULT)
+        with pytest.raises(OSError) as caught:
+            memwatch.process_memwatch(0, 0x10000, 4096, memwatch.MEMWATCH_SD_CLEAR)
+        assert caught.value.errno == errno.EIO
+        assert caught.value.strerror == f"{backend.operation} failed: Bad address"
+        assert ("PAGEMAP_SCAN" in backend.operation) == (backend.name == "pagemap")
 
 
 def test_the_index_shifts_its_kernel_failures_back_to_errno():

@@ -150,3 +150,14 @@ def test_each_denier_is_told_apart(err, seen, by, words):
         assert "CAP_SYS_PTRACE does not help" in denial.remedy
     if by == "sysctl":
         assert "sysctl -w vm.unprivileged_userfaultfd=1" in denial.remedy
+
+
+def test_the_c_library_picks_a_fallback_itself_where_userfaultfd_is_denied(launcher,
+                                                                          tmp_path):
+    """A C program on a machine without userfaultfd (here a seccomp filter
+    denies it) gets process_memwatch from the mprotect mechanism, chosen by the
+    library itself (native/mechanism.c), not ENOSYS."""
+    from memwatch_selftest import assert_c_cases_passed, build_c_cases, run_c_cases
+    env = {key: value for key, value in os.environ.items() if key != "WRITEWATCH_BACKEND"}
+    assert_c_cases_passed(run_c_cases(build_c_cases(tmp_path), launcher, "--errno=EPERM",
+                                      env=env))

@@ -405,7 +405,8 @@ class Backend:
 
     name = "abstract"
     summary = ""
-    preference = 0  # auto picks the available backend with the highest
+    preference = 0  # the order backends are listed in (native/mechanism.c picks for auto)
+    operation = "process_memwatch"  # what a failed call of this mechanism is called
 
     def unavailable_reason(self, caps: Capabilities) -> str:
         """Why this machine cannot run the backend ("" when it can)."""

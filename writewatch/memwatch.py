@@ -211,11 +211,16 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
                                     out, _NULL)
                 if result >= 0:
                     return result
-                if result > -_REFUSED_BASE and result != -errno.EINVAL:
-                    return _memwatch_check(result)  # a kernel failure: not repeated
+                if result > -_REFUSED_BASE and result not in _SERVED_ELSEWHERE:
+                    return _memwatch_check(result, _selection()[2].operation)  # not repeated
         except (TypeError, ValueError, OverflowError, BufferError):
             pass
     return _process_memwatch(pidfd, start, length, flags, vec, vec_len)
+
+
+# Results the general path serves: a refusal it words (EINVAL), a backend
+# Python serves (EOPNOTSUPP).
+_SERVED_ELSEWHERE = (-errno.EINVAL, -errno.EOPNOTSUPP)
 
 
 def _call_selected(start: int, length: int, flags: int, capacity: int, out: Any) -> int:
@@ -231,7 +236,7 @@ def _call_selected(start: int, length: int, flags: int, capacity: int, out: Any)
     if result == -errno.EINVAL:
         raise oserror(errno.EINVAL, refusal_text(why))
     if result > -_REFUSED_BASE:
-        return _memwatch_check(result)
+        return _memwatch_check(result, _selection()[2].operation)
     raise _refused(-_REFUSED_BASE - result, start, length, flags)
 
 
@@ -261,7 +266,8 @@ def _process_memwatch(pidfd: Any, start: Any, length: Any, flags: Any, vec: Any,
         fd = _target_pagemap(pidfd)
         try:
             return _memwatch_check(memwatch_scan(fd, start, end, bool(flags & _GET),
-                                                 bool(flags & _CLEAR), out, capacity))
+                                                 bool(flags & _CLEAR), out, capacity),
+                                   "PAGEMAP_SCAN")
         finally:
             os.close(fd)
     if in_region:
@@ -271,10 +277,12 @@ def _process_memwatch(pidfd: Any, start: Any, length: Any, flags: Any, vec: Any,
         for each in backends.available_backends()[::-1]:
             if each.watches(start):
                 return _memwatch_check(each.region_memwatch(
-                    start, end, bool(flags & _GET), bool(flags & _CLEAR), out, capacity))
+                    start, end, bool(flags & _GET), bool(flags & _CLEAR), out, capacity),
+                    each.operation)
         raise oserror(errno.EINVAL, f"[{start:#x}, {end:#x}) is not watched memory")
-    result = _backend().process_memwatch(start, end, flags, out, capacity)
-    return result if result >= 0 else _memwatch_check(result)
+    backend = _backend()
+    result = backend.process_memwatch(start, end, flags, out, capacity)
+    return result if result >= 0 else _memwatch_check(result, backend.operation)
 
 
 def memwatch_unwatch(start: int, length: int) -> None:
@@ -290,8 +298,9 @@ def memwatch_unwatch(start: int, length: int) -> None:
     _backend().memwatch_unwatch(first, end)
 
 
-def _memwatch_check(result: int) -> int:
-    """The proposal's errors: EINVAL and ESRCH pass through, any other failure is EIO."""
+def _memwatch_check(result: int, operation: str) -> int:
+    """The proposal's errors: EINVAL and ESRCH pass through, any other failure is
+    EIO, worded by the operation of the mechanism that failed."""
     if result < 0 and -result not in (errno.EINVAL, errno.ESRCH):
-        raise oserror(errno.EIO, "PAGEMAP_SCAN failed", cause=-result)
+        raise oserror(errno.EIO, f"{operation} failed", cause=-result)
     return check(result, "process_memwatch")

@@ -3,7 +3,7 @@
  * unchanged against libprocess_memwatch:  cc memwatch_cases.c $(python -m writewatch cflags)
  * It restates the proposal's selftest checks on a 10-page mmap (with and
  * without MEMWATCH_SD_NO_REUSED_REGIONS), its sanity and unmapped-range cases
- * and its clear/write/get loop (iterations from argv[1]); prints TAP and exits
+ * and its clear/write/get loop, and a fork (rule K17) (iterations from argv[1]); prints TAP and exits
  * 1 on the first failed check. Each message states the rule (docs/semantics.md).
  */
 #include <errno.h>
@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <process_memwatch.h>
@@ -75,6 +76,34 @@ static void cases(long page, unsigned extra)
     munmap(mem, n * page);
 }
 
+/* K17: a forked child watches its own memory through its own descriptors,
+ * and the parent's watch goes on, blind to the child's writes. */
+static void forked(long page)
+{
+    char *mem = mmap(NULL, 4 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned get_clear = MEMWATCH_SD_GET | MEMWATCH_SD_CLEAR;
+    int status = -1;
+    if (mem == MAP_FAILED)
+        exit(2);
+    process_memwatch(0, mem, 4 * page, MEMWATCH_SD_CLEAR, NULL, 0);
+    pid_t child = fork();
+    if (child == 0) {
+        mem[2 * page]++;
+        int ok = process_memwatch(0, mem, 4 * page, MEMWATCH_SD_CLEAR, NULL, 0) == 0;
+        mem[page]++;
+        ok = ok && pages(mem, 4 * page, get_clear, 4, page) == 2;
+        mem[3 * page]++;
+        _exit(ok && pages(mem, 4 * page, get_clear, 4, page) == 8 ? 0 : 1);
+    }
+    waitpid(child, &status, 0);
+    check(child > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+          "K17: a forked child watches its own memory");
+    mem[0]++;
+    check(pages(mem, 4 * page, get_clear, 4, page) == 1,
+          "K17: the parent's watch goes on after a fork, blind to the child's writes");
+    munmap(mem, 4 * page);
+}
+
 int main(int argc, char **argv)
 {
     long page = sysconf(_SC_PAGESIZE);
@@ -97,6 +126,7 @@ int main(int argc, char **argv)
     munmap(mem, page);
     cases(page, 0);
     cases(page, MEMWATCH_SD_NO_REUSED_REGIONS);
+    forked(page);
     char *hole = mmap(NULL, 64 * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     munmap(hole, 64 * page);
     check(process_memwatch(0, hole, 64 * page, MEMWATCH_SD_GET, vec, 64) == 0,

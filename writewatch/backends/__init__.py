@@ -7,7 +7,8 @@ Best first:
   handler thread, Linux 5.7+;
 - ``mprotect`` (mprotect.py): read-only pages and a native SIGSEGV handler,
   any Linux, any sandbox.
-Each implements kernel.Backend. "auto" picks the best one this machine runs.
+Each implements kernel.Backend. "auto" picks the best one this machine runs:
+native/mechanism.c decides, for this package and for libprocess_memwatch alike.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from writewatch.backends import uffd
 from writewatch.backends.mprotect import MprotectBackend
 from writewatch.backends.pagemap import PagemapBackend
 from writewatch.backends.uffd import UffdBackend
+from writewatch.kernel import lib
 from writewatch.probe import probe
 
 BackendName = Literal["auto", "pagemap", "uffd", "mprotect"]
@@ -47,6 +49,8 @@ _backends: dict[str, kernel.Backend] = {
     each.name: each for each in (PagemapBackend(), UffdBackend(_release_from_pagemap),
                                  MprotectBackend())
 }
+_by_mode = {lib.WW_MODE_PAGEMAP: "pagemap", lib.WW_MODE_UFFD: "uffd",
+            lib.WW_MODE_MPROTECT: "mprotect"}
 _lock = threading.Lock()
 _unavailable: dict[str, str] | None = None
 _auto_choice: str | None = None
@@ -104,11 +108,13 @@ def checked_name(name: str) -> BackendName:
 
 
 def requested_backend() -> str:
-    """The backend WRITEWATCH_BACKEND asks for ("auto" when unset)."""
-    name = os.environ.get(BACKEND_ENV, "auto").strip() or "auto"
-    if name != "auto" and name not in _backends:
-        raise _unknown(name, f"{BACKEND_ENV}=")
-    return name
+    """The backend WRITEWATCH_BACKEND asks for ("auto" when unset), read as
+    libprocess_memwatch reads it (native/mechanism.c)."""
+    value = os.environ.get(BACKEND_ENV, "")
+    mode = lib.ww_mechanism_named(os.fsencode(value))
+    if mode < 0:
+        raise _unknown(value.strip(), f"{BACKEND_ENV}=")
+    return _by_mode[mode] if mode else "auto"
 
 
 def backend(name: str = "auto") -> kernel.Backend:
@@ -123,7 +129,7 @@ def backend(name: str = "auto") -> kernel.Backend:
         name = requested_backend()
     if name == "auto":
         if _auto_choice is None:
-            _auto_choice = available_backends()[0].name
+            _auto_choice = _by_mode[lib.ww_mechanism_best()]
             log.info("using the %s backend", _auto_choice)
         name = _auto_choice
     if name not in _backends:

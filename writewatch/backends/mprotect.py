@@ -71,6 +71,7 @@ class MprotectBackend(kernel.Backend):
     name = "mprotect"
     summary = "mprotect + SIGSEGV handler (native)"
     preference = 1
+    operation = "mprotect tracking"
 
     def unavailable_reason(self, caps: Capabilities) -> str:
         return ""

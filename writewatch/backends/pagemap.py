@@ -47,6 +47,7 @@ class PagemapBackend(kernel.Backend):
     name = "pagemap"
     summary = "userfaultfd async write-protect + PAGEMAP_SCAN"
     preference = 3
+    operation = "PAGEMAP_SCAN"
 
     def __init__(self) -> None:
         self.descriptors = _Descriptors()

@@ -9,7 +9,6 @@ that the faulting thread may hold.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ from writewatch.backends import _tracked
 if TYPE_CHECKING:
     from writewatch.kernel import Capabilities
 
-from writewatch.kernel import check, lib, oserror
+from writewatch.kernel import check, ffi, lib, oserror
 
 
 class _Descriptor(kernel.PerProcess):
@@ -29,27 +28,13 @@ class _Descriptor(kernel.PerProcess):
     kernel_faults = False  # do the kernel's own writes reach the handler thread?
 
     def open(self) -> tuple[int, ...]:
-        # Without UFFD_USER_MODE_ONLY, faults taken by the kernel's own writes
-        # (read(2) into watched memory) reach the handler thread too; it needs
-        # privilege (or vm.unprivileged_userfaultfd = 1), so fall back to it.
-        try:
-            uffd = kernel.open_uffd(user_mode_only=False)
-            self.kernel_faults = True
-        except PermissionError:
-            uffd = kernel.open_uffd()
-            self.kernel_faults = False
-        try:
-            offered = kernel.uffd_offered_features()
-            # THREAD_ID lets the handler thread see that a lock holder is itself
-            # stopped in a fault, and not wait for it (native/tracking_faults.c).
-            wanted = (lib.UFFD_FEATURE_PAGEFAULT_FLAG_WP
-                      | offered & (lib.UFFD_FEATURE_WP_UNPOPULATED | lib.UFFD_FEATURE_THREAD_ID))
-            self.features = kernel.uffd_enable_features(uffd, wanted) & wanted
-            check(lib.ww_uffd_handler_start(uffd), "pthread_create")
-            lib.ww_memwatch_use_uffd(uffd, self.features)
-        except OSError:
-            os.close(uffd)
-            raise
+        # The userfaultfd, its features and the handler thread, started as
+        # libprocess_memwatch starts them (native/mechanism.c).
+        features = ffi.new("uint64_t *")
+        kernel_faults = ffi.new("int *")
+        uffd = check(lib.ww_uffd_mechanism_start(features, kernel_faults), "userfaultfd")
+        self.features = int(features[0])
+        self.kernel_faults = bool(kernel_faults[0])
         return (uffd,)
 
 
@@ -61,6 +46,7 @@ class UffdBackend(kernel.Backend):
     name = "uffd"
     summary = "userfaultfd write-protect + handler thread (native)"
     preference = 2
+    operation = "userfaultfd write-protect tracking"
 
     def __init__(self, release_foreign: Callable[[int, int], bool] | None = None) -> None:
         self.descriptor = _Descriptor()

@@ -223,6 +223,15 @@ int ww_memwatch_open(int *uffd, int *pagemap_fd);
  * reservation, one state byte per page. */
 #define WW_MODE_MPROTECT 1
 #define WW_MODE_UFFD 2
+#define WW_MODE_PAGEMAP 3 /* no tracking state: the kernel keeps it (memwatch.c) */
+
+/* The mechanism, decided in one place for the Python package and for
+ * libprocess_memwatch (mechanism.c): the one a WRITEWATCH_BACKEND value names
+ * (0 for "auto", unset or empty; -EINVAL for no mechanism), the best one that
+ * works here, and the uffd mechanism's start in this process. */
+int ww_mechanism_named(const char *name);
+int ww_mechanism_best(void);
+int ww_uffd_mechanism_start(uint64_t *features, int *kernel_faults);
 
 #define WW_PAGE_DIRTY 0x1
 #define WW_PAGE_ARMED 0x2

@@ -1,9 +1,11 @@
 /*
  * The C entry point of libprocess_memwatch (process_memwatch.h): the
- * proposal's signature over ww_memwatch (memwatch.c), with the calling
- * convention of a system call. Only process_memwatch is exported; everything
- * else is hidden, so the library and writewatch's Python extension can live in
- * one process.
+ * proposal's signature, with the calling convention of a system call, over
+ * the mechanism this process uses: ww_memwatch (memwatch.c) on pagemap, the
+ * fallbacks' ww_track_memwatch_any (foreign.c) on uffd and mprotect. Only
+ * process_memwatch is exported; everything else is hidden, so the library and
+ * writewatch's Python extension live in one process, each with its own state
+ * (its own userfaultfd and handler thread, its own SIGSEGV handler, chained).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -18,32 +20,21 @@
 #include "abi.h"
 #include "process_memwatch.h"
 
-/* The fallbacks' foreign-memory entry (the uffd and mprotect mechanisms),
- * when the library is built with it. */
-extern int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned flags,
-                                     uint64_t *vec, uint64_t vec_len) __attribute__((weak));
-
 static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
-/* This process's descriptors and mechanism, opened and chosen at the first
- * call. A forked child inherits the parent's descriptors, which act on the
- * parent's memory (rule K17): the fork handler marks them stale, and the
- * child's first call opens its own. No system call on the fast path. */
-static int opened, stale_uffd = -1, stale_pagemap = -1;
-static int open_uffd = -1, open_pagemap = -1, open_error, open_mode;
-
-/* The mechanism: WRITEWATCH_BACKEND as the Python package reads it (unset,
- * empty or "auto": the best one that works). */
-static int mechanism(void)
-{
-    const char *name = getenv("WRITEWATCH_BACKEND");
-    if (!name || !*name || !strcmp(name, "auto") || !strcmp(name, "pagemap"))
-        return 0;
-    if (!strcmp(name, "uffd"))
-        return WW_MODE_UFFD;
-    if (!strcmp(name, "mprotect"))
-        return WW_MODE_MPROTECT;
-    return -1;
-}
+/*
+ * This process's mechanism and what it opened, at the first call: the one
+ * WRITEWATCH_BACKEND names, as the Python package reads it, else the best one
+ * that works here (mechanism.c). The fallbacks' handlers start here too: the
+ * uffd mechanism's handler thread, the mprotect mechanism's SIGSEGV handler
+ * (put back in front at each call, as the Python package does). A forked
+ * child inherits the parent's descriptors, which act on the parent's memory
+ * (rule K17), and no handler thread: the fork handler marks what was opened
+ * stale, and the child's first call opens its own. No system call on the
+ * fast path but mprotect's check that its handler is still in front.
+ */
+static int opened, open_error, open_mode;
+static int open_uffd = -1, open_pagemap = -1;
+static int stale_uffd = -1, stale_pagemap = -1;
 
 static void child_after_fork(void)
 {
@@ -51,6 +42,7 @@ static void child_after_fork(void)
     if (__atomic_load_n(&opened, __ATOMIC_ACQUIRE)) {
         stale_uffd = open_uffd;
         stale_pagemap = open_pagemap;
+        open_uffd = open_pagemap = -1;
         __atomic_store_n(&opened, 0, __ATOMIC_RELEASE);
     }
 }
@@ -60,19 +52,44 @@ __attribute__((constructor)) static void install_fork_handler(void)
     pthread_atfork(NULL, NULL, child_after_fork);
 }
 
-/* 0 and the descriptors, or -errno when async write-protect is missing. */
-static int descriptors(int *uffd, int *pagemap_fd, int *mode)
+/* Open the mechanism; 0 or -errno (ENOSYS: the one asked for does not work here). */
+static int open_mechanism(void)
+{
+    int mode = ww_mechanism_named(getenv("WRITEWATCH_BACKEND"));
+    open_mode = mode ? mode : ww_mechanism_best();
+    if (open_mode == WW_MODE_PAGEMAP)
+        return ww_memwatch_open(&open_uffd, &open_pagemap) ? -ENOSYS : 0;
+    if (open_mode < 0)
+        return open_mode; /* a name of no mechanism: EINVAL */
+    /* Range locks held across fork, so a child's state matches its pages. */
+    int result = ww_track_install_fork_handlers();
+    if (!result && open_mode == WW_MODE_UFFD) {
+        uint64_t features;
+        int kernel_faults;
+        int uffd = ww_uffd_mechanism_start(&features, &kernel_faults);
+        if (uffd >= 0)
+            open_uffd = uffd;
+        else /* userfaultfd denied or missing: the uffd backend does not work here */
+            result = uffd == -EPERM || uffd == -ENOSYS || uffd == -EINVAL ? -ENOSYS : uffd;
+    }
+    return result;
+}
+
+/* 0 and the mechanism with its descriptors, or -errno. */
+static int mechanism(int *uffd, int *pagemap_fd, int *mode)
 {
     if (!__atomic_load_n(&opened, __ATOMIC_ACQUIRE)) {
         pthread_mutex_lock(&open_lock);
         if (!opened) {
-            if (stale_uffd >= 0) { /* the parent's: never act through them */
-                close(stale_uffd);
-                close(stale_pagemap);
+            if (stale_uffd >= 0 || stale_pagemap >= 0) { /* the parent's: never act through them */
+                ww_memwatch_use_uffd(-1, 0);
+                if (stale_uffd >= 0)
+                    close(stale_uffd);
+                if (stale_pagemap >= 0)
+                    close(stale_pagemap);
                 stale_uffd = stale_pagemap = -1;
             }
-            open_mode = mechanism();
-            open_error = ww_memwatch_open(&open_uffd, &open_pagemap);
+            open_error = open_mechanism();
             __atomic_store_n(&opened, 1, __ATOMIC_RELEASE);
         }
         pthread_mutex_unlock(&open_lock);
@@ -80,6 +97,8 @@ static int descriptors(int *uffd, int *pagemap_fd, int *mode)
     *uffd = open_uffd;
     *pagemap_fd = open_pagemap;
     *mode = open_mode;
+    if (!open_error && open_mode == WW_MODE_MPROTECT)
+        return ww_segv_install(); /* in front again, if a handler came since */
     return open_error;
 }
 
@@ -135,25 +154,23 @@ long process_memwatch(int pidfd, void *start, int len, unsigned int flags, loff_
         result = -EINVAL;
     } else {
         int uffd, pagemap_fd, mode;
-        int opened_error = descriptors(&uffd, &pagemap_fd, &mode);
+        int failed = mechanism(&uffd, &pagemap_fd, &mode);
         uint64_t *out = (flags & MEMWATCH_SD_GET) ? (uint64_t *)vec : NULL;
         uint64_t room = out ? (uint64_t)vec_len : 0;
         int pid = pidfd ? pidfd_pid(pidfd) : 0;
         if (pid < 0)
             result = pid;
-        else if (pid && pid != getpid())
-            result = mode == 0 ? other_process(pid, first, end, flags, out, room) : -ESRCH;
-        else if (mode < 0)
-            result = -EINVAL;
-        else if (mode > 0)
-            result = ww_track_memwatch_any ? ww_track_memwatch_any(mode, first, end, flags, out,
-                                                                   room)
-                                           : -ENOSYS;
-        else if (opened_error)
-            result = -ENOSYS; /* no userfaultfd async write-protect here */
-        else
+        else if (pid && pid != getpid()) /* whatever mechanism this process uses */
+            result = other_process(pid, first, end, flags, out, room);
+        else if (failed)
+            result = failed;
+        else if (mode == WW_MODE_PAGEMAP)
             result = ww_memwatch(uffd, pagemap_fd, first, end, flags, out, room, NULL);
+        else
+            result = ww_track_memwatch_any(mode, first, end, flags, out, room);
     }
+    if (result == -EBUSY) /* another userfaultfd of this process watches it */
+        result = -EINVAL;
     if (result >= 0)
         return (long)result;
     /* The proposal's errors: EINVAL and ESRCH as they are, ENOSYS when nothing

@@ -1,4 +1,7 @@
-/* Shared by foreign.c and foreign_maps.c (not part of the cffi ABI). */
+/* Shared by foreign.c, foreign_spans.c and foreign_maps.c (not part of the
+ * cffi ABI; hidden in libprocess_memwatch). */
+#pragma GCC visibility push(hidden)
+
 #define WW_FOREIGN_PAGE WW_PAGE_SIZE
 #define WW_FOREIGN_CHUNK_PAGES 512 /* pagemap entries read at once */
 #define WW_FOREIGN_NAME_SIZE 256
@@ -28,3 +31,44 @@ int refuse(const char *format, ...) __attribute__((format(printf, 1, 2)));
 void refuse_clear(void);
 /* Why [a, b) of vma cannot be watched in mode, as a refusal (0 if it can). */
 int refusal(const struct vma *vma, uint64_t a, uint64_t b, int mode);
+
+/* ---- foreign_spans.c: the watched spans, one tracking range each, sorted by
+ * address; the call mutex held ---- */
+struct span {
+    uint64_t start, end;
+    int mode;
+};
+
+extern struct span *spans;
+extern size_t span_count;
+extern int foreign_uffd;               /* the uffd mechanism's descriptor (foreign.c) */
+extern uint64_t foreign_uffd_features; /* and the features it enabled */
+
+int span_insert(uint64_t start, uint64_t end, int mode);
+void span_remove(size_t at);
+/* The first span that ends after address. */
+size_t span_from(uint64_t address);
+/* Register [a, b) with the uffd mechanism's userfaultfd for write-protect;
+ * -EBUSY if another userfaultfd of this process holds it (a refusal). */
+int uffd_register(uint64_t a, uint64_t b);
+
+struct snapshot {
+    uint64_t start, end; /* of this part of a span */
+    uint8_t *state;
+};
+
+struct snapshots {
+    struct snapshot *at;
+    size_t count;
+};
+
+void snapshots_free(struct snapshots *list);
+int take_snapshots(uint64_t start, uint64_t end, struct snapshots *list);
+/* A page's state in the snapshot; 0 (never watched) for one it does not hold. */
+int snapshot_state(const struct snapshots *list, uint64_t page);
+/* Bring [a, b) of the span with this handle, inside one VMA of protection
+ * prot, up to date (exact: NO_REUSED_REGIONS). */
+int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact,
+            const struct snapshots *before);
+
+#pragma GCC visibility pop

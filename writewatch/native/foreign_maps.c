@@ -303,6 +303,12 @@ int refusal(const struct vma *vma, uint64_t a, uint64_t b, int mode)
                       "mapping of the kernel%s", from, to, vma->name, backend,
                       strcmp(vma->name, "[stack]") ? ""
                       : " (the main thread's stack, which write faults are handled on)");
+    /* Arming is PROT_READ, and tracking keeps only read and write access:
+     * JIT code armed would lose PROT_EXEC, and the next call into it kill. */
+    if (mode == WW_MODE_MPROTECT && (vma->prot & PROT_EXEC))
+        return refuse("[%#llx, %#llx) (%s) cannot be watched by the mprotect backend: "
+                      "executable memory (arming it read-only would take its PROT_EXEC "
+                      "away)", from, to, *vma->name ? vma->name : "[anonymous]");
     if (ww_track_internal_overlaps(a, b))
         return refuse("[%#llx, %#llx) cannot be watched: it holds writewatch's own "
                       "write-tracking state, which its fault handling writes", from, to);
