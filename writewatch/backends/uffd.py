@@ -165,14 +165,15 @@ def _false_fork_warning() -> str:
 
 
 def pause_handler() -> None:
-    if _COUNTS_THREADS_AFTER_HOOKS:
-        ours, filters = _false_fork_warning(), warnings.filters
-        if isinstance(filters, list):
-            filters[:] = [each for each in filters if getattr(each[1], "pattern", None) != ours]
+    filters = warnings.filters
+    if _COUNTS_THREADS_AFTER_HOOKS and isinstance(filters, list):
+        ours = _false_fork_warning()
+        filters[:] = [each for each in filters if getattr(each[1], "pattern", None) != ours]
     check(lib.ww_uffd_handler_pause(), "stopping the userfaultfd handler thread")
 
 
 def resume_handler() -> None:
     check(lib.ww_uffd_handler_resume(), "pthread_create")
-    if _COUNTS_THREADS_AFTER_HOOKS and lib.ww_uffd_forked_alone():
+    if (_COUNTS_THREADS_AFTER_HOOKS and isinstance(warnings.filters, list)
+            and lib.ww_uffd_forked_alone()):
         warnings.filterwarnings("ignore", _false_fork_warning(), DeprecationWarning)
