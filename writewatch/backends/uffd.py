@@ -9,6 +9,10 @@ that the faulting thread may hold.
 from __future__ import annotations
 
 import errno
+import os
+import re
+import sys
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -127,15 +131,36 @@ class _UffdWatcher(_tracked.TrackedWatcher):
 # single-threaded (Python 3.12 warns "This process is multi-threaded, use of
 # fork() may lead to deadlocks" for any thread alive, native ones too; with
 # other threads alive the warning is due anyway, and one of them could fault
-# while the handler is away: native/tracking.c). The child has no handler to restart:
-# it forgets the parent's userfaultfd (docs/semantics.md rule K17). Python 3.13
-# counts the threads after the after-fork hooks have run, so there the restarted
-# thread is counted and the warning stays.
+# while the handler is away: native/tracking.c). The child has no handler to
+# restart: it forgets the parent's userfaultfd (docs/semantics.md rule K17).
+#
+# Python 3.13 counts the threads after the after-fork hooks, when the handler
+# runs again, and so warns although the fork ran single-threaded. The handler
+# cannot start later than those hooks instead: whatever runs between them and
+# that later point (C code that forked, another hook) could write armed memory
+# and wait forever for a handler. So when the fork itself ran alone (checked
+# inside fork(): ww_uffd_forked_alone), a filter ignores exactly that false
+# warning: this process's pid, fork() or forkpty(). The next fork removes it
+# first, since its warning may be true (docs/semantics.md rule K24).
+_COUNTS_THREADS_AFTER_HOOKS = sys.version_info >= (3, 13)
+
+
+def _false_fork_warning() -> str:
+    """The message of Python's fork warning in this process, as a filter's regex."""
+    return (re.escape(f"This process (pid={os.getpid()}) is multi-threaded, use of ")
+            + r"fork(pty)?\(\) may lead to deadlocks in the child\.$")
 
 
 def pause_handler() -> None:
+    filters = warnings.filters
+    if _COUNTS_THREADS_AFTER_HOOKS and isinstance(filters, list):
+        ours = _false_fork_warning()
+        filters[:] = [each for each in filters if getattr(each[1], "pattern", None) != ours]
     check(lib.ww_uffd_handler_pause(), "stopping the userfaultfd handler thread")
 
 
 def resume_handler() -> None:
     check(lib.ww_uffd_handler_resume(), "pthread_create")
+    if (_COUNTS_THREADS_AFTER_HOOKS and isinstance(warnings.filters, list)
+            and lib.ww_uffd_forked_alone()):
+        warnings.filterwarnings("ignore", _false_fork_warning(), DeprecationWarning)

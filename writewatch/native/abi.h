@@ -265,6 +265,7 @@ int ww_segv_installed(void);
 int ww_uffd_handler_start(int uffd);
 int ww_uffd_handler_pause(void);
 int ww_uffd_handler_resume(void);
+int ww_uffd_forked_alone(void);
 int ww_touch_for_write(uint64_t start, uint64_t length);
 int ww_track_internal_overlaps(uint64_t start, uint64_t end);
 int ww_track_states(uint64_t handle, uint64_t address, uint64_t npages, uint8_t *out);

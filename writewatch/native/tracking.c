@@ -417,12 +417,20 @@ static void track_after_fork_child(void)
     track_faults_after_fork_child();
 }
 
+/* Before fork, inside it: the fault paths note whether the process forks
+ * alone, then every range lock is taken. */
+static void track_before_fork(void)
+{
+    track_faults_before_fork();
+    track_lock_all();
+}
+
 static pthread_once_t track_fork_handlers_once = PTHREAD_ONCE_INIT;
 static int track_fork_handlers_error;
 
 static void track_install_fork_handlers_once(void)
 {
-    track_fork_handlers_error = pthread_atfork(track_lock_all, track_unlock_all,
+    track_fork_handlers_error = pthread_atfork(track_before_fork, track_unlock_all,
                                                track_after_fork_child);
 }
 

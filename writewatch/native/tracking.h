@@ -130,6 +130,7 @@ int needs_arming(const struct track_range *r, uint8_t st);
 int read_only_armed(const struct track_range *r, uint8_t st);
 
 /* tracking_faults.c: the fault paths */
+void track_faults_before_fork(void);
 void track_faults_after_fork_child(void);
 
 #pragma GCC visibility pop

@@ -401,6 +401,8 @@ static void resolve_waiting(void)
  */
 static pthread_t uffd_handler_thread;
 static int uffd_handler_running;
+static int uffd_handler_paused;   /* stopped by ww_uffd_handler_pause, not yet resumed */
+static int uffd_forked_alone;     /* the last fork ran with the handler paused, one thread */
 static int uffd_handler_stop_fd = -1; /* eventfd: ends the handler's poll */
 static pid_t uffd_handler_tid;
 uint64_t track_handler_stack[2]; /* the uffd handler thread's [low, high) */
@@ -476,8 +478,10 @@ int ww_uffd_handler_start(int uffd)
                                 (void *)(intptr_t)uffd);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&attr);
-    if (!result)
+    if (!result) {
         uffd_handler_running = 1;
+        uffd_handler_paused = 0;
+    }
     return -result;
 }
 
@@ -511,6 +515,7 @@ int ww_uffd_handler_pause(void)
     if (result)
         return -result;
     uffd_handler_running = 0;
+    uffd_handler_paused = 1;
     uint64_t ignored;
     while (read(uffd_handler_stop_fd, &ignored, sizeof ignored) < 0 && errno == EINTR)
         ;
@@ -528,10 +533,28 @@ int ww_uffd_handler_resume(void)
     return track_sync_uffd < 0 ? 0 : ww_uffd_handler_start(track_sync_uffd);
 }
 
+/* Inside fork(), before it (pthread_atfork, after every Python before-fork
+ * hook): did the handler's pause leave this thread alone? Then the child is
+ * forked from a single-threaded process, whatever Python counts later. */
+void track_faults_before_fork(void)
+{
+    uffd_forked_alone = uffd_handler_paused && thread_count() == 1;
+}
+
+/* 1 if the last fork in this process ran with the handler thread paused and
+ * no other thread alive (Python 3.13 counts the threads after the after-fork
+ * hooks, when the handler runs again: backends/uffd.py). */
+int ww_uffd_forked_alone(void)
+{
+    return uffd_forked_alone;
+}
+
 /* In a forked child: no handler thread exists (threads do not survive fork). */
 void track_faults_after_fork_child(void)
 {
     uffd_handler_running = 0;
+    uffd_handler_paused = 0;
+    uffd_forked_alone = 0;
     if (uffd_handler_stop_fd >= 0)
         close(uffd_handler_stop_fd);
     uffd_handler_stop_fd = -1;
