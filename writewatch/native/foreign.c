@@ -158,13 +158,19 @@ static int mark_written(uint64_t handle, uint64_t a, uint64_t b, const uint8_t *
     return result;
 }
 
+/* How a page whose mapping is new is watched afresh: read as all written,
+ * exactly (NO_REUSED_REGIONS), or only so that its watch can be stopped. */
+enum renewal { RENEW_WRITTEN, RENEW_EXACT, RENEW_TO_STOP };
+
 /*
  * Watch [a, b) of the span with this handle as a new mapping, with the
  * protection prot its VMA has now. All of it reads as written until cleared;
- * with exact (NO_REUSED_REGIONS) only the pages written so far.
+ * with RENEW_EXACT only the pages written so far.
  */
-static int watch_new(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact)
+static int watch_new(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot,
+                     enum renewal how)
 {
+    int exact = how == RENEW_EXACT;
     int result = 0, populated = 0;
     uint8_t *bits = NULL;
     if (mode == WW_MODE_UFFD) {
@@ -176,11 +182,16 @@ static int watch_new(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot
         /* Before Linux 6.4 write-protect skips empty page table entries: fault
          * the pages in first. A write between the reading above and the arming
          * below is then only reported as part of a new mapping (by calls
-         * without NO_REUSED_REGIONS). */
-        if (!result && !(foreign_uffd_features & UFFD_FEATURE_WP_UNPOPULATED) &&
+         * without NO_REUSED_REGIONS). Not when the watch is being stopped:
+         * that populated every page of a new mapping, which the other backend
+         * taking it over then read as written (Linux 6.1). Pages are touched
+         * only where madvise lacks MADV_POPULATE_WRITE (before 5.14): a range
+         * its owner unmaps meanwhile fails madvise, but a touch kills. */
+        if (!result && how != RENEW_TO_STOP &&
+            !(foreign_uffd_features & UFFD_FEATURE_WP_UNPOPULATED) &&
             (prot & PROT_WRITE)) {
             populated = 1;
-            if (ww_madvise(a, b - a, MADV_POPULATE_WRITE) < 0)
+            if (ww_madvise(a, b - a, MADV_POPULATE_WRITE) == -EINVAL)
                 ww_touch_for_write(a, b - a);
         }
     }
@@ -273,8 +284,8 @@ static int snapshot_state(const struct snapshots *list, uint64_t page)
  * armed (the mapping was replaced or its protection changed), are watched as
  * a new mapping.
  */
-static int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact,
-                   const struct snapshots *before)
+static int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot,
+                   enum renewal how, const struct snapshots *before)
 {
     uint64_t entries[CHUNK_PAGES], run = 0;
     int result = 0;
@@ -302,7 +313,7 @@ static int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, 
             if (renew && !run)
                 run = page;
             if (!renew && run && (i < pages || page == b)) {
-                result = watch_new(mode, handle, run, page, prot, exact);
+                result = watch_new(mode, handle, run, page, prot, how);
                 run = 0;
             }
         }
@@ -429,7 +440,8 @@ static int refresh_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
                         const struct vma *vma, void *context)
 {
     const struct refreshing *how = context;
-    return unless_unmapped(refresh(mode, handle, a, b, vma->prot, how->exact, how->before),
+    return unless_unmapped(refresh(mode, handle, a, b, vma->prot,
+                                   how->exact ? RENEW_EXACT : RENEW_WRITTEN, how->before),
                            a, b);
 }
 
@@ -556,7 +568,7 @@ static int unwatch_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
     /* Pages whose mapping changed are first made plain watched pages (their
      * kernel state left as the new mapping has it), so that stopping restores
      * only what this watch changed. */
-    int result = refresh(mode, handle, a, b, vma->prot, 0, context);
+    int result = refresh(mode, handle, a, b, vma->prot, RENEW_TO_STOP, context);
     if (!result)
         result = ww_track_unwatch(handle, a, b - a);
     if (!result && mode == WW_MODE_UFFD)
