@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,47 @@ def backends_under_test() -> list[str]:
     if requested != "auto":
         return [requested]
     return [name for name, reason in backends.backend_status().items() if not reason]
+
+
+# Which test files can come out differently on another kernel, and so run on
+# Linux 6.1 under tools/kernel-matrix (`pytest --kernel-dependent`; README,
+# "Testing on older kernels"). Every test file is in exactly one of the two
+# (tests/test_test_selection.py checks it): a new file must say which.
+KERNEL_DEPENDENT = frozenset({
+    # the Windows functions and process_memwatch on each backend the kernel offers
+    "test_write_watch.py", "test_regions.py", "test_latch.py", "test_recommit.py",
+    "test_reserve_cost.py", "test_prepare_kernel_write.py", "test_output_in_watched_memory.py",
+    "test_kernel_writes.py", "test_kernel_copies.py", "test_buffers.py", "test_pythonic.py",
+    "test_process_memwatch.py", "test_foreign_memory.py", "test_foreign_fallbacks.py",
+    "test_memwatch_selftest.py", "test_fallback_backends.py", "test_map_count_exhaustion.py",
+    "test_failures.py", "test_error_reasons.py", "test_sandbox_info.py",
+    # faults, signals, fork, threads, lifetimes and races: the kernel's side of each
+    "test_signals.py", "test_fork.py", "test_threads.py", "test_lifetime.py",
+    "test_changing_memory.py", "test_concurrency.py", "test_concurrency_changes.py",
+    "test_atomic_reset.py",
+})
+SAME_ON_EVERY_KERNEL = {
+    "test_bench.py": "the benchmark's reports (timings are never asserted)",
+    "test_bench_buffers.py": "the benchmark's scenario 7 report",
+    "test_bench_foreign.py": "the benchmark's scenario 8 report",
+    "test_cli.py": "the command line's words and options, a child interpreter per case "
+                   "(`info` itself opens every kernel-matrix log)",
+    "test_conformance.py": "the differential tester's model, shrinking and command line "
+                           "(test_model.py drives the backends against the model)",
+    "test_examples.py": "programs over the public API, a child interpreter per case",
+    "test_readme.py": "README's blocks, a child interpreter per block",
+    "test_layering.py": "imports, file sizes and where facts live: the source's shape",
+    "test_types.py": "mypy, reprs and docstrings",
+    "test_packaging.py": "licence, links, wheel instructions",
+    "test_page_runs.py": "a pure-Python data structure",
+    "test_scale.py": "the sizes of writewatch's own native tables (chunks, 20,000 regions)",
+    # Kernel-dependent in part, but too slow under TCG for CI's budget: the
+    # kernel's side of each rule they draw on is tested one rule at a time above.
+    "test_model.py": "random sequences against the model (rules 1-17, per backend)",
+    "test_hostile_inputs.py": "hostile arguments (rule 15), checked before any system call "
+                              "for the most part",
+    "test_test_selection.py": "this classification",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,9 +135,20 @@ def watched() -> Iterator[Callable[..., WatchedRegion]]:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--kernel-dependent", action="store_true", default=False,
+                     help="collect only the test files whose outcome can differ by kernel "
+                          "(KERNEL_DEPENDENT in tests/conftest.py): what tools/kernel-matrix "
+                          "runs on Linux 6.1 by default")
     parser.addoption("--soak", action="store_true", default=False,
                      help="run the reliability tests (model, hostile inputs, concurrency) "
                           "for minutes instead of seconds; WRITEWATCH_SOAK=1 does the same")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if (config.getoption("--kernel-dependent") and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_")):
+        return collection_path.name not in KERNEL_DEPENDENT
+    return None
 
 
 @pytest.fixture

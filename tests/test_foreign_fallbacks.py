@@ -123,6 +123,22 @@ def test_mmap_reads_written_until_first_clear(watch, maps_method) -> None:
     assert w.call(GET) == []
 
 
+def test_hole_holds_nothing(watch, backend: kernel.Backend, maps_method) -> None:
+    """Rule M16 with either walk of the mappings: a GET or CLEAR over memory
+    just unmapped succeeds and reports nothing. (Reading /proc/self/maps into a
+    mapping of its own once listed that mapping, which the kernel placed in the
+    hole when it fit: ENOMEM on mprotect, EINVAL on uffd. Holes of every size
+    up to 64 pages, so that one is where the next mapping goes.)"""
+    watch(map_anon(1), 1).call(GET)  # the backend's own set-up is done
+    for npages in range(1, 65):
+        start = map_anon(npages)
+        assert libc.munmap(start, npages * P) == 0
+        hole = Watched(backend, start, npages)
+        assert hole.call(GET) == [], f"a hole of {npages} pages holds nothing"
+        assert hole.call(GET | CLEAR) == []
+        hole.unwatch()
+
+
 def test_no_reused_regions_reports_only_pages_written(watch, maps_method,
                                                      write_watch_backend: str) -> None:
     start = map_anon(10)

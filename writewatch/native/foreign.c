@@ -176,7 +176,8 @@ static int refresh_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
                         const struct vma *vma, void *context)
 {
     const struct refreshing *how = context;
-    return unless_unmapped(refresh(mode, handle, a, b, vma->prot, how->exact, how->before),
+    return unless_unmapped(refresh(mode, handle, a, b, vma->prot,
+                                   how->exact ? RENEW_EXACT : RENEW_WRITTEN, how->before),
                            a, b);
 }
 
@@ -310,7 +311,7 @@ static int unwatch_step(int mode, uint64_t handle, uint64_t a, uint64_t b,
     /* Pages whose mapping changed are first made plain watched pages (their
      * kernel state left as the new mapping has it), so that stopping restores
      * only what this watch changed. */
-    int result = refresh(mode, handle, a, b, vma->prot, 0, context);
+    int result = refresh(mode, handle, a, b, vma->prot, RENEW_TO_STOP, context);
     if (!result)
         result = ww_track_unwatch(handle, a, b - a);
     if (!result && mode == WW_MODE_UFFD)

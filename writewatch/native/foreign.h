@@ -66,9 +66,12 @@ void snapshots_free(struct snapshots *list);
 int take_snapshots(uint64_t start, uint64_t end, struct snapshots *list);
 /* A page's state in the snapshot; 0 (never watched) for one it does not hold. */
 int snapshot_state(const struct snapshots *list, uint64_t page);
+/* How a page whose mapping is new is watched afresh: read as all written,
+ * exactly (NO_REUSED_REGIONS), or only so that its watch can be stopped. */
+enum renewal { RENEW_WRITTEN, RENEW_EXACT, RENEW_TO_STOP };
 /* Bring [a, b) of the span with this handle, inside one VMA of protection
- * prot, up to date (exact: NO_REUSED_REGIONS). */
-int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact,
+ * prot, up to date, pages of a new mapping watched afresh as how says. */
+int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, enum renewal how,
             const struct snapshots *before);
 
 #pragma GCC visibility pop

@@ -140,61 +140,69 @@ static int query_vmas(int fd, uint64_t start, uint64_t end, struct vmas *list)
     return 0;
 }
 
+/* One line of /proc/self/maps, added to list if it overlaps [start, end). */
+static int parse_line(const char *line, uint64_t start, uint64_t end, struct vmas *list)
+{
+    struct vma vma = { 0 };
+    unsigned long long low, high, offset, inode;
+    unsigned major, minor;
+    char perms[5];
+    int name_at = 0;
+    if (sscanf(line, "%llx-%llx %4s %llx %x:%x %llu %n", &low, &high, perms, &offset,
+               &major, &minor, &inode, &name_at) < 7 || high <= start || low >= end)
+        return 0;
+    vma.start = low;
+    vma.end = high;
+    vma.prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0) |
+               (perms[2] == 'x' ? PROT_EXEC : 0);
+    vma.shared = perms[3] == 's';
+    vma.file = inode || major || minor;
+    snprintf(vma.name, sizeof vma.name, "%s", name_at ? line + name_at : "");
+    vma.shmem = shmem_name(vma.shared, vma.name); /* after the name is read */
+    return vma_push(list, &vma);
+}
+
 static int parse_vmas(uint64_t start, uint64_t end, struct vmas *list)
 {
-    /* Read in one go, so that the lines come from one consistent walk, into
-     * memory of its own: the kernel's write into a malloc heap page being
-     * watched would fail with EFAULT. */
+    /* Read into a buffer on the stack, line by line: a mapping made for the
+     * text would itself be listed, then unmapped, and read as watchable
+     * memory where the caller's range holds a hole (Linux 6.1 answered ENOMEM
+     * and EINVAL for a GET over a hole); a malloc'd one may sit on an armed
+     * heap page (EFAULT). A line too long for it keeps the start of its name. */
     int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
-    size_t size = 0, capacity = 1 << 16;
-    char *text = mmap(NULL, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char text[4096 + NAME_SIZE];
+    size_t held = 0;
+    int result = 0, skipping = 0; /* skipping: the rest of a line too long */
     ssize_t got = 0;
-    int failed = text == MAP_FAILED ? -ENOMEM : 0;
-    while (!failed && (got = read(fd, text + size, capacity - size - 1)) > 0) {
-        size += (size_t)got;
-        if (capacity - size < 4096) {
-            char *grown = mremap(text, capacity, capacity * 2, MREMAP_MAYMOVE);
-            if (grown == MAP_FAILED)
-                failed = -ENOMEM;
-            else
-                text = grown, capacity *= 2;
+    while (!result && (got = read(fd, text + held, sizeof text - 1 - held)) > 0) {
+        held += (size_t)got;
+        text[held] = 0;
+        char *line = text, *next;
+        while (!result && (next = strchr(line, '\n'))) {
+            *next = 0;
+            if (!skipping)
+                result = parse_line(line, start, end, list);
+            skipping = 0;
+            line = next + 1;
         }
+        held -= (size_t)(line - text);
+        if (held == sizeof text - 1) { /* one line fills the buffer */
+            if (!skipping)
+                result = parse_line(text, start, end, list);
+            skipping = 1;
+            held = 0;
+        }
+        memmove(text, line, held);
     }
-    failed = failed ? failed : got < 0 ? -errno : 0;
+    if (!result && got < 0)
+        result = -errno;
+    else if (!result && held && !skipping) {
+        text[held] = 0;
+        result = parse_line(text, start, end, list);
+    }
     close(fd);
-    if (failed) {
-        if (text != MAP_FAILED)
-            munmap(text, capacity);
-        return failed;
-    }
-    text[size] = 0;
-    int result = 0;
-    for (char *line = text; *line && !result;) {
-        char *next = strchr(line, '\n');
-        if (next)
-            *next++ = 0;
-        struct vma vma = { 0 };
-        unsigned long long low, high, offset, inode;
-        unsigned major, minor;
-        char perms[5];
-        int name_at = 0;
-        if (sscanf(line, "%llx-%llx %4s %llx %x:%x %llu %n", &low, &high, perms, &offset,
-                   &major, &minor, &inode, &name_at) >= 7 && high > start && low < end) {
-            vma.start = low;
-            vma.end = high;
-            vma.prot = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0) |
-                       (perms[2] == 'x' ? PROT_EXEC : 0);
-            vma.shared = perms[3] == 's';
-            vma.file = inode || major || minor;
-            snprintf(vma.name, sizeof vma.name, "%s", name_at ? line + name_at : "");
-            vma.shmem = shmem_name(vma.shared, vma.name); /* after the name is read */
-            result = vma_push(list, &vma);
-        }
-        line = next ? next : line + strlen(line);
-    }
-    munmap(text, capacity);
     return result;
 }
 

@@ -119,10 +119,12 @@ static int mark_written(uint64_t handle, uint64_t a, uint64_t b, const uint8_t *
 /*
  * Watch [a, b) of the span with this handle as a new mapping, with the
  * protection prot its VMA has now. All of it reads as written until cleared;
- * with exact (NO_REUSED_REGIONS) only the pages written so far.
+ * with RENEW_EXACT only the pages written so far.
  */
-static int watch_new(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact)
+static int watch_new(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot,
+                     enum renewal how)
 {
+    int exact = how == RENEW_EXACT;
     int result = 0, populated = 0;
     uint8_t *bits = NULL;
     if (mode == WW_MODE_UFFD) {
@@ -134,11 +136,16 @@ static int watch_new(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot
         /* Before Linux 6.4 write-protect skips empty page table entries: fault
          * the pages in first. A write between the reading above and the arming
          * below is then only reported as part of a new mapping (by calls
-         * without NO_REUSED_REGIONS). */
-        if (!result && !(foreign_uffd_features & UFFD_FEATURE_WP_UNPOPULATED) &&
+         * without NO_REUSED_REGIONS). Not when the watch is being stopped:
+         * that populated every page of a new mapping, which the other backend
+         * taking it over then read as written (Linux 6.1). Pages are touched
+         * only where madvise lacks MADV_POPULATE_WRITE (before 5.14): a range
+         * its owner unmaps meanwhile fails madvise, but a touch kills. */
+        if (!result && how != RENEW_TO_STOP &&
+            !(foreign_uffd_features & UFFD_FEATURE_WP_UNPOPULATED) &&
             (prot & PROT_WRITE)) {
             populated = 1;
-            if (ww_madvise(a, b - a, MADV_POPULATE_WRITE) < 0)
+            if (ww_madvise(a, b - a, MADV_POPULATE_WRITE) == -EINVAL)
                 ww_touch_for_write(a, b - a);
         }
     }
@@ -221,7 +228,7 @@ int snapshot_state(const struct snapshots *list, uint64_t page)
  * armed (the mapping was replaced or its protection changed), are watched as
  * a new mapping.
  */
-int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exact,
+int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, enum renewal how,
                    const struct snapshots *before)
 {
     uint64_t entries[CHUNK_PAGES], run = 0;
@@ -250,7 +257,7 @@ int refresh(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot, int exa
             if (renew && !run)
                 run = page;
             if (!renew && run && (i < pages || page == b)) {
-                result = watch_new(mode, handle, run, page, prot, exact);
+                result = watch_new(mode, handle, run, page, prot, how);
                 run = 0;
             }
         }
