@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import mmap
 import os
 import tempfile
@@ -472,3 +473,35 @@ def test_the_interpreters_own_heap_keeps_working_while_armed(backend, maps_metho
     kernel_faults = backend.name == "uffd" and not backend.kernel_writes_fault()
     assert int(got) == (4096 if kernel_faults else -errno.EFAULT)
     assert after == "4096", "stopped watching: the kernel writes again"
+
+
+POPULATE_CHANGED_MAPPINGS = """
+import json
+from writewatch.kernel import lib, PAGE_SIZE, PROT_READ, PROT_WRITE
+size = 4 * PAGE_SIZE
+answers = {}
+for name, prot in (("inaccessible", 0), ("read-only", PROT_READ)):
+    address = lib.ww_mmap(0, size, prot, 0x22)  # MAP_PRIVATE | MAP_ANONYMOUS
+    answers[name] = lib.ww_populate_for_write(address, size)
+    lib.ww_munmap(address, size)
+answers["unmapped"] = lib.ww_populate_for_write(address, size)
+address = lib.ww_mmap(0, size, PROT_READ | PROT_WRITE, 0x22)
+answers["read-write"] = lib.ww_populate_for_write(address, size)
+print(json.dumps(answers))
+"""
+
+
+def test_pages_populated_before_write_protect_are_never_touched_once_their_mapping_changed():
+    """Before Linux 6.4 the uffd fallback faults pages in before protecting
+    them. Another thread may have unmapped the memory or taken its write access
+    away meanwhile (a VirtualFree and a VirtualAlloc at the same address while
+    process_memwatch walks it): MADV_POPULATE_WRITE then fails, and the failure
+    is the answer. Touching the pages by hand there killed the process (Linux
+    6.1, the release races of test_lifetime.py)."""
+    result = run_python(POPULATE_CHANGED_MAPPINGS)
+    assert result.returncode == 0, ("a changed mapping was touched", result.returncode,
+                                    result.stderr[-2000:])
+    answers = json.loads(result.stdout)
+    assert answers["read-write"] == 0, answers
+    for name in ("inaccessible", "read-only", "unmapped"):
+        assert answers[name] < 0, (f"populating {name} memory must fail, not succeed", answers)

@@ -61,7 +61,7 @@ PROT_WRITE = mmap.PROT_WRITE
 # mmap flags the stdlib does not export (x86_64 values)
 MAP_NORESERVE = 0x4000
 MAP_FIXED_NOREPLACE = 0x100000
-MADV_POPULATE_WRITE = 23  # Linux 5.14
+MADV_POPULATE_WRITE: int = lib.WW_MADV_POPULATE_WRITE  # Linux 5.14 (native/abi.h)
 
 
 def errno_words(err: int) -> str:

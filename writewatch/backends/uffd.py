@@ -116,8 +116,7 @@ class _UffdWatcher(_tracked.TrackedWatcher):
             # or at a later reset (pages committed already written, clean=False,
             # are armed by their first reset: a latched page recommitted).
             kernel.protect(start, length, kernel.PROT_READ | kernel.PROT_WRITE)
-            if lib.ww_madvise(start, length, kernel.MADV_POPULATE_WRITE) < 0:
-                lib.ww_touch_for_write(start, length)
+            check(lib.ww_populate_for_write(start, length), "populating pages to protect")
         super().watch(start, length, prot, clean=clean)
 
     def unwatch(self, start: int, length: int) -> None:

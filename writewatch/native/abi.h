@@ -85,6 +85,7 @@ struct procmap_query {
 
 /* ---- userfaultfd (syscall 323 on x86_64) ---- */
 #define WW_NR_USERFAULTFD 323
+#define WW_MADV_POPULATE_WRITE 23 /* Linux 5.14 */
 #define UFFD_USER_MODE_ONLY 1
 #define UFFD_API 0xAA
 
@@ -267,6 +268,7 @@ int ww_uffd_handler_pause(void);
 int ww_uffd_handler_resume(void);
 int ww_uffd_forked_alone(void);
 int ww_touch_for_write(uint64_t start, uint64_t length);
+int ww_populate_for_write(uint64_t start, uint64_t length);
 int ww_track_internal_overlaps(uint64_t start, uint64_t end);
 int ww_track_states(uint64_t handle, uint64_t address, uint64_t npages, uint8_t *out);
 

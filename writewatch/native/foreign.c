@@ -36,9 +36,6 @@
 #include "foreign.h"
 
 #define PAGE WW_FOREIGN_PAGE
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
-#endif
 
 static pthread_mutex_t foreign_mutex = PTHREAD_MUTEX_INITIALIZER;
 int foreign_uffd = -1;
@@ -202,7 +199,7 @@ static void populate_dirty(uint64_t a, uint64_t b, const struct snapshots *befor
         if (dirty && !run)
             run = page;
         if (!dirty && run) {
-            ww_madvise(run, page - run, MADV_POPULATE_WRITE);
+            ww_madvise(run, page - run, WW_MADV_POPULATE_WRITE);
             run = 0;
         }
     }

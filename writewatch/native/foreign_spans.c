@@ -23,9 +23,6 @@
 
 #define PAGE WW_FOREIGN_PAGE
 #define CHUNK_PAGES WW_FOREIGN_CHUNK_PAGES
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
-#endif
 
 static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 static uint64_t max_u64(uint64_t a, uint64_t b) { return a > b ? a : b; }
@@ -145,8 +142,7 @@ static int watch_new(int mode, uint64_t handle, uint64_t a, uint64_t b, int prot
             !(foreign_uffd_features & UFFD_FEATURE_WP_UNPOPULATED) &&
             (prot & PROT_WRITE)) {
             populated = 1;
-            if (ww_madvise(a, b - a, MADV_POPULATE_WRITE) == -EINVAL)
-                ww_touch_for_write(a, b - a);
+            ww_populate_for_write(a, b - a); /* a failure: the mapping changed (M16) */
         }
     }
     if (!result && !exact) {

@@ -310,3 +310,38 @@ int ww_touch_for_write(uint64_t start, uint64_t length)
         __atomic_fetch_or((uint8_t *)(uintptr_t)a, 0, __ATOMIC_RELAXED);
     return 0;
 }
+
+/* Does madvise know MADV_POPULATE_WRITE (Linux 5.14)? Asked once, on a page
+ * of our own; a race between two first callers only asks twice. */
+static int populate_write_known(void)
+{
+    static int known = -1;
+    int answer = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (answer < 0) {
+        void *page = mmap(NULL, WW_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        answer = page != MAP_FAILED &&
+                 ww_madvise((uint64_t)(uintptr_t)page, WW_PAGE_SIZE, WW_MADV_POPULATE_WRITE) == 0;
+        if (page != MAP_FAILED)
+            munmap(page, WW_PAGE_SIZE);
+        __atomic_store_n(&known, answer, __ATOMIC_RELAXED);
+    }
+    return answer;
+}
+
+/*
+ * Fault [start, start+length) in for writing without changing a byte, before
+ * write-protecting it on kernels whose write-protect skips empty page table
+ * entries (before Linux 6.4). MADV_POPULATE_WRITE where the kernel knows it:
+ * then a failure means the mapping changed under the caller (another thread
+ * unmapped it or took its write access away) and is returned as it is, never
+ * followed by a touch, which would kill the process there. Only a kernel
+ * without it (before 5.14) is touched by hand. 0 or -errno.
+ */
+int ww_populate_for_write(uint64_t start, uint64_t length)
+{
+    int result = ww_madvise(start, length, WW_MADV_POPULATE_WRITE);
+    if (result == -EINVAL && !populate_write_known())
+        result = ww_touch_for_write(start, length);
+    return result;
+}
