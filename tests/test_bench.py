@@ -59,13 +59,19 @@ def test_numbers_are_positive_medians_with_ratios_to_raw(report):
             assert min(result.samples) <= result.value <= max(result.samples)
             if result.unit in ("B", "KiB"):  # memory may legitimately not grow
                 continue
-            assert result.value > 0, (scenario.number, result.case, result.impl)
+            # Scenario 4's average write has the C timer's floor subtracted: most
+            # of its writes find the page written already and cost less than the
+            # floor, so the average may read 0 (below the timer), never less.
+            below_timer = scenario.number == 4 and result.case.endswith("write, average (ns)")
+            assert result.value > 0 or below_timer, (scenario.number, result.case, result.impl)
             if result.impl == bench.RAW:
                 assert result.ratio is None
                 continue
             own = bench.reference_of(result.impl)
             raw = scenario.result(result.case, own)
-            if raw is not None:
+            if raw is not None and raw.value == 0:
+                assert result.ratio is None, "no ratio to a reference below the timer"
+            elif raw is not None:
                 assert result.reference == own
                 assert result.ratio == pytest.approx(result.value / raw.value)
     scenario = report.scenario(1)
