@@ -39,11 +39,10 @@ import numpy as np
 import writewatch as ww
 from writewatch import memwatch
 from writewatch.backends import BACKEND_ENV
-from writewatch.bench.buffers import RawRegion
+from writewatch.bench.buffers import PERCENTS, RawRegion
 from writewatch.kernel import oserror
 
 P = ww.PAGE_SIZE
-PERCENTS = (0.1, 1, 10)
 SMALL_PAGES = 16
 SMALL = f"{SMALL_PAGES} pages, 1 written (us)"
 GET_CLEAR = int(ww.MEMWATCH_SD_GET | ww.MEMWATCH_SD_CLEAR)
@@ -226,13 +225,6 @@ def measure(ref: ModuleType, impls: list[str], size: int, repetitions: int, call
         finally:
             close()
     return made
-
-
-def page_sets(npages: int, seed: int) -> dict[float, np.ndarray]:
-    """The pages written at each percent (uint32, ascending), the same for every impl."""
-    rng = np.random.default_rng(seed)
-    return {pct: np.sort(rng.choice(npages, max(1, round(npages * pct / 100)),
-                                    replace=False)).astype(np.uint32) for pct in PERCENTS}
 
 
 def describe(size: int, repetitions: int, calls: int, floors: dict[str, Any]) -> str:

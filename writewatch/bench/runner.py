@@ -1136,7 +1136,7 @@ def scenario_foreign(cfg: Config, impls: list[str], progress: Progress,
                       foreign.describe(cfg.size, cfg.repetitions, cfg.small_calls, floors), "",
                       columns, foreign.cases())
     found = foreign.measure(reference(), columns, cfg.size, cfg.repetitions, cfg.small_calls,
-                            foreign.page_sets(cfg.size // P, cfg.seed + 8), floors,
+                            buffers.page_sets(cfg.size // P, cfg.seed + 8), floors,
                             RAW_BASELINE_OF, lambda impl, size: RawTarget(size, 0, size, impl),
                             RAW, RAW_CFFI, progress)
     for (case, impl), (samples, total, expected) in found.items():
