@@ -382,6 +382,7 @@ def poll(k):
             view[::2 * P] = 1      # many runs to re-arm under the lock
         ww.GetWriteWatch(ww.WRITE_WATCH_FLAG_RESET, regions[k], NPAGES * P, out)
         done[k] += 1
+    lib.stop_signalling_thread(threading.get_ident())  # nothing left to cross
 
 pollers = [threading.Thread(target=poll, args=(k,), daemon=True) for k in range(2)]
 for each in pollers:

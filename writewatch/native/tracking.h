@@ -80,6 +80,7 @@
 /* Lock word: 0 free, 1 held, 2 held and someone may sleep on it. */
 #define TRACK_LOCK_SPINS 100        /* brief spin before sleeping */
 #define TRACK_LOCK_NAP_NS 200000    /* the uffd handler thread's wait, re-checked */
+#define TRACK_HANDLER_LINGER_NS 50000 /* the handler keeps reading after a fault */
 
 struct track_range {
     uint64_t start, end;

@@ -424,12 +424,63 @@ static void record_handler_stack(void)
     pthread_attr_destroy(&self);
 }
 
+static uint64_t monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
+/*
+ * Read and queue the faults waiting in the uffd; with linger, keep reading
+ * for TRACK_HANDLER_LINGER_NS after the last one. A thread interrupted by a
+ * signal while it waits in a fault leaves the kernel's queue and faults again
+ * after its signal handler. A handler thread that slept between faults, woken
+ * each time a few microseconds too late, found such a fault gone again and
+ * again: a thread taking signals back to back crawled (tens of seconds for a
+ * second's work). Staying awake a moment serves the repeated fault at once,
+ * and the bursts of faults after a reset faster too (twice the faults per
+ * second on two CPUs). With one CPU to run on, the spin would only delay the
+ * faulting thread: no linger. -1 once the uffd fails, else 0.
+ */
+static int read_faults(int uffd, int linger)
+{
+    struct uffd_msg messages[64];
+    uint64_t until = 0;
+    for (;;) {
+        ssize_t got = read(uffd, messages, sizeof messages);
+        if (got < 0 && errno != EAGAIN && errno != EINTR)
+            return -1;
+        for (ssize_t i = 0; got > 0 && i < got / (ssize_t)sizeof messages[0]; i++)
+            if (messages[i].event == UFFD_EVENT_PAGEFAULT)
+                queue_write_fault(messages[i].pagefault_address & ~(uint64_t)(WW_PAGE_SIZE - 1),
+                                  (int)(uint32_t)messages[i].pagefault_feat);
+        if (!linger)
+            return 0;
+        if (got > 0) {
+            resolve_waiting();
+            until = monotonic_ns() + TRACK_HANDLER_LINGER_NS;
+        } else if (monotonic_ns() >= until) {
+            return 0;
+        } else {
+            cpu_relax();
+        }
+    }
+}
+
+/* Can this thread run on more than one CPU? */
+static int several_cpus(void)
+{
+    cpu_set_t allowed;
+    return !sched_getaffinity(0, sizeof allowed, &allowed) && CPU_COUNT(&allowed) > 1;
+}
+
 static void *uffd_handler_main(void *arg)
 {
     int uffd = (int)(intptr_t)arg;
-    struct uffd_msg messages[64];
     __atomic_store_n(&uffd_handler_tid, (pid_t)syscall(SYS_gettid), __ATOMIC_RELEASE);
     record_handler_stack();
+    int linger = several_cpus();
     for (;;) {
         /* Faults waiting for a lock are tried again after a short nap. */
         struct timespec nap = { .tv_sec = 0, .tv_nsec = TRACK_LOCK_NAP_NS };
@@ -442,16 +493,8 @@ static void *uffd_handler_main(void *arg)
             break; /* asked to stop: queued faults go to the next thread */
         if (polled > 0 && (ready[0].revents & (POLLERR | POLLHUP | POLLNVAL)))
             break;
-        if (polled > 0 && ready[0].revents) {
-            ssize_t got = read(uffd, messages, sizeof messages);
-            if (got < 0 && errno != EAGAIN && errno != EINTR)
-                break;
-            for (ssize_t i = 0; got > 0 && i < got / (ssize_t)sizeof messages[0]; i++)
-                if (messages[i].event == UFFD_EVENT_PAGEFAULT)
-                    queue_write_fault(messages[i].pagefault_address &
-                                          ~(uint64_t)(WW_PAGE_SIZE - 1),
-                                      (int)(uint32_t)messages[i].pagefault_feat);
-        }
+        if (polled > 0 && ready[0].revents && read_faults(uffd, linger) < 0)
+            break;
         resolve_waiting();
     }
     return NULL;
