@@ -439,9 +439,11 @@ static uint64_t monotonic_ns(void)
  * each time a few microseconds too late, found such a fault gone again and
  * again: a thread taking signals back to back crawled (tens of seconds for a
  * second's work). Staying awake a moment serves the repeated fault at once,
- * and the bursts of faults after a reset faster too (twice the faults per
- * second on two CPUs). With one CPU to run on, the spin would only delay the
- * faulting thread: no linger. -1 once the uffd fails, else 0.
+ * and the bursts of faults after a reset faster too (about 1.7 times the
+ * faults a second on two CPUs). With one CPU to run on, the spin would only
+ * delay the faulting thread: no linger. The stop request waits at most one
+ * linger: a pause happens only with no other thread left to fault. -1 once
+ * the uffd fails, else 0.
  */
 static int read_faults(int uffd, int linger)
 {
