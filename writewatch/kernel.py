@@ -139,16 +139,11 @@ def no_huge_pages(address: int, size: int) -> None:
 UFFD_OPEN_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
 
 
-def open_uffd(flags: int = UFFD_OPEN_FLAGS, *, user_mode_only: bool = True) -> int:
-    """A new userfaultfd. UFFD_USER_MODE_ONLY (Linux 5.11) lets an unprivileged
-    process open one when vm.unprivileged_userfaultfd = 0; older kernels refuse
-    the flag with EINVAL, and then it is opened without."""
-    fd = -errno.EINVAL
-    if user_mode_only:
-        fd = lib.ww_uffd_open(flags | lib.UFFD_USER_MODE_ONLY)
-    if fd == -errno.EINVAL:
-        fd = lib.ww_uffd_open(flags)
-    return check(fd, "userfaultfd")
+def open_uffd(flags: int = UFFD_OPEN_FLAGS) -> int:
+    """A new userfaultfd, UFFD_USER_MODE_ONLY first (Linux 5.11: an unprivileged
+    process may open one when vm.unprivileged_userfaultfd = 0), without it
+    where the kernel refuses the flag (native/syscalls.c)."""
+    return check(lib.ww_uffd_open_user_mode_first(flags), "userfaultfd")
 
 
 def uffd_open_errno(flags: int) -> int:

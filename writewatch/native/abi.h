@@ -155,6 +155,7 @@ int ww_mprotect(uint64_t addr, uint64_t length, int prot);
 int ww_madvise(uint64_t addr, uint64_t length, int advice);
 
 int ww_uffd_open(int flags);
+int ww_uffd_open_user_mode_first(int flags);
 int ww_uffd_api(int uffd, uint64_t features, struct uffdio_api *out);
 int ww_uffd_register_wp(int uffd, uint64_t start, uint64_t length, uint64_t *ioctls);
 int ww_uffd_unregister(int uffd, uint64_t start, uint64_t length);

@@ -25,13 +25,11 @@
 
 #define UFFD_FLAGS (O_CLOEXEC | O_NONBLOCK)
 
-/* A userfaultfd; UFFD_USER_MODE_ONLY first where user_mode_only (Linux 5.11:
- * an unprivileged process may open one under vm.unprivileged_userfaultfd = 0),
- * without it on kernels that refuse the flag (EINVAL). Returns it or -errno. */
+/* A userfaultfd, UFFD_USER_MODE_ONLY first where user_mode_only. Returns it
+ * or -errno. */
 static int uffd_open(int user_mode_only)
 {
-    int fd = user_mode_only ? ww_uffd_open(UFFD_FLAGS | UFFD_USER_MODE_ONLY) : -EINVAL;
-    return fd == -EINVAL ? ww_uffd_open(UFFD_FLAGS) : fd;
+    return user_mode_only ? ww_uffd_open_user_mode_first(UFFD_FLAGS) : ww_uffd_open(UFFD_FLAGS);
 }
 
 /* Every userfaultfd feature this kernel offers (0 where none opens). */

@@ -83,11 +83,9 @@ int ww_memwatch_args(uint64_t start, int64_t length, unsigned int flags, int64_t
 
 int ww_memwatch_open(int *uffd, int *pagemap_fd)
 {
-    *uffd = (int)syscall(WW_NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
-    if (*uffd < 0 && errno == EINVAL) /* before 5.11: no UFFD_USER_MODE_ONLY */
-        *uffd = (int)syscall(WW_NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
+    *uffd = ww_uffd_open_user_mode_first(O_CLOEXEC | O_NONBLOCK);
     if (*uffd < 0)
-        return -errno;
+        return *uffd;
     struct uffdio_api api = {
         .api = UFFD_API, .features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
     };

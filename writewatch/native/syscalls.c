@@ -43,6 +43,15 @@ int ww_uffd_open(int flags)
     return fd < 0 ? -errno : (int)fd;
 }
 
+/* UFFD_USER_MODE_ONLY first (Linux 5.11: an unprivileged process may open one
+ * under vm.unprivileged_userfaultfd = 0), without it on kernels that refuse
+ * the flag (EINVAL). */
+int ww_uffd_open_user_mode_first(int flags)
+{
+    int fd = ww_uffd_open(flags | UFFD_USER_MODE_ONLY);
+    return fd == -EINVAL ? ww_uffd_open(flags) : fd;
+}
+
 int ww_uffd_api(int uffd, uint64_t features, struct uffdio_api *out)
 {
     struct uffdio_api api = { .api = UFFD_API, .features = features };
