@@ -16,11 +16,14 @@ native_writers.py):
   this thread or on a new native thread.
 - start_signalling(thread1, sig1, thread2, sig2) / stop_signalling(): a native
   thread sending sig1 to thread1 and sig2 to thread2 (pthread_t, as
-  threading's ident) as fast as it can, without the GIL, until stopped; the
-  number of rounds sent. stop_signalling_thread(thread) spares one of the two
-  from then on (a thread that has finished its work: signals back to back at
-  a lone thread measure how a backend copes with a signal storm, not what the
-  test asked).
+  threading's ident) without the GIL, a round every SIGNAL_PAUSE_NS or a
+  little more, until stopped; the number of rounds sent. Paced, not as fast
+  as it can: a thread signalled back to back spends nearly all its time in
+  signal handlers, so the run takes as long as the machine's signal delivery
+  makes it (6 to 54 s on mprotect here), while a signal every few dozen
+  microseconds still lands many times inside every reset.
+  stop_signalling_thread(thread) spares one of the two from then on (a thread
+  that has finished its work has nothing left to cross).
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ void stop_signalling_thread(uint64_t thread);
 
 _SOURCE = r"""
 #include <pthread.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 static volatile uint64_t targets[65], spreads[65];
 static int stores[65];
@@ -126,15 +129,18 @@ static pthread_t signalled[2], signaller;
 static int signals[2], stop, spared[2];
 static uint64_t rounds;
 
+#define SIGNAL_PAUSE_NS 20000
+
 static void *signal_both(void *arg)
 {
     (void)arg;
+    struct timespec pause = { 0, SIGNAL_PAUSE_NS };
     while (!__atomic_load_n(&stop, __ATOMIC_RELAXED)) {
         for (int k = 0; k < 2; k++)
             if (!__atomic_load_n(&spared[k], __ATOMIC_ACQUIRE))
                 pthread_kill(signalled[k], signals[k]);
         rounds++;
-        sched_yield();
+        nanosleep(&pause, NULL);
     }
     return NULL;
 }
