@@ -25,7 +25,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -155,37 +154,6 @@ static int still_mapped(uint64_t a, uint64_t b)
             covered = max_u64(covered, list.at[v].end);
     free(list.at);
     return covered >= b;
-}
-
-/* Lines of a /proc file (its records), read through a buffer on the stack:
- * nothing is mapped or allocated meanwhile. -1 if it cannot be read. */
-static long proc_lines(const char *path)
-{
-    char buffer[4096];
-    long lines = 0;
-    ssize_t got;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    while ((got = read(fd, buffer, sizeof buffer)) > 0)
-        for (ssize_t i = 0; i < got; i++)
-            lines += buffer[i] == '\n';
-    close(fd);
-    return got < 0 ? -1 : lines;
-}
-
-/* Is the process at vm.max_map_count? Then an ENOMEM from mprotect means the
- * kernel could not split a mapping (a split adds up to two). */
-static int at_map_count_limit(void)
-{
-    char text[32] = { 0 };
-    int fd = open("/proc/sys/vm/max_map_count", O_RDONLY | O_CLOEXEC);
-    ssize_t got = fd < 0 ? -1 : read(fd, text, sizeof text - 1);
-    if (fd >= 0)
-        close(fd);
-    long limit = got > 0 ? strtol(text, NULL, 10) : 0;
-    long mappings = proc_lines("/proc/self/maps");
-    return limit <= 0 || mappings < 0 || mappings + 2 >= limit;
 }
 
 /*

@@ -19,6 +19,9 @@ struct vmas {
 
 /* The VMAs overlapping [start, end), ascending, unclipped. */
 int walk_vmas(uint64_t start, uint64_t end, struct vmas *list);
+/* Is the process at vm.max_map_count? Then an ENOMEM from mprotect means the
+ * kernel could not split a mapping, not that the mapping changed. */
+int at_map_count_limit(void);
 /* pages pagemap entries from address. */
 int read_pagemap(uint64_t address, uint64_t pages, uint64_t *entries);
 /* Was the page of this pagemap entry written since mapped? (as written_pages) */

@@ -206,6 +206,30 @@ static int parse_vmas(uint64_t start, uint64_t end, struct vmas *list)
     return result;
 }
 
+/* Is the process at vm.max_map_count (a split adds up to two mappings)?
+ * Counts the lines of /proc/self/maps through a buffer on the stack, for the
+ * reason parse_vmas gives. */
+int at_map_count_limit(void)
+{
+    char text[4096] = { 0 };
+    int fd = open("/proc/sys/vm/max_map_count", O_RDONLY | O_CLOEXEC);
+    ssize_t got = fd < 0 ? -1 : read(fd, text, 31);
+    if (fd >= 0)
+        close(fd);
+    long limit = got > 0 ? strtol(text, NULL, 10) : 0, mappings = 0;
+    fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    if (limit <= 0 || fd < 0) {
+        if (fd >= 0)
+            close(fd);
+        return 1;
+    }
+    while ((got = read(fd, text, sizeof text)) > 0)
+        for (ssize_t i = 0; i < got; i++)
+            mappings += text[i] == '\n';
+    close(fd);
+    return got < 0 || mappings + 2 >= limit;
+}
+
 /* The VMAs overlapping [start, end), ascending, unclipped. */
 int walk_vmas(uint64_t start, uint64_t end, struct vmas *list)
 {
