@@ -14,7 +14,8 @@ foreign.c, foreign_spans.c and foreign_maps.c (process_memwatch over memory
 writewatch did not allocate, on the fallbacks: the calls, the spans watched
 and how each is brought up to date, the kernel's mappings and pagemap read
 per call),
-index.c (the native index behind one-call GetWriteWatch/ResetWriteWatch) and
+index.c (the native index behind one-call GetWriteWatch/ResetWriteWatch),
+python_calls.c (GetWriteWatch's common call as one CPython function) and
 ctable.h (the lock-free sorted table both of those keep their items in).
 
 build_library: libprocess_memwatch.so, the proposal's C entry point (capi.c,
@@ -38,7 +39,7 @@ NATIVE = ROOT / "writewatch" / "native"
 MECHANISM_SOURCES = ["syscalls.c", "pagemap.c", "memwatch.c", "mechanism.c", "tracking.c",
                      "tracking_arming.c", "tracking_scan.c", "tracking_faults.c", "foreign.c",
                      "foreign_spans.c", "foreign_maps.c"]
-SOURCES = [*MECHANISM_SOURCES, "index.c", "index_calls.c"]
+SOURCES = [*MECHANISM_SOURCES, "index.c", "index_calls.c", "python_calls.c"]
 # libprocess_memwatch (process_memwatch.h): the proposal's C entry point, pure C
 # from the same sources (the Windows layer's index aside); only
 # process_memwatch is exported.

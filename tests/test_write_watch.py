@@ -3,6 +3,8 @@ as Windows does them and Wine's conformance tests assert them."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -362,3 +364,107 @@ def test_last_error_is_per_thread(watched):
     thread.join()
     assert seen == [ww.ERROR_INVALID_PARAMETER]
     assert ww.GetLastError() == 0
+
+
+# -- the common call (native/python_calls.c): one native call, or None
+
+
+class _IntSubclass(int):
+    pass
+
+
+def _array(dtype: str, n: int = 16) -> np.ndarray:
+    return np.zeros(n, dtype)
+
+
+# What the common call serves itself: a GetWriteWatch that would be slow here
+# is a GetWriteWatch whose game loop runs slow.
+SERVED = {
+    "uintp array": lambda r: (0, r.base, r.size, _array("uintp"), None),
+    "uint64 array": lambda r: (0, r.base, r.size, _array("uint64"), None),
+    "ulonglong array": lambda r: (0, r.base, r.size, _array("Q"), None),
+    "RESET as IntFlag": lambda r: (ww.WRITE_WATCH_FLAG_RESET, r.base, r.size, _array("uintp"),
+                                   None),
+    "bool flags and int subclasses": lambda r: (True, _IntSubclass(r.base), r.size,
+                                                _array("uintp"), _IntSubclass(3)),
+    "count below the length": lambda r: (0, r.base, r.size, _array("uintp"), 2),
+    "refused: bad flags": lambda r: (2, r.base, r.size, _array("uintp"), None),
+    "refused: size 0": lambda r: (0, r.base, 0, _array("uintp"), None),
+    "refused: not watched": lambda r: (0, 4096, P, _array("uintp"), None),
+    "refused: leaves the region": lambda r: (0, r.base, r.size + P, _array("uintp"), None),
+}
+# What it leaves to the checked path, which words the refusal (or serves it).
+DECLINED = {
+    "count 0": lambda r: (0, r.base, r.size, _array("uintp"), 0),
+    "count above the length": lambda r: (0, r.base, r.size, _array("uintp", 2), 3),
+    "negative count": lambda r: (0, r.base, r.size, _array("uintp"), -1),
+    "count past 64 bits": lambda r: (0, r.base, r.size, _array("uintp"), 1 << 64),
+    "float count": lambda r: (0, r.base, r.size, _array("uintp"), 2.0),
+    "empty array": lambda r: (0, r.base, r.size, _array("uintp", 0), None),
+    "negative base": lambda r: (0, -r.base, r.size, _array("uintp"), None),
+    "numpy integer base": lambda r: (0, np.uint64(r.base), r.size, _array("uintp"), None),
+    "string flags": lambda r: ("0", r.base, r.size, _array("uintp"), None),
+    "int64 array": lambda r: (0, r.base, r.size, _array("int64"), None),
+    "uint32 array": lambda r: (0, r.base, r.size, _array("uint32"), None),
+    "big-endian array": lambda r: (0, r.base, r.size, _array(">u8"), None),
+    "2-D array": lambda r: (0, r.base, r.size, np.zeros((4, 4), np.uintp), None),
+    "strided array": lambda r: (0, r.base, r.size, _array("uintp", 32)[::2], None),
+    "read-only array": lambda r: (0, r.base, r.size, _read_only(_array("uintp")), None),
+    "ndarray subclass": lambda r: (0, r.base, r.size, _array("uintp").view(np.memmap), None),
+    "memoryview": lambda r: (0, r.base, r.size, memoryview(_array("uintp")), None),
+    "list": lambda r: (0, r.base, r.size, [0] * 16, None),
+    "no array": lambda r: (0, r.base, r.size, None, None),
+}
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+def _outcome(call, args) -> tuple:
+    """What a call answers: its count and the array's contents, or its error."""
+    out = args[3]
+    try:
+        found = call(*args)
+    except ww.WriteWatchError as exc:
+        return ("error", exc.winerror, str(exc))
+    except TypeError:
+        return ("TypeError",)
+    return ("found", found, None if not isinstance(out, np.ndarray) else out.tolist())
+
+
+@pytest.mark.parametrize("case", [*SERVED, *DECLINED])
+def test_the_common_call_answers_as_the_checked_path_does(watched, case):
+    """Rule 15 is decided once: the common call serves only what it
+    recognises, with the same answer as the checked path, and declines the rest."""
+    from writewatch import index, watch
+
+    region = watched()
+    make = SERVED.get(case) or DECLINED[case]
+    region.view()[3 * P] = 1
+    common = index.get_write_watch_common(*make(region))
+    assert (common is None) == (case in DECLINED), (
+        f"{case}: the common call must {'decline' if case in DECLINED else 'serve'} it")
+    region.view()[3 * P] = 1
+    via_common = _outcome(watch.get_write_watch, make(region))
+    region.view()[3 * P] = 1
+    checked = _outcome(watch._get_write_watch_checked, make(region))
+    assert via_common == checked, f"{case}: the common call answered otherwise"
+
+
+@pytest.mark.parametrize("case", [*SERVED, *DECLINED])
+def test_the_common_call_lets_go_of_every_array(watched, case):
+    """No reference or buffer export outlives a call, on any path: the
+    array can still be resized in place afterwards."""
+    from writewatch import index
+
+    region = watched()
+    args = (SERVED.get(case) or DECLINED[case])(region)
+    out = args[3]
+    before = sys.getrefcount(out)
+    for _ in range(100):
+        index.get_write_watch_common(*args)
+    assert sys.getrefcount(out) == before
+    if isinstance(out, np.ndarray) and out.base is None and out.flags.writeable:
+        out.resize(out.size + 1, refcheck=False)  # BufferError while an export is held

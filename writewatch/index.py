@@ -9,6 +9,9 @@ regions.py words.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from writewatch import kernel
@@ -85,12 +88,18 @@ def verdict(result: int, what: str) -> int:
     raise RefusedError(-result - _REFUSED_BASE)
 
 
-# Looked up once: this is the per-frame path of a game loop. watch.py's
-# get_write_watch calls native_get_write_watch itself (one Python frame fewer)
-# with out as from_buffer(UINT64S, array, True), then verdict() on a negative.
-native_get_write_watch = lib.ww_index_get_write_watch
+# GetWriteWatch's common call (the per-frame call of a game loop) as one
+# CPython function (native/python_calls.c): get_write_watch_common(flags, base,
+# size, addresses, count) is the index's result for a numpy uintp array that
+# fits the count, or None for any other call, which watch.py checks and words.
+if lib.ww_install_python_calls() != 0:  # pragma: no cover - only without memory
+    raise ImportError("writewatch._native could not define get_write_watch")
+from writewatch._native import get_write_watch as _get_write_watch_common  # noqa: E402
+
+get_write_watch_common: Callable[[Any, Any, Any, Any, Any], int | None] = \
+    _get_write_watch_common
 _from_buffer = ffi.from_buffer
-UINT64S = ffi.typeof("uint64_t[]")
+_UINT64S = ffi.typeof("uint64_t[]")
 
 
 def get_write_watch(flags: int, base: int, size: int, out: np.ndarray, capacity: int) -> int:
@@ -98,14 +107,15 @@ def get_write_watch(flags: int, base: int, size: int, out: np.ndarray, capacity:
     out[:capacity]. out must be a writable contiguous 64-bit array holding
     capacity entries (the caller checks). Raises RefusedError, or OSError for a
     kernel failure."""
-    found: int = native_get_write_watch(flags, base, size, _from_buffer(UINT64S, out), capacity)
+    found: int = lib.ww_index_get_write_watch(flags, base, size, _from_buffer(_UINT64S, out),
+                                              capacity)
     return found if found >= 0 else verdict(found, "GetWriteWatch scan")
 
 
 def get_write_watch_as(flags: int, base: int, size: int, out: np.ndarray, capacity: int,
                        origin: int, shift: int) -> int:
     """get_write_watch with each address stored as (address - origin) >> shift."""
-    found: int = lib.ww_index_get_write_watch_as(flags, base, size, _from_buffer(UINT64S, out),
+    found: int = lib.ww_index_get_write_watch_as(flags, base, size, _from_buffer(_UINT64S, out),
                                                  capacity, origin, shift)
     return found if found >= 0 else verdict(found, "GetWriteWatch scan")
 
@@ -120,7 +130,7 @@ def output_writable(out: np.ndarray, count: int) -> bool:
     lies in memory writewatch manages that was made read-only, inaccessible or
     decommitted after the array was made (numpy still calls it writable).
     Asking writes nothing (so marks no watched page written)."""
-    return lib.ww_output_check(_from_buffer(UINT64S, out), count * 8) == 0
+    return lib.ww_output_check(_from_buffer(_UINT64S, out), count * 8) == 0
 
 
 kernel.on_fork("index", child=lib.ww_index_after_fork_child)

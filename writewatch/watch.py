@@ -16,14 +16,11 @@ import numpy as np
 from writewatch import index, latch, regions
 from writewatch.constants import ERROR_INVALID_PARAMETER, ERROR_NOACCESS, WRITE_WATCH_FLAG_RESET
 from writewatch.errors import WriteWatchError, uint
-from writewatch.kernel import ffi, page_ceil, page_floor
+from writewatch.kernel import page_ceil, page_floor
 
 _UINTP = np.dtype(np.uintp)
-# Looked up once: the per-frame path (get_write_watch) uses them on every call.
-_ndarray = np.ndarray
-_native_get_write_watch = index.native_get_write_watch
-_from_buffer = ffi.from_buffer
-_UINT64S = index.UINT64S
+# Looked up once: the per-frame path (get_write_watch) uses it on every call.
+_get_write_watch_common = index.get_write_watch_common
 T = TypeVar("T")
 
 
@@ -82,27 +79,17 @@ def get_write_watch(flags: Any, base: Any, size: Any, addresses: Any,
     rule 15: count 0 -> ERROR_INVALID_PARAMETER; no array (or one too short or
     read-only) -> ERROR_NOACCESS; then flags, size 0 and the range, which the
     native index checks. This is the per-frame call of a game loop, so the
-    common case runs few Python operations and one native call."""
-    if (type(addresses) is _ndarray and addresses.dtype is _UINTP and addresses.ndim == 1
-            and (count is None or type(count) is int)):
-        # The common call: a 1-D uintp array. from_buffer refuses one that is
-        # not contiguous or not writable, cffi an integer out of 0..2**64-1;
-        # the index checks the rest. Any refusal goes to the checked path
-        # below, which words it (or refreshes a forked child).
-        capacity = len(addresses) if count is None else count
-        if 0 < capacity <= len(addresses):
-            try:
-                found: int = _native_get_write_watch(
-                    flags, base, size, _from_buffer(_UINT64S, addresses, True), capacity)
-            except (TypeError, OverflowError, ValueError, BufferError):
-                pass
-            else:
-                if found >= 0:
-                    return found
-                try:
-                    return index.verdict(found, "GetWriteWatch scan")  # a kernel failure
-                except index.RefusedError:
-                    pass
+    common call (a 1-D uintp array) is one native call (index.get_write_watch_common);
+    any other, and any refusal, goes to the checked path, which words it (or
+    refreshes a forked child)."""
+    found = _get_write_watch_common(flags, base, size, addresses, count)
+    if found is not None:
+        if found >= 0:
+            return found
+        try:
+            return index.verdict(found, "GetWriteWatch scan")  # a kernel failure
+        except index.RefusedError:
+            pass
     return _get_write_watch_checked(flags, base, size, addresses, count)
 
 
