@@ -15,7 +15,8 @@ writewatch did not allocate, on the fallbacks: the calls, the spans watched
 and how each is brought up to date, the kernel's mappings and pagemap read
 per call),
 index.c (the native index behind one-call GetWriteWatch/ResetWriteWatch),
-python_calls.c (GetWriteWatch's common call as one CPython function) and
+python_calls.c (the common GetWriteWatch and process_memwatch calls as
+CPython functions) and
 ctable.h (the lock-free sorted table both of those keep their items in).
 
 build_library: libprocess_memwatch.so, the proposal's C entry point (capi.c,

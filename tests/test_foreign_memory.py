@@ -9,6 +9,7 @@ import ctypes
 import errno
 import mmap
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -276,3 +277,101 @@ def test_forked_child_watches_its_own_memory(anonymous, write_watch_backend):
     inherited = [1] if write_watch_backend == "mprotect" else list(range(8))
     assert run_forked(child) == [inherited, [2]]
     assert written(base, 8 * P) == [1], "the parent's written state is its own"
+
+
+# -- the common call (native/python_calls.c): one native call, or None
+
+
+def _vec(dtype: Any = np.int64, n: int = 8) -> np.ndarray:
+    return np.full(n, -1 if np.dtype(dtype).kind == "i" else 0, dtype)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+class _IntSubclass(int):
+    pass
+
+
+# (start offset in pages, length, flags, vec): served by the common call on
+# the backend it serves itself (pagemap), refusals included, which it returns
+# for the general path to word.
+COMMON_SERVED: dict[str, Any] = {
+    "GET|CLEAR": lambda s: (s, 8 * P, GET | CLEAR, _vec()),
+    "GET, longlong vec": lambda s: (s, 8 * P, GET, _vec(np.longlong)),
+    "CLEAR alone, no vec": lambda s: (s, 8 * P, CLEAR, None),
+    "CLEAR alone, a vec it never reads": lambda s: (s, 8 * P, CLEAR, "not a vec"),
+    "int subclasses": lambda s: (_IntSubclass(s), _IntSubclass(8 * P), _IntSubclass(3), _vec()),
+    "refused: unaligned start": lambda s: (s + 1, 8 * P, GET, _vec()),
+    "refused: negative length": lambda s: (s, -P, GET, _vec()),
+    "refused: bad flags": lambda s: (s, 8 * P, 0x80, _vec()),
+    "refused: GET with an empty vec": lambda s: (s, 8 * P, GET, _vec(n=0)),
+}
+COMMON_DECLINED: dict[str, Any] = {
+    "GET without a vec": lambda s: (s, 8 * P, GET, None),
+    "uint64 vec": lambda s: (s, 8 * P, GET, _vec(np.uint64)),
+    "int32 vec": lambda s: (s, 8 * P, GET, _vec(np.int32)),
+    "2-D vec": lambda s: (s, 8 * P, GET, np.full((2, 4), -1, np.int64)),
+    "strided vec": lambda s: (s, 8 * P, GET, _vec(n=16)[::2]),
+    "read-only vec": lambda s: (s, 8 * P, GET, _read_only(_vec())),
+    "memoryview vec": lambda s: (s, 8 * P, GET, memoryview(_vec())),
+    "list vec": lambda s: (s, 8 * P, GET, [-1] * 8),
+    "negative start": lambda s: (-s, 8 * P, GET, _vec()),
+    "start past 64 bits": lambda s: (1 << 64, 8 * P, GET, _vec()),
+    "flags past 32 bits": lambda s: (s, 8 * P, GET | 1 << 32, _vec()),
+    "length past 63 bits": lambda s: (s, 1 << 63, GET, _vec()),
+    "float length": lambda s: (s, 8.0 * P, GET, _vec()),
+    "numpy integer start": lambda s: (np.uint64(s), 8 * P, GET, _vec()),
+}
+
+
+def _memwatch_outcome(call: Any, args: tuple) -> tuple:
+    """What a call answers: its count and the vec's contents, or its error."""
+    vec = args[-1]
+    try:
+        found = call(0, *args, None)
+    except OSError as exc:
+        return ("error", exc.errno, str(exc))
+    except TypeError:
+        return ("TypeError",)
+    return ("found", found, vec.tolist() if isinstance(vec, np.ndarray) else None)
+
+
+@pytest.mark.parametrize("case", [*COMMON_SERVED, *COMMON_DECLINED])
+def test_the_common_call_answers_as_the_general_path_does(anonymous, case):
+    """Rules M11 and M13 are decided once: the common call serves only what it
+    recognises, with the general path's answer, and declines the rest."""
+    start = address(anonymous)
+    make = COMMON_SERVED.get(case) or COMMON_DECLINED[case]
+    clear(start, 8 * P)
+    kind, uffd, pagemap_fd = memwatch._selection()[3]
+    if kind == lib.WW_INDEX_PAGEMAP:
+        anonymous[3 * P] = 1
+        common = ww.kernel.process_memwatch_common(kind, uffd, pagemap_fd, *make(start))
+        assert (common is None) == (case in COMMON_DECLINED), (
+            f"{case}: the common call must {'decline' if case in COMMON_DECLINED else 'serve'} "
+            "it")
+    outcomes = []
+    for call in (memwatch.process_memwatch, memwatch._process_memwatch):
+        anonymous[3 * P] = 1
+        outcomes.append(_memwatch_outcome(call, make(start)))
+    assert outcomes[0] == outcomes[1], f"{case}: the common call answered otherwise"
+
+
+@pytest.mark.parametrize("case", [*COMMON_SERVED, *COMMON_DECLINED])
+def test_the_common_call_lets_go_of_every_vec(anonymous, case):
+    """No reference or buffer export outlives a call, on any path: the vec
+    can still be resized in place afterwards."""
+    start = address(anonymous)
+    clear(start, 8 * P)
+    args = (COMMON_SERVED.get(case) or COMMON_DECLINED[case])(start)
+    vec = args[-1]
+    before = sys.getrefcount(vec)
+    handle = memwatch._selection()[3]
+    for _ in range(100):
+        ww.kernel.process_memwatch_common(*handle, *args)
+    assert sys.getrefcount(vec) == before
+    if isinstance(vec, np.ndarray) and vec.base is None and vec.flags.writeable:
+        vec.resize(vec.size + 1, refcheck=False)  # BufferError while an export is held

@@ -9,9 +9,6 @@ regions.py words.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 
 from writewatch import kernel
@@ -92,12 +89,7 @@ def verdict(result: int, what: str) -> int:
 # CPython function (native/python_calls.c): get_write_watch_common(flags, base,
 # size, addresses, count) is the index's result for a numpy uintp array that
 # fits the count, or None for any other call, which watch.py checks and words.
-if lib.ww_install_python_calls() != 0:  # pragma: no cover - only without memory
-    raise ImportError("writewatch._native could not define get_write_watch")
-from writewatch._native import get_write_watch as _get_write_watch_common  # noqa: E402
-
-get_write_watch_common: Callable[[Any, Any, Any, Any, Any], int | None] = \
-    _get_write_watch_common
+get_write_watch_common = kernel.get_write_watch_common
 _from_buffer = ffi.from_buffer
 _UINT64S = ffi.typeof("uint64_t[]")
 

@@ -38,6 +38,19 @@ except ImportError as exc:  # pragma: no cover - only in a tree that was never b
         f"the checkout. ({exc})"
     ) from exc
 
+# The common calls as CPython functions (native/python_calls.c), set on the
+# compiled module once: each answers the native call's result for its common
+# call, or None for any other, which its caller's checked path serves and
+# words (index.get_write_watch_common, memwatch.process_memwatch).
+if lib.ww_install_python_calls() != 0:  # pragma: no cover - only without memory
+    raise ImportError("writewatch._native could not define its common calls")
+from writewatch._native import get_write_watch as _get_write_watch
+from writewatch._native import process_memwatch as _process_memwatch
+
+get_write_watch_common: Callable[[Any, Any, Any, Any, Any], int | None] = _get_write_watch
+process_memwatch_common: Callable[[int, int, int, Any, Any, Any, Any], int | None] = \
+    _process_memwatch
+
 # The native code is built for one page size (native/abi.h): refuse to run on
 # another rather than track the wrong pages.
 PAGE_SIZE: int = lib.WW_PAGE_SIZE

@@ -75,8 +75,6 @@ def _target_pagemap(pidfd: int) -> int:
 _INT64 = np.dtype(np.int64)
 _UINT64S = ffi.typeof("uint64_t[]")
 _from_buffer = ffi.from_buffer
-_ndarray = np.ndarray
-_NULL = ffi.NULL
 _2_32, _2_64 = 1 << 32, 1 << 64
 
 
@@ -109,6 +107,7 @@ _IN_REGION = lib.WW_MEMWATCH_IN_REGION
 _INT64_MAX = (1 << 63) - 1
 _checked = lib.ww_memwatch_checked
 _call = lib.ww_memwatch_call
+_common = kernel.process_memwatch_common
 _REFUSED_BASE = lib.WW_MEMWATCH_REFUSED_BASE
 _NATIVE_KIND = lib.WW_INDEX_PAGEMAP  # the backend ww_memwatch_call serves itself
 
@@ -193,28 +192,19 @@ def process_memwatch(pidfd: int, start: int, length: int, flags: int,
     A non-integer argument raises TypeError.
     """
     if type(pidfd) is int and pidfd == 0 and vec_len is None:
-        # The common call, in as few Python operations as it takes. cffi
-        # refuses an argument that is no integer or out of its C type's range,
-        # from_buffer a vec not contiguous or not writable; nothing is read or
-        # cleared before a refusal (EINVAL, no words asked for here), so any of
-        # them goes to the general path below, which words it.
-        try:
-            if not flags & _GET:
-                out, capacity = _NULL, 0
-            elif type(vec) is _ndarray and vec.dtype is _INT64 and vec.ndim == 1:
-                out, capacity = _from_buffer(_UINT64S, vec, True), len(vec)
-            else:
-                out = capacity = None
-            kind, uffd, pagemap_fd = _selection()[3]
-            if capacity is not None and kind == _NATIVE_KIND:
-                result: int = _call(kind, uffd, pagemap_fd, start, length, flags, capacity,
-                                    out, _NULL)
+        # The common call: one CPython function (native/python_calls.c) on the
+        # backend ww_memwatch_call serves itself. It answers None for any
+        # other call, and nothing is read or cleared before a refusal (EINVAL,
+        # no words asked for here), so either goes to the general path
+        # below, which words it.
+        kind, uffd, pagemap_fd = _selection()[3]
+        if kind == _NATIVE_KIND:
+            result = _common(kind, uffd, pagemap_fd, start, length, flags, vec)
+            if result is not None:
                 if result >= 0:
                     return result
                 if result > -_REFUSED_BASE and result not in _SERVED_ELSEWHERE:
                     return _memwatch_check(result, _selection()[2].operation)  # not repeated
-        except (TypeError, ValueError, OverflowError, BufferError):
-            pass
     return _process_memwatch(pidfd, start, length, flags, vec, vec_len)
 
 

@@ -753,7 +753,9 @@ def scenario_small_call(cfg: Config, impls: list[str], progress: Progress,
         scenario.notes.append(
             f"'{CFFI_LAYER}' calls kernel.lib.ww_index_get_write_watch directly from Python with a "
             "prepared pointer: one cffi call (GIL released and re-taken) and the native index "
-            "lookup, no Python checks; the gap between it and 'pagemap' is the Python layer.")
+            "lookup, no Python checks. 'pagemap' (ww.GetWriteWatch) makes the same native call "
+            "through one CPython function instead (native/python_calls.c), after two Python "
+            "frames: the gap between the two is those frames.")
     if RAW in impls:
         scenario.notes.append(
             f"'{RAW_FROM_PYTHON}': the raw scan timed in C, but each call made from a Python "

@@ -317,8 +317,8 @@ int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
 int ww_index_set_latched(uint64_t base, int latched);
 int ww_index_quiesce(uint64_t base);
 int ww_output_check(const void *out, uint64_t size);
-/* python_calls.c: set writewatch._native.get_write_watch, GetWriteWatch's
- * common call as one CPython function; 0, or -1. */
+/* python_calls.c: set writewatch._native.get_write_watch and
+ * .process_memwatch, the common calls as CPython functions; 0, or -1. */
 int ww_install_python_calls(void);
 int64_t ww_memwatch_checked(uint64_t start, int64_t length, unsigned int flags,
                             int64_t vec_len, const void *vec);
