@@ -107,7 +107,9 @@ def test_process_memwatch_reports_the_proposals_errors_through_the_decoder():
 def test_a_failure_is_worded_by_the_mechanism_that_failed(monkeypatch):
     """EIO names the operation of the backend in use, not PAGEMAP_SCAN on the fallbacks."""
     from writewatch import backends
-    monkeypatch.setattr(memwatch, "_call", lambda *args: -errno.EOPNOTSUPP)  # the slow path
+    # The native calls hand every call to the backend's Python side.
+    monkeypatch.setattr(memwatch, "_common", lambda *args: -errno.EOPNOTSUPP)
+    monkeypatch.setattr(memwatch, "_call", lambda *args: -errno.EOPNOTSUPP)
     for backend in backends.available_backends():
         monkeypatch.setenv(backends.BACKEND_ENV, backend.name)
         monkeypatch.setattr(type(backend), "process_memwatch",
