@@ -311,22 +311,21 @@ int ww_touch_for_write(uint64_t start, uint64_t length)
     return 0;
 }
 
-/* Does madvise know MADV_POPULATE_WRITE (Linux 5.14)? Asked once, on a page
- * of our own; a race between two first callers only asks twice. */
-static int populate_write_known(void)
+/* Does madvise know MADV_POPULATE_WRITE (Linux 5.14)? Asked on a page of
+ * our own when the library is loaded, before any call can be walking the
+ * process's mappings: asked later, that page would show up for a moment in
+ * a concurrent walk over memory writewatch did not allocate (foreign.c). */
+static int populate_write_known;
+
+__attribute__((constructor)) static void ask_populate_write(void)
 {
-    static int known = -1;
-    int answer = __atomic_load_n(&known, __ATOMIC_RELAXED);
-    if (answer < 0) {
-        void *page = mmap(NULL, WW_PAGE_SIZE, PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        answer = page != MAP_FAILED &&
-                 ww_madvise((uint64_t)(uintptr_t)page, WW_PAGE_SIZE, WW_MADV_POPULATE_WRITE) == 0;
-        if (page != MAP_FAILED)
-            munmap(page, WW_PAGE_SIZE);
-        __atomic_store_n(&known, answer, __ATOMIC_RELAXED);
-    }
-    return answer;
+    void *page = mmap(NULL, WW_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (page == MAP_FAILED)
+        return; /* unknown: a kernel that refuses it is then touched by hand */
+    populate_write_known =
+        ww_madvise((uint64_t)(uintptr_t)page, WW_PAGE_SIZE, WW_MADV_POPULATE_WRITE) == 0;
+    munmap(page, WW_PAGE_SIZE);
 }
 
 /*
@@ -341,7 +340,7 @@ static int populate_write_known(void)
 int ww_populate_for_write(uint64_t start, uint64_t length)
 {
     int result = ww_madvise(start, length, WW_MADV_POPULATE_WRITE);
-    if (result == -EINVAL && !populate_write_known())
+    if (result == -EINVAL && !populate_write_known)
         result = ww_touch_for_write(start, length);
     return result;
 }
