@@ -295,7 +295,7 @@ class _IntSubclass(int):
     pass
 
 
-# (start offset in pages, length, flags, vec): served by the common call on
+# (start, length, flags, vec) from the mapping's start: served by the common call on
 # the backend it serves itself (pagemap), refusals included, which it returns
 # for the general path to word.
 COMMON_SERVED: dict[str, Any] = {
