@@ -61,7 +61,7 @@ SAME_ON_EVERY_KERNEL = {
     "test_layering.py": "imports, file sizes and where facts live: the source's shape",
     "test_types.py": "mypy, reprs and docstrings",
     "test_packaging.py": "licence, links, wheel instructions",
-    "test_page_runs.py": "a pure-Python data structure",
+    "test_page_states.py": "writewatch's own native table of page states",
     "test_scale.py": "the sizes of writewatch's own native tables (chunks, 20,000 regions)",
     # Kernel-dependent in part, but too slow under TCG for CI's budget: the
     # kernel's side of each rule they draw on is tested one rule at a time above.

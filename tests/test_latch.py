@@ -176,10 +176,10 @@ def test_untouched_regions_stay_on_the_native_path(watched):
     never handed to the Python walk."""
     region = watched(16)
     assert ww.VirtualProtect(region.base, 16 * P, ww.PAGE_READONLY)[0]
-    assert regions.find(region.base).latched is None
+    assert regions.find(region.base).latched_spans(region.base, region.base + 16 * P) == []
     assert ww.VirtualProtect(region.base, 16 * P, RW)[0]
     region.view()[P] = 1
-    assert regions.find(region.base).latched is None
+    assert regions.find(region.base).latched_spans(region.base, region.base + 16 * P) == []
     out = np.zeros(16, np.uintp)
     assert index.get_write_watch(0, region.base, 16 * P, out, 16) == 1
     # Latched, then reset: back on the native path.
@@ -187,5 +187,5 @@ def test_untouched_regions_stay_on_the_native_path(watched):
     with pytest.raises(index.RefusedError):
         index.get_write_watch(0, region.base, 16 * P, out, 16)
     assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [1]
-    assert regions.find(region.base).latched is None
+    assert regions.find(region.base).latched_spans(region.base, region.base + 16 * P) == []
     assert index.get_write_watch(0, region.base, 16 * P, out, 16) == 0

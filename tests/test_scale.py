@@ -1,7 +1,7 @@
 """Scale: many live regions and many protection runs (counts, never timings).
 
 The native tables (native/ctable.h: tracking.c's ranges, index.c's regions and
-read-write spans) are chunked: these tests cross chunk boundaries (256 items)
+their page runs) are chunked: these tests cross chunk boundaries (256 items)
 with lookups at region boundaries, with alloc/free churn beside native writer
 threads that fault into the tables, and with 100,000 live regions on every
 backend (no cap). The timings are in the bench (scenario 6).
@@ -119,8 +119,8 @@ def test_churn_beside_faulting_writers_keeps_every_region_exact():
         watched.close()
 
 
-def test_read_write_spans_follow_protection_page_by_page():
-    """VirtualProtect keeps the index's read-write spans incrementally: after
+def test_writable_pages_follow_protection_page_by_page():
+    """VirtualProtect changes the index's page runs incrementally: after
     1,000 alternating runs and changes back and forth, the output-array check
     agrees with VirtualQuery on every page."""
     npages = 1200

@@ -1,13 +1,16 @@
 """The native index of write-watch regions (native/index.c), from Python.
 
-regions.py mirrors every reservation here: its bounds, its watcher's native
-handle and its committed spans. The index then serves GetWriteWatch and
+The index is the home of every reservation's state: its bounds, its
+watcher's native handle, and its pages' commit, protection and latch state as
+runs; regions.py asks and changes it there. The index serves GetWriteWatch and
 ResetWriteWatch in one native call each, with Windows' checks on the range
 made there and only there: a refused call comes back as a reason code that
 regions.py words.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -41,25 +44,50 @@ def add(base: int, size: int, watcher: kernel.Watcher | None) -> None:
     check(lib.ww_index_add(base, size, kind, handle), "write-watch index")
 
 
-def update(base: int, watcher: kernel.Watcher | None, spans: kernel.Spans) -> None:
-    """Tell the index a reservation's committed spans and, after fork, its new
-    handle."""
-    handle = -1 if watcher is None else watcher.native_handle()[1]
-    check(lib.ww_index_update(base, handle, spans.array, spans.count), "write-watch index")
+# A page's state in the index (native/abi.h): its Windows protection while
+# committed (0 while reserved), and the flags the index reads itself.
+PAGES_PROTECTION = lib.WW_PAGES_PROTECTION
+PAGES_WRITABLE = lib.WW_PAGES_WRITABLE
+PAGES_LATCHED = lib.WW_PAGES_LATCHED
+PAGES_CHANGING = lib.WW_PAGES_CHANGING
+_RUNS_PER_CALL = 64
 
 
-def set_writable(base: int, first: int, last: int, writable: bool) -> None:
-    """Mark pages [first, last) of a reservation committed read-write (where
-    GetWriteWatch's output array may lie) or not. The index changes only
-    around that range: the cost does not grow with the region's runs."""
-    check(lib.ww_index_set_writable(base, first, last, int(writable)), "write-watch index")
+def set_pages(base: int, first: int, last: int, mask: int, bits: int) -> None:
+    """Pages [first, last) of a reservation take (state & ~mask) | bits. The
+    index changes only the runs around that range: the cost does not grow
+    with the region's runs."""
+    check(lib.ww_index_set_pages(base, first, last, mask, bits), "write-watch index")
 
 
-def set_latched(base: int, latched: bool) -> None:
-    """Mark a reservation as having latched pages (docs/semantics.md rule 11):
-    the index then refuses its GetWriteWatch and ResetWriteWatch with
-    REFUSED_LATCHED, for watch.py to serve."""
-    check(lib.ww_index_set_latched(base, int(latched)), "write-watch index")
+def pages(base: int, first: int, last: int, mask: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, state & mask) for the runs covering pages [first, last) of
+    a reservation, adjacent runs of equal masked state merged."""
+    runs = ffi.new("uint64_t[]", 3 * _RUNS_PER_CALL)
+    while first < last:
+        count = check(lib.ww_index_pages(base, first, last, mask, runs, _RUNS_PER_CALL),
+                      "write-watch index")
+        for i in range(0, 3 * count, 3):
+            yield runs[i], runs[i + 1], runs[i + 2]
+        first = runs[3 * count - 2]
+
+
+def refresh(base: int, watcher: kernel.Watcher) -> None:
+    """In a forked child: the reservation's new handle; it is current again."""
+    check(lib.ww_index_refresh(base, watcher.native_handle()[1]), "write-watch index")
+
+
+def current(base: int) -> bool:
+    """Was the reservation made or refreshed in this process (not a parent)?"""
+    return bool(check(lib.ww_index_current(base), "write-watch index"))
+
+
+def set_latching(base: int, latching: bool) -> None:
+    """Mark a VirtualProtect as latching a reservation's pages (docs/semantics.md
+    rule 11): meanwhile, and while any page is latched, the index refuses its
+    GetWriteWatch and ResetWriteWatch with REFUSED_LATCHED, for watch.py to
+    serve."""
+    check(lib.ww_index_set_latching(base, int(latching)), "write-watch index")
 
 
 def remove(base: int) -> None:

@@ -4,11 +4,12 @@ On Windows, VirtualProtect (even to the protection pages already have) latches
 the written state of the pages written at that moment: a later decommit does
 not clear them, a reset does. While a region's pages are committed its
 backend holds their written state; once a latched page is decommitted only
-the region's Latch remembers it. While a region has latched pages the native
-index hands its GetWriteWatch and ResetWriteWatch back to walk() and reset()
-here; a region that never had a VirtualProtect over written pages pays nothing.
-Which pages are latched is the region's state (regions.Latch); this module
-calls down into regions.py, never the other way. Every function runs with the
+its latched flag in the index remembers it. While a region has latched pages
+the native index hands its GetWriteWatch and ResetWriteWatch back to walk()
+and reset() here; a region that never had a VirtualProtect over written pages
+pays nothing. Which pages are latched is the region's page state, kept by
+the index (Region.latched_spans, Region.set_latched); this module calls down
+into regions.py, never the other way. Every function runs with the
 region's lock held.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from writewatch import index, kernel
 from writewatch.kernel import PAGE_SIZE
-from writewatch.pageruns import RESERVED
+from writewatch.regions import RESERVED
 
 if TYPE_CHECKING:
     from writewatch.regions import Region
@@ -37,12 +38,12 @@ def latching(region: Region) -> Iterator[None]:
     scan once left a page latched that the reset had just cleared, reported
     after a decommit). Afterwards the index walks the region only if it has
     latched pages."""
-    index.set_latched(region.base, True)
+    index.set_latching(region.base, True)
     try:
         index.quiesce(region.base)
         yield
     finally:
-        index.set_latched(region.base, region.latched is not None)
+        index.set_latching(region.base, False)
 
 
 def latch_written(region: Region, first: int, last: int) -> None:

@@ -28,8 +28,8 @@ from writewatch.constants import (
     protection_name,
 )
 from writewatch.errors import WriteWatchError, uint
-from writewatch.kernel import PAGE_SIZE, page_ceil, page_floor
-from writewatch.pageruns import RESERVED
+from writewatch.kernel import page_ceil, page_floor
+from writewatch.regions import RESERVED
 
 
 def _named(value: int, names: dict[int, str]) -> str:
@@ -339,13 +339,17 @@ def release_collected(region: regions.Region | None = None) -> None:
 
 def _release_removed(region: regions.Region) -> None:
     """The rest of a release, once the region left the table. Lock held."""
-    index.remove(region.base)
     watcher = region.watcher
+    # Asked before the index forgets the region: a parent's registrations
+    # are not this process's to undo.
+    ours = watcher is not None and (watcher.survives_fork or index.current(region.base))
+    spans = list(region.spans(region.base, region.end))
+    index.remove(region.base)
     if watcher is not None:
-        if watcher.survives_fork or region.epoch == kernel.process_epoch():
+        if ours:
             # A view may outlive the release: leave its pages plainly
             # accessible, not armed for a tracker that is about to go.
-            for start, end, value in list(region.spans(region.base, region.end)):
+            for start, end, value in spans:
                 if value != RESERVED:
                     watcher.unwatch(start, end - start)
                     kernel.protect(start, end - start, regions.POSIX_PROT[value])
@@ -370,7 +374,7 @@ def set_protection(address: Any, size: Any, new_protect: Any) -> int:
             raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released")
         if region.reserved_spans(first, last):
             raise WriteWatchError(ERROR_INVALID_ADDRESS, "the range is not all committed")
-        old = region.pages.value_at((first - region.base) // PAGE_SIZE)
+        old, _ = region.protection_at(first)
         region.sync_after_fork()
         watcher = region.watcher
         if new_protect != PAGE_READWRITE:
@@ -386,7 +390,7 @@ def set_protection(address: Any, size: Any, new_protect: Any) -> int:
             region.restore_output(first, last)
             raise _mapping_error(exc, "cannot change protection") from exc
         # The range is all committed: only protections change.
-        region.assign(first, last, new_protect, commit_changes=False)
+        region.assign(first, last, new_protect)
     return old
 
 
@@ -402,14 +406,15 @@ def query(address: Any) -> MEMORY_BASIC_INFORMATION:
         return MEMORY_BASIC_INFORMATION(page, 0, 0, regions.next_base_after(page) - page,
                                         MEM_FREE, PAGE_NOACCESS, 0)
     with region.lock:
-        index = (page - region.base) // PAGE_SIZE
-        _, run_end, value = next(region.pages.runs(index, region.pages.npages))
+        if region.released:  # the index forgot it: as if VirtualQuery came first
+            return query(address)
+        value, run_end = region.protection_at(page)
     committed = value != RESERVED
     return MEMORY_BASIC_INFORMATION(
         BaseAddress=page,
         AllocationBase=region.base,
         AllocationProtect=region.allocation_protect,
-        RegionSize=region.base + run_end * PAGE_SIZE - page,
+        RegionSize=run_end - page,
         State=MEM_COMMIT if committed else MEM_RESERVE,
         Protect=value if committed else 0,
         Type=MEM_PRIVATE,

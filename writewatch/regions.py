@@ -1,11 +1,12 @@
-"""The region table: what VirtualAlloc made, page by page.
+"""The region table: what VirtualAlloc made.
 
 A region is one reservation (64 KiB aligned, PROT_NONE, MAP_NORESERVE). Its
-pages are stored as runs of equal state (pageruns.py), so bookkeeping costs one
-entry per run, never one per page, and nothing is paid for reserved memory.
-Only committed pages of write-watch regions are handed to the region's watcher:
-the kernel never walks or allocates page tables for the reservation as a whole.
-Every reservation is mirrored into the native index (index.py), which serves
+pages' state (commit, protection, the latch) lives in one place, the native
+index (index.py), as runs of equal state: bookkeeping costs one entry per run,
+never one per page, and nothing is paid for reserved memory. A Region asks the
+index and changes it there, and keeps no copy. Only committed pages of
+write-watch regions are handed to the region's watcher: the kernel never walks
+or allocates page tables for the reservation as a whole. The index serves
 GetWriteWatch and ResetWriteWatch in one call and makes their range checks.
 
 The calls that change it (VirtualAlloc, VirtualFree, VirtualProtect) are in
@@ -25,43 +26,19 @@ from writewatch.constants import (
     PAGE_READONLY,
     PAGE_READWRITE,
 )
-from writewatch.pageruns import RESERVED, PageRuns
 
 PAGE_SIZE = kernel.PAGE_SIZE
 ALLOCATION_GRANULARITY = 0x10000
 # x86_64 user space ends one page below 2**47 (TASK_SIZE with four-level page
 # tables; five-level needs an opt-in mmap hint).
 USER_SPACE_END = (1 << 47) - PAGE_SIZE
+RESERVED = 0  # a reserved page's protection; a committed page has its PAGE_* value
 
 POSIX_PROT: dict[int, int] = {
     PAGE_NOACCESS: kernel.PROT_NONE,
     PAGE_READONLY: kernel.PROT_READ,
     PAGE_READWRITE: kernel.PROT_READ | kernel.PROT_WRITE,
 }
-
-
-class Latch:
-    """The latched pages of one region, as runs of 1."""
-
-    __slots__ = ("base", "pages")
-
-    def __init__(self, base: int, size: int) -> None:
-        self.base = base
-        self.pages = PageRuns(size // PAGE_SIZE)
-
-    def spans(self, first: int, last: int) -> list[tuple[int, int]]:
-        """Address spans of the latched pages in [first, last)."""
-        base = self.base
-        return [(base + start * PAGE_SIZE, base + end * PAGE_SIZE)
-                for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
-                                                         (last - base) // PAGE_SIZE)
-                if value]
-
-    def mark(self, first: int, last: int, latched: bool) -> bool:
-        """Latch or unlatch [first, last); False once no page is latched."""
-        self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
-                          int(latched))
-        return any(self.pages.values)
 
 
 class Mapping:
@@ -79,11 +56,10 @@ class Mapping:
 
 
 class Region:
-    """One VirtualAlloc reservation."""
+    """One VirtualAlloc reservation, entered in the index (index.add) first."""
 
-    __slots__ = ("_scan_spans", "allocation_protect", "backend", "base",
-                 "epoch", "latched", "listed", "lock", "mapping", "pages", "size", "watcher",
-                 "write_watch")
+    __slots__ = ("allocation_protect", "backend", "base", "listed", "lock", "mapping", "size",
+                 "watcher", "write_watch")
 
     def __init__(self, base: int, size: int, allocation_protect: int,
                  watcher: kernel.Watcher | None, backend: kernel.Backend | None = None) -> None:
@@ -99,12 +75,6 @@ class Region:
         # gone even once a new region owns the same addresses.
         self.listed = False
         self.mapping: Mapping | None = Mapping(base, size)
-        self.pages = PageRuns(size // PAGE_SIZE)
-        self.epoch = kernel.process_epoch()
-        self._scan_spans: kernel.Spans | None = None
-        # Pages a VirtualProtect latched (docs/semantics.md rule 11) as runs of
-        # 1, or None while there are none (the common case, which costs nothing).
-        self.latched: Latch | None = None
 
     @property
     def end(self) -> int:
@@ -114,56 +84,33 @@ class Region:
     def released(self) -> bool:
         return self.mapping is None
 
+    # -- the pages' state, as the index keeps it. Lock held.
+
+    def spans(self, first: int, last: int) -> Iterator[tuple[int, int, int]]:
+        """(start, end, protection) address spans of [first, last) with one
+        protection each, RESERVED for reserved pages."""
+        return index.pages(self.base, first, last, index.PAGES_PROTECTION)
+
     def committed_spans(self, first: int, last: int) -> list[tuple[int, int]]:
         """Address spans of committed pages in [first, last), adjacent runs merged."""
         spans: list[tuple[int, int]] = []
-        base = self.base
-        for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
-                                                 (last - base) // PAGE_SIZE):
+        for start, end, value in self.spans(first, last):
             if value == RESERVED:
                 continue
-            s, e = base + start * PAGE_SIZE, base + end * PAGE_SIZE
-            if spans and spans[-1][1] == s:
-                spans[-1] = (spans[-1][0], e)
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], end)
             else:
-                spans.append((s, e))
+                spans.append((start, end))
         return spans
-
-    def spans(self, first: int, last: int) -> Iterator[tuple[int, int, int]]:
-        """(start, end, page state) address spans of runs in [first, last)."""
-        base = self.base
-        for start, end, value in self.pages.runs((first - base) // PAGE_SIZE,
-                                                 (last - base) // PAGE_SIZE):
-            yield base + start * PAGE_SIZE, base + end * PAGE_SIZE, value
 
     def reserved_spans(self, first: int, last: int) -> list[tuple[int, int]]:
         return [(s, e) for s, e, value in self.spans(first, last) if value == RESERVED]
 
-    def assign(self, first: int, last: int, value: int, *, commit_changes: bool = True) -> None:
-        """Give pages [first, last) the value and tell the index. A protection
-        change of committed pages (commit_changes False) leaves the committed
-        spans as they are: only the read-write spans around the range change,
-        so its cost does not grow with the region's runs."""
-        self.pages.assign((first - self.base) // PAGE_SIZE, (last - self.base) // PAGE_SIZE,
-                          value)
-        index.set_writable(self.base, first, last, value == PAGE_READWRITE)
-        if commit_changes:
-            self._scan_spans = None
-            self._update_index()
-
-    def forbid_output(self, first: int, last: int) -> None:
-        """Before pages [first, last) stop being writable (a protection
-        change, a decommit): the index refuses them as an output array from
-        now on, and the calls storing into them already have finished. Lock
-        held; restore_output undoes it if the change fails."""
-        index.set_writable(self.base, first, last, False)
-        index.quiesce(self.base)
-
-    def restore_output(self, first: int, last: int) -> None:
-        """Tell the index again which pages of [first, last) are writable, as
-        the table has them (a change after forbid_output failed). Lock held."""
-        for start, end, value in list(self.spans(first, last)):
-            index.set_writable(self.base, start, end, value == PAGE_READWRITE)
+    def protection_at(self, address: int) -> tuple[int, int]:
+        """The protection of the page at address (RESERVED if reserved), and the
+        end of the run of pages sharing it."""
+        _, end, value = next(self.spans(address, self.end))
+        return value, end
 
     def writable_spans(self, first: int, last: int) -> list[tuple[int, int]]:
         """Address spans of the committed read-write pages in [first, last): the
@@ -172,48 +119,54 @@ class Region:
         return [(start, end) for start, end, value in self.spans(first, last)
                 if value == PAGE_READWRITE]
 
+    def assign(self, first: int, last: int, protection: int) -> None:
+        """Give pages [first, last) the protection (RESERVED: decommitted), and
+        end a change forbid_output began. New calls see it at once: the index
+        changes only the runs around the range."""
+        writable = index.PAGES_WRITABLE if protection == PAGE_READWRITE else 0
+        index.set_pages(self.base, first, last,
+                        index.PAGES_PROTECTION | index.PAGES_WRITABLE | index.PAGES_CHANGING,
+                        protection | writable)
+
+    def forbid_output(self, first: int, last: int) -> None:
+        """Before pages [first, last) stop being writable (a protection
+        change, a decommit): the index refuses them as an output array from
+        now on, and the calls storing into them already have finished. Lock
+        held; restore_output undoes it if the change fails, assign ends it."""
+        index.set_pages(self.base, first, last, index.PAGES_CHANGING, index.PAGES_CHANGING)
+        index.quiesce(self.base)
+
+    def restore_output(self, first: int, last: int) -> None:
+        """A change after forbid_output failed: pages [first, last) may hold
+        an output array again as far as their protection allows. Lock held."""
+        index.set_pages(self.base, first, last, index.PAGES_CHANGING, 0)
+
     # -- the VirtualProtect latch (docs/semantics.md rule 11; latch.py). Lock held.
 
     def latched_spans(self, first: int, last: int) -> list[tuple[int, int]]:
         """Address spans of the latched pages in [first, last)."""
-        return [] if self.latched is None else self.latched.spans(first, last)
+        return [(start, end)
+                for start, end, value in index.pages(self.base, first, last,
+                                                     index.PAGES_LATCHED)
+                if value]
 
     def set_latched(self, first: int, last: int, latched: bool) -> None:
         """Latch or unlatch [first, last); the index hands this region's calls
         to latch.py while any page is latched."""
-        if self.latched is None:
-            if not latched:
-                return
-            self.latched = Latch(self.base, self.size)
-            index.set_latched(self.base, True)
-        if not self.latched.mark(first, last, latched):
-            self.latched = None
-            index.set_latched(self.base, False)
-
-    def _update_index(self) -> None:
-        """Tell the native index the committed spans (and the handle). Lock held.
-        The read-write spans are kept there by assign, range by range."""
-        index.update(self.base, self.watcher, self.scan_spans())
-
-    def scan_spans(self) -> kernel.Spans:
-        """The committed spans as the kernel layer scans them, rebuilt only when
-        pages are committed, decommitted or re-protected. Lock held."""
-        if self._scan_spans is None:
-            self._scan_spans = kernel.Spans(self.committed_spans(self.base, self.end))
-        return self._scan_spans
+        index.set_pages(self.base, first, last, index.PAGES_LATCHED,
+                        index.PAGES_LATCHED if latched else 0)
 
     def sync_after_fork(self) -> None:
         """In a forked child, register the committed pages with the child's own
         kernel objects. The child's page tables carry no dirty state, so every page
         that may have been written reads written until it is reset. Lock held."""
-        if self.watcher is None or self.epoch == kernel.process_epoch():
+        if self.watcher is None or index.current(self.base):
             return
         if not self.watcher.survives_fork:
-            for start, end, value in self.spans(self.base, self.end):
+            for start, end, value in list(self.spans(self.base, self.end)):
                 if value != RESERVED:
                     self.watcher.watch(start, end - start, POSIX_PROT[value], clean=False)
-        self._update_index()
-        self.epoch = kernel.process_epoch()
+        index.refresh(self.base, self.watcher)
 
 
 class _Table:

@@ -14,8 +14,8 @@ import numpy.typing as npt
 from writewatch import regions
 from writewatch.constants import ERROR_INVALID_ADDRESS, PAGE_NOACCESS, PAGE_READONLY
 from writewatch.errors import WriteWatchError, uint
-from writewatch.kernel import PAGE_SIZE, page_ceil, page_floor
-from writewatch.pageruns import RESERVED
+from writewatch.kernel import page_ceil, page_floor
+from writewatch.regions import RESERVED
 
 
 class _ViewAnchor:
@@ -56,9 +56,7 @@ def as_array(address: Any, size: Any, dtype: npt.DTypeLike = np.uint8) -> np.nda
     with region.lock:
         if region.mapping is None:
             raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released")
-        base_page = region.base // PAGE_SIZE
-        states = {value for _, _, value in region.pages.runs(first // PAGE_SIZE - base_page,
-                                                             last // PAGE_SIZE - base_page)}
+        states = {value for _, _, value in region.spans(first, last)}
         if states & {RESERVED, PAGE_NOACCESS}:
             raise WriteWatchError(ERROR_INVALID_ADDRESS,
                                   "the range is not all committed and accessible")

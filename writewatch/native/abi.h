@@ -303,18 +303,29 @@ void ww_memwatch_evict(uint64_t start, uint64_t end);
 #define WW_REFUSED_LATCHED 7        /* the region has latched pages: regions.py walks it */
 #define WW_INDEX_ERRNO_BASE 100000
 
+/* A region's page state, as the index keeps it (one value per run of pages):
+ * the Windows protection of a committed page in the low byte (0: reserved;
+ * the index never reads it), and flags the index does read. */
+#define WW_PAGES_PROTECTION 0xff
+#define WW_PAGES_WRITABLE 0x100 /* committed read-write: an output array may lie there */
+#define WW_PAGES_LATCHED 0x200  /* written when a VirtualProtect latched it (rule 11) */
+#define WW_PAGES_CHANGING 0x400 /* a change under way may make it unwritable: no output */
 /* handle: the backend's (a pagemap descriptor, a tracking handle; -1 for none). */
 int ww_index_add(uint64_t base, uint64_t length, int kind, int64_t handle);
 int ww_index_remove(uint64_t base);
-int ww_index_update(uint64_t base, int64_t handle, const uint64_t *bounds, uint64_t count);
-int ww_index_set_writable(uint64_t base, uint64_t first, uint64_t last, int writable);
+int ww_index_set_pages(uint64_t base, uint64_t first, uint64_t last, uint64_t mask,
+                       uint64_t bits);
+int64_t ww_index_pages(uint64_t base, uint64_t first, uint64_t last, uint64_t mask,
+                       uint64_t *runs, uint64_t capacity);
+int ww_index_refresh(uint64_t base, int64_t handle);
+int ww_index_current(uint64_t base);
 int64_t ww_index_get_write_watch(uint64_t flags, uint64_t base, uint64_t size,
                                  uint64_t *out, uint64_t capacity);
 int64_t ww_index_get_write_watch_as(uint64_t flags, uint64_t base, uint64_t size,
                                     uint64_t *out, uint64_t capacity, uint64_t origin,
                                     unsigned shift);
 int64_t ww_index_reset_write_watch(uint64_t base, uint64_t size);
-int ww_index_set_latched(uint64_t base, int latched);
+int ww_index_set_latching(uint64_t base, int latching);
 int ww_index_quiesce(uint64_t base);
 int ww_output_check(const void *out, uint64_t size);
 /* python_calls.c: set writewatch._native.get_write_watch and

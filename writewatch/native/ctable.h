@@ -2,7 +2,7 @@
  * A sorted table of disjoint [start, end) items, read lock-free, in two
  * copy-on-write levels: a top array of chunk pointers, each chunk a sorted
  * array of at most CT_CHUNK_MAX items. Used by tracking.c (its ranges), by
- * index.c (its regions, and each region's read-write spans).
+ * index.c (its regions, and each region's page states).
  *
  * Readers load the top pointer once (acquire) and then read only immutable
  * memory: a published top and its chunks never change. A lookup by address is

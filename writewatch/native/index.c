@@ -3,15 +3,17 @@
  *
  * A game calls GetWriteWatch every frame on a small region, where the kernel
  * call itself takes ~1.7 us: Python-level argument checks, region lookup and
- * locking would double that. regions.py mirrors each write-watch region here
- * (its bounds, its backend's handle and its committed spans), and
- * ww_index_get_write_watch and ww_index_reset_write_watch do the Windows checks, the
- * lookup and the scan with no Python in between: these checks are made here only.
+ * locking would double that. So the index is the home of every reservation's
+ * state: its bounds, its backend's handle, and its pages' commit, protection
+ * and latch state as runs. regions.py asks it and changes it, and keeps no
+ * copy; ww_index_get_write_watch and ww_index_reset_write_watch do the
+ * Windows checks, the lookup and the scan with no Python in between: these
+ * checks are made here only.
  *
- * The regions, and each region's read-write spans, are two-level
- * copy-on-write tables (ctable.h): a lookup is O(log n), an add or a remove
- * rebuilds one chunk and the short top array, never the whole index, and a
- * VirtualProtect changes only the read-write spans it touches.
+ * The regions, and each region's page runs, are two-level copy-on-write
+ * tables (ctable.h): a lookup is O(log n), an add or a remove rebuilds one
+ * chunk and the short top array, never the whole index, and a VirtualProtect
+ * changes only the runs it touches.
  *
  * Readers take no lock: they count themselves in index_readers[phase], then
  * load pointers that writers replace whole (copy on write). What a writer
@@ -185,92 +187,225 @@ int ww_index_remove(uint64_t base)
     entry_quiesce(entry);
     pthread_mutex_lock(&index_mutex);
     retire(entry->spans);
-    retire_table(&entry->writable);
+    retire_table(&entry->pages);
     retire(entry);
     reclaim();
     pthread_mutex_unlock(&index_mutex);
     return 0;
 }
 
-static struct index_spans *spans_copy(const uint64_t *bounds, uint64_t count)
+/*
+ * A region's page states are runs of equal value in a copy-on-write table
+ * (entry->pages): pages in no run are reserved and not latched. Committed
+ * spans (what a scan walks), whether an output array may lie somewhere, and
+ * whether Python must walk the region's calls (the latch) are all read from
+ * it, so no other layer keeps a copy. A change rewrites only the runs it
+ * touches and their neighbours (which it may merge with), one or two chunks
+ * of the table; the committed spans are rebuilt only when a page is
+ * committed or decommitted.
+ */
+
+struct run_builder {
+    struct ct_item *runs;
+    uint64_t count;
+    uint64_t latched;    /* runs built with WW_PAGES_LATCHED */
+    int commit_changed;  /* a page went from reserved to committed or back */
+};
+
+static void build_run(struct run_builder *b, uint64_t start, uint64_t end, uint64_t value)
 {
-    struct index_spans *spans = malloc(sizeof *spans + 2 * count * sizeof spans->bounds[0]);
-    if (spans) {
-        spans->count = count;
-        memcpy(spans->bounds, bounds, 2 * count * sizeof spans->bounds[0]);
+    if (start >= end || value == 0)
+        return;
+    struct ct_item *last = b->count ? &b->runs[b->count - 1] : NULL;
+    if (last && last->end == start && run_value(last) == value) {
+        last->end = end;
+        return;
     }
-    return spans;
+    b->runs[b->count++] = (struct ct_item){ start, end, (void *)(uintptr_t)value };
+    b->latched += (value & WW_PAGES_LATCHED) != 0;
 }
 
-/* Replace a region's committed spans (and its handle, which changes after
- * fork), marking it current for this process. */
-int ww_index_update(uint64_t base, int64_t handle, const uint64_t *bounds, uint64_t count)
+/* Pages [start, end) held old; those inside [first, last) change. */
+static void build_changed(struct run_builder *b, uint64_t start, uint64_t end, uint64_t old,
+                          uint64_t first, uint64_t last, uint64_t mask, uint64_t bits)
 {
-    struct index_spans *spans = spans_copy(bounds, count);
-    if (!spans)
-        return -ENOMEM;
-    pthread_mutex_lock(&index_mutex);
-    struct index_entry *entry = find_locked(base);
-    if (!entry) {
-        pthread_mutex_unlock(&index_mutex);
-        free(spans);
-        return -EINVAL;
-    }
-    struct index_spans *old = entry->spans;
-    __atomic_store_n(&entry->handle, handle, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&entry->spans, spans, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&entry->epoch, index_epoch, __ATOMIC_SEQ_CST);
-    retire(old);
-    reclaim();
-    pthread_mutex_unlock(&index_mutex);
-    return 0;
+    uint64_t lo = first < start ? start : first > end ? end : first;
+    uint64_t hi = last < start ? start : last > end ? end : last;
+    uint64_t new = (old & ~mask) | bits;
+    build_run(b, start, lo, old);
+    build_run(b, lo, hi, new);
+    build_run(b, hi, end, old);
+    if (lo < hi && !(old & WW_PAGES_PROTECTION) != !(new & WW_PAGES_PROTECTION))
+        b->commit_changed = 1;
+}
+
+static uint64_t run_count(const struct ct_top *top)
+{
+    uint64_t count = 0;
+    for (uint64_t c = 0; top && c < top->count; c++)
+        count += top->slots[c].chunk->count;
+    return count;
+}
+
+/* Fill spans (room for every run) with the committed runs merged. */
+static void committed_spans(const struct ct_top *top, struct index_spans *spans)
+{
+    struct ct_pos pos = { 0, 0 };
+    spans->count = 0;
+    if (!top || !top->count)
+        return;
+    do {
+        const struct ct_item *run = ct_at(top, pos);
+        if (!(run_value(run) & WW_PAGES_PROTECTION))
+            continue;
+        if (spans->count && spans->bounds[2 * spans->count - 1] == run->start) {
+            spans->bounds[2 * spans->count - 1] = run->end;
+        } else {
+            spans->bounds[2 * spans->count] = run->start;
+            spans->bounds[2 * spans->count + 1] = run->end;
+            spans->count++;
+        }
+    } while (ct_next(top, &pos));
+}
+
+static void update_latched(struct index_entry *entry)
+{
+    __atomic_store_n(&entry->latched, entry->latching || entry->latched_runs != 0,
+                     __ATOMIC_SEQ_CST);
 }
 
 /*
- * Mark pages [first, last) of a region committed read-write (writable) or not:
- * its read-write spans change only around [first, last), at the cost of one
- * or two chunks of the span table, whatever the region's number of runs.
+ * Pages [first, last) of a region take (value & ~mask) | bits. The runs
+ * touching [first, last] go (adjacent ones may merge); what is left of them
+ * outside it, and the changed pages, come back. Nothing changes on failure.
  */
-int ww_index_set_writable(uint64_t base, uint64_t first, uint64_t last, int writable)
+int ww_index_set_pages(uint64_t base, uint64_t first, uint64_t last, uint64_t mask,
+                       uint64_t bits)
 {
-    if (first >= last)
-        return 0;
+    if (first >= last || (bits & ~mask))
+        return first == last ? 0 : -EINVAL;
     pthread_mutex_lock(&index_mutex);
     struct index_entry *entry = find_locked(base);
-    if (!entry || first < entry->base || last > entry->end) {
+    if (!entry || first < entry->base || last > entry->end || (first | last) % WW_PAGE_SIZE) {
         pthread_mutex_unlock(&index_mutex);
         return -EINVAL;
     }
-    /* The spans touching [first, last] (adjacent ones merge) go; what is left
-     * of them outside it, or their union with it, comes back. */
-    struct ct_top *top = entry->writable.top;
-    struct ct_pos pos;
-    uint64_t from = first, merged_start = first, merged_end = last, touching = 0;
-    struct ct_item repl[2];
-    uint64_t n = 0;
-    if (ct_first_ending_after(top, first - 1, &pos)) {
-        do {
-            const struct ct_item *item = ct_at(top, pos);
-            if (item->start > last)
-                break;
-            if (touching++ == 0) {
-                from = item->start < first ? item->start : first;
-                merged_start = from;
-                if (!writable && item->start < first)
-                    repl[n++] = (struct ct_item){ item->start, first, NULL };
-            }
-            if (item->end > merged_end)
-                merged_end = item->end;
-        } while (ct_next(top, &pos));
+    struct ct_top *top = entry->pages.top;
+    struct ct_pos start_pos, pos;
+    uint64_t from = first, to_end = last, touching = 0, old_latched = 0;
+    int any = ct_first_ending_after(top, first - 1, &start_pos);
+    for (pos = start_pos; any; any = ct_next(top, &pos)) {
+        const struct ct_item *run = ct_at(top, pos);
+        if (run->start > last)
+            break;
+        if (touching++ == 0 && run->start < first)
+            from = run->start;
+        if (run->end > to_end)
+            to_end = run->end;
+        old_latched += (run_value(run) & WW_PAGES_LATCHED) != 0;
     }
-    if (writable)
-        repl[n++] = (struct ct_item){ merged_start, merged_end, NULL };
-    else if (merged_end > last)
-        repl[n++] = (struct ct_item){ last, merged_end, NULL };
-    int result = 0;
-    if (touching || writable)
-        result = ct_splice(&entry->writable, from, last + 1, repl, n, retire_block, NULL);
+    /* Each old run and each gap between them splits in at most three. */
+    struct run_builder b = { malloc(3 * (2 * touching + 1) * sizeof *b.runs), 0, 0, 0 };
+    if (!b.runs) {
+        pthread_mutex_unlock(&index_mutex);
+        return -ENOMEM;
+    }
+    uint64_t at = from;
+    for (pos = start_pos, any = touching != 0; any && touching--; any = ct_next(top, &pos)) {
+        const struct ct_item *run = ct_at(top, pos);
+        build_changed(&b, at, run->start, 0, first, last, mask, bits);
+        build_changed(&b, run->start, run->end, run_value(run), first, last, mask, bits);
+        at = run->end;
+    }
+    build_changed(&b, at, to_end, 0, first, last, mask, bits);
+    struct index_spans *spans = NULL;
+    if (b.commit_changed) {
+        uint64_t room = run_count(top) + b.count;
+        spans = malloc(sizeof *spans + 2 * room * sizeof spans->bounds[0]);
+    }
+    int result = b.commit_changed && !spans ? -ENOMEM
+        : ct_splice(&entry->pages, from, last + 1, b.runs, b.count, retire_block, NULL);
+    if (result == 0) {
+        entry->latched_runs += b.latched - old_latched;
+        update_latched(entry);
+        if (spans) {
+            committed_spans(entry->pages.top, spans);
+            retire(__atomic_exchange_n(&entry->spans, spans, __ATOMIC_SEQ_CST));
+        }
+    } else {
+        free(spans);
+    }
+    free(b.runs);
     reclaim();
+    pthread_mutex_unlock(&index_mutex);
+    return result;
+}
+
+/*
+ * The runs of pages [first, last) of a region, covering it, as (start, end,
+ * value & mask) triples, adjacent runs of equal masked value merged (reserved
+ * pages read 0). At most capacity runs: a full answer may go on, from the
+ * last run's end. Returns the number of runs, or -EINVAL.
+ */
+int64_t ww_index_pages(uint64_t base, uint64_t first, uint64_t last, uint64_t mask,
+                       uint64_t *runs, uint64_t capacity)
+{
+    pthread_mutex_lock(&index_mutex);
+    struct index_entry *entry = find_locked(base);
+    if (!entry || first > last || first < entry->base || last > entry->end) {
+        pthread_mutex_unlock(&index_mutex);
+        return -EINVAL;
+    }
+    const struct ct_top *top = entry->pages.top;
+    struct ct_pos pos;
+    uint64_t count = 0, at = first;
+    int any = ct_first_ending_after(top, first, &pos);
+    while (at < last) {
+        const struct ct_item *run = any ? ct_at(top, pos) : NULL;
+        uint64_t end = last, value = 0;
+        if (run && run->start <= at) {
+            end = run->end < last ? run->end : last;
+            value = run_value(run) & mask;
+            any = ct_next(top, &pos);
+        } else if (run && run->start < last) {
+            end = run->start;
+        }
+        if (count && runs[3 * count - 2] == at && runs[3 * count - 1] == value) {
+            runs[3 * count - 2] = end;
+        } else if (count < capacity) {
+            runs[3 * count] = at;
+            runs[3 * count + 1] = end;
+            runs[3 * count + 2] = value;
+            count++;
+        } else {
+            break;
+        }
+        at = end;
+    }
+    pthread_mutex_unlock(&index_mutex);
+    return (int64_t)count;
+}
+
+/* In a forked child: the region's new handle, and it is current again. */
+int ww_index_refresh(uint64_t base, int64_t handle)
+{
+    pthread_mutex_lock(&index_mutex);
+    struct index_entry *entry = find_locked(base);
+    if (entry) {
+        __atomic_store_n(&entry->handle, handle, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&entry->epoch, index_epoch, __ATOMIC_SEQ_CST);
+    }
+    pthread_mutex_unlock(&index_mutex);
+    return entry ? 0 : -EINVAL;
+}
+
+/* 1 if the region was made or refreshed in this process (not a parent), 0 if
+ * not, -EINVAL if it is not in the index. */
+int ww_index_current(uint64_t base)
+{
+    pthread_mutex_lock(&index_mutex);
+    struct index_entry *entry = find_locked(base);
+    int result = !entry ? -EINVAL : entry->epoch == index_epoch;
     pthread_mutex_unlock(&index_mutex);
     return result;
 }
@@ -292,15 +427,18 @@ int ww_index_quiesce(uint64_t base)
     return 0;
 }
 
-/* Set while the region has latched pages (docs/semantics.md rule 11):
- * GetWriteWatch and ResetWriteWatch on it are then refused with
- * WW_REFUSED_LATCHED, after every other check, and regions.py serves them. */
-int ww_index_set_latched(uint64_t base, int latched)
+/* While a region has latched pages (docs/semantics.md rule 11), or a
+ * VirtualProtect is latching them (latching set), GetWriteWatch and
+ * ResetWriteWatch on it are refused with WW_REFUSED_LATCHED, after every
+ * other check, and latch.py serves them. */
+int ww_index_set_latching(uint64_t base, int latching)
 {
     pthread_mutex_lock(&index_mutex);
     struct index_entry *entry = find_locked(base);
-    if (entry)
-        __atomic_store_n(&entry->latched, latched, __ATOMIC_SEQ_CST);
+    if (entry) {
+        entry->latching = latching;
+        update_latched(entry);
+    }
     pthread_mutex_unlock(&index_mutex);
     return entry ? 0 : -EINVAL;
 }

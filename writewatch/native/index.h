@@ -1,8 +1,7 @@
 /*
  * The native index's internals, shared by its two halves: index.c keeps the
- * table of regions and makes its changes (add, remove, commit spans, read-write
- * spans, the latched flag, the grace period that frees what a change
- * replaced); index_calls.c serves the calls that read it (GetWriteWatch,
+ * table of regions and makes its changes (add, remove, the page states, the
+ * latched flag, the grace period that frees what a change replaced); index_calls.c serves the calls that read it (GetWriteWatch,
  * ResetWriteWatch, process_memwatch's checks, output holds). index.c's opening
  * comment explains the design.
  */
@@ -23,13 +22,23 @@ struct index_entry {
     int kind;   /* WW_INDEX_PLAIN, WW_INDEX_PAGEMAP or WW_INDEX_TRACKED */
     int64_t handle; /* the pagemap descriptor, or the tracking handle */
     uint64_t epoch;
-    int latched; /* a VirtualProtect latched written pages: Python walks the region */
-    struct index_spans *spans;    /* committed */
-    struct ct_table writable; /* committed read-write spans: where an output array may lie */
+    /* The region's page states (WW_PAGES_* bits, in each item's ptr) as runs
+     * of equal value; pages in no run are reserved and not latched. The only
+     * home of the commit, protection and latch state of a region. */
+    struct ct_table pages;
+    struct index_spans *spans; /* its committed runs merged: what a scan walks */
+    uint64_t latched_runs;     /* runs with WW_PAGES_LATCHED */
+    int latching;              /* a VirtualProtect is latching (latch.py) */
+    int latched;  /* latching || latched_runs: Python walks the region's calls */
     int users[2]; /* calls using this region now, in each phase */
     int phase;    /* the phase new calls count themselves in */
     int removed;  /* out of the table: a call that counted itself late backs out */
 };
+
+static inline uint64_t run_value(const struct ct_item *run)
+{
+    return (uint64_t)(uintptr_t)run->ptr;
+}
 
 #define WW_HIDDEN __attribute__((visibility("hidden")))
 

@@ -17,21 +17,23 @@
 #include "ctable.h"
 #include "index.h"
 
-/* Do the spans (ascending, disjoint) cover [start, end)? O(log n) to find
- * the first, then one step per span inside. */
-static int covered(struct ct_table *spans, uint64_t start, uint64_t end)
+/* Are pages [start, end) of a region all committed read-write, with no
+ * change under way? O(log n) to find the first run, then one step per run
+ * inside. */
+static int writable(struct ct_table *pages, uint64_t start, uint64_t end)
 {
-    const struct ct_top *top = ct_load(spans);
+    const struct ct_top *top = ct_load(pages);
     struct ct_pos pos;
     if (start >= end)
         return 1;
     if (!ct_first_ending_after(top, start, &pos))
         return 0;
     do {
-        const struct ct_item *item = ct_at(top, pos);
-        if (item->start > start)
+        const struct ct_item *run = ct_at(top, pos);
+        if (run->start > start ||
+            (run_value(run) & (WW_PAGES_WRITABLE | WW_PAGES_CHANGING)) != WW_PAGES_WRITABLE)
             return 0;
-        start = item->end;
+        start = run->end;
         if (start >= end)
             return 1;
     } while (ct_next(top, &pos));
@@ -60,7 +62,7 @@ static void output_release(struct output_hold *hold)
  * read-only, inaccessible or decommitted after numpy's view of it was taken,
  * or become so while the call runs: numpy still calls it writable, and a
  * store would kill the process. Windows answers ERROR_NOACCESS there. The
- * answer comes from the index's read-write spans, without touching the
+ * answer comes from the region's page states, without touching the
  * buffer (a probe that wrote every page would mark every page of a watched
  * buffer written), and the call stays counted in each region the buffer lies
  * in until output_release: a protection change or decommit of those regions
@@ -90,7 +92,7 @@ static int output_hold(const struct ct_top *table, uint64_t out, uint64_t size,
         hold->entries[hold->count++] = entry;
         uint64_t first = out > entry->base ? out : entry->base;
         uint64_t last = end < entry->end ? end : entry->end;
-        if (!covered(&entry->writable, first, last)) {
+        if (!writable(&entry->pages, first, last)) {
             output_release(hold);
             return OUTPUT_REFUSED;
         }
