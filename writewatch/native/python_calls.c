@@ -8,7 +8,10 @@
  * from_buffer, the conversion of every argument and a Python frame of checks:
  * on 16 pages more than the scan itself. These functions take the numpy array
  * through the buffer protocol and make the native call (index_calls.c,
- * memwatch.c) directly, with the GIL released around it as cffi would.
+ * memwatch.c) directly, with the GIL released around it as cffi would. Even
+ * a 16-page call releases it, though that costs about a tenth of the call:
+ * the store into the output array may fault into memory a Python thread
+ * serves (userfaultfd missing pages), which needs the GIL to answer.
  *
  * They decide nothing the native calls do not. Each only recognises its
  * common call (integers, an exact numpy array that is 1-D, C-contiguous,
