@@ -258,12 +258,12 @@ def test_child_is_served_by_the_one_call_path_after_the_fork_hook(region):
     def child() -> dict[str, Any]:
         out = np.zeros(NPAGES, np.uintp)
         try:
-            index.get_write_watch(ww.WRITE_WATCH_FLAG_RESET, region.base, NPAGES * P, out,
-                                  NPAGES)
+            index.get_write_watch_as(ww.WRITE_WATCH_FLAG_RESET, region.base, NPAGES * P, out,
+                                     NPAGES)
         except index.RefusedError as refused:
             return {"served": False, "reason": refused.reason}
         region.write(4)
-        found = index.get_write_watch(0, region.base, NPAGES * P, out, NPAGES)
+        found = index.get_write_watch_as(0, region.base, NPAGES * P, out, NPAGES)
         return {"served": True, "pages": [(int(a) - region.base) // P for a in out[:found]]}
 
     seen = run_forked(child)

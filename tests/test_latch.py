@@ -181,11 +181,11 @@ def test_untouched_regions_stay_on_the_native_path(watched):
     region.view()[P] = 1
     assert regions.find(region.base).latched_spans(region.base, region.base + 16 * P) == []
     out = np.zeros(16, np.uintp)
-    assert index.get_write_watch(0, region.base, 16 * P, out, 16) == 1
+    assert index.get_write_watch_as(0, region.base, 16 * P, out, 16) == 1
     # Latched, then reset: back on the native path.
     assert ww.VirtualProtect(region.base, 16 * P, RW)[0]
     with pytest.raises(index.RefusedError):
-        index.get_write_watch(0, region.base, 16 * P, out, 16)
+        index.get_write_watch_as(0, region.base, 16 * P, out, 16)
     assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [1]
     assert regions.find(region.base).latched_spans(region.base, region.base + 16 * P) == []
-    assert index.get_write_watch(0, region.base, 16 * P, out, 16) == 0
+    assert index.get_write_watch_as(0, region.base, 16 * P, out, 16) == 0

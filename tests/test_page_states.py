@@ -80,7 +80,7 @@ def latched(base: int, npages: int) -> bool:
     """Does the index hand the region's calls to the latch walk?"""
     out = np.zeros(1, np.uintp)
     try:
-        index.get_write_watch(0, base, npages * P, out, 1)
+        index.get_write_watch_as(0, base, npages * P, out, 1)
     except index.RefusedError as refused:
         return refused.reason == index.REFUSED_LATCHED
     except OSError as failed:

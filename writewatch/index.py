@@ -122,19 +122,12 @@ _from_buffer = ffi.from_buffer
 _UINT64S = ffi.typeof("uint64_t[]")
 
 
-def get_write_watch(flags: int, base: int, size: int, out: np.ndarray, capacity: int) -> int:
-    """GetWriteWatch in one native call: the count of addresses written into
-    out[:capacity]. out must be a writable contiguous 64-bit array holding
-    capacity entries (the caller checks). Raises RefusedError, or OSError for a
-    kernel failure."""
-    found: int = lib.ww_index_get_write_watch(flags, base, size, _from_buffer(_UINT64S, out),
-                                              capacity)
-    return found if found >= 0 else verdict(found, "GetWriteWatch scan")
-
-
 def get_write_watch_as(flags: int, base: int, size: int, out: np.ndarray, capacity: int,
-                       origin: int, shift: int) -> int:
-    """get_write_watch with each address stored as (address - origin) >> shift."""
+                       origin: int = 0, shift: int = 0) -> int:
+    """GetWriteWatch in one native call: the count of addresses written into
+    out[:capacity], each stored as (address - origin) >> shift. out must be a
+    writable contiguous 64-bit array holding capacity entries (the caller
+    checks). Raises RefusedError, or OSError for a kernel failure."""
     found: int = lib.ww_index_get_write_watch_as(flags, base, size, _from_buffer(_UINT64S, out),
                                                  capacity, origin, shift)
     return found if found >= 0 else verdict(found, "GetWriteWatch scan")
