@@ -343,7 +343,7 @@ def _release_removed(region: regions.Region) -> None:
     # Asked before the index forgets the region: a parent's registrations
     # are not this process's to undo.
     ours = watcher is not None and (watcher.survives_fork or index.current(region.base))
-    spans = list(region.spans(region.base, region.end))
+    spans = list(region.spans(region.base, region.end)) if ours else []
     index.remove(region.base)
     if watcher is not None:
         if ours:
@@ -427,6 +427,8 @@ def committed_size(address: Any) -> int:
     if region is None:
         raise WriteWatchError(ERROR_INVALID_ADDRESS, f"{address:#x} is not allocated")
     with region.lock:
+        if region.released:
+            raise WriteWatchError(ERROR_INVALID_ADDRESS, "the region was released")
         return sum(end - start for start, end in region.committed_spans(region.base, region.end))
 
 
