@@ -49,9 +49,7 @@ int span_insert(uint64_t start, uint64_t end, int mode)
         spans = grown;
         span_capacity = capacity;
     }
-    size_t at = 0;
-    while (at < span_count && spans[at].start < start)
-        at++;
+    size_t at = span_from(start); /* spans are disjoint: the first ending after start */
     memmove(spans + at + 1, spans + at, (span_count - at) * sizeof *spans);
     spans[at] = (struct span){ start, end, mode };
     span_count++;
@@ -64,13 +62,19 @@ void span_remove(size_t at)
     span_count--;
 }
 
-/* The first span that ends after address. */
+/* The first span that ends after address: a binary search, so that a call
+ * costs O(log n) in the spans watched, not O(n). */
 size_t span_from(uint64_t address)
 {
-    size_t at = 0;
-    while (at < span_count && spans[at].end <= address)
-        at++;
-    return at;
+    size_t lo = 0, hi = span_count;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (spans[mid].end <= address)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
 }
 
 /* ---- starting to watch ---- */
