@@ -246,26 +246,6 @@ def test_holes_hold_nothing(watch) -> None:
     assert low.call(CLEAR) == [], "the selftest's clear of [0, 0x7FFFFFFF)"
 
 
-def test_spans_of_memory_unmapped_do_not_pile_up(watch, backend, maps_method) -> None:
-    """Memory watched, then unmapped by its owner and never watched again (a
-    collector's arenas) keeps no tracking state for long: once the spans have
-    doubled, a call drops those no mapping overlaps. Each round maps one page
-    more than the last, so that no round's memory lands in an earlier hole."""
-    watch(map_anon(1), 1).call(GET)  # the backend's own set-up is done
-    rounds = scaled_work(300, at_least=200)
-    before = lib.ww_memwatch_span_count()
-    for npages in range(2, 2 + rounds):
-        start = map_anon(npages)
-        Watched(backend, start, npages).call(CLEAR)
-        libc.munmap(start, npages * P)
-    after = lib.ww_memwatch_span_count()
-    assert after < before + rounds // 2, \
-        f"spans of unmapped memory must be dropped: {before} before, {after} after {rounds}"
-    start = map_anon(3)
-    w = watch(start, 3)
-    assert w.call(GET) == [0, 1, 2], "memory mapped after a sweep reads as new"
-
-
 def test_file_mapping_refused_before_anything_is_cleared_shared_memory_watched(watch) -> None:
     start = map_anon(6)  # its last two pages become the file mapping
     with tempfile.TemporaryFile() as file:

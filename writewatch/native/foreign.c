@@ -252,48 +252,6 @@ static int check_call(int mode, uint64_t start, uint64_t end)
     return 0;
 }
 
-/*
- * A span whose memory its owner unmapped keeps its tracking range (and state
- * array) until a call or an eviction reaches its addresses, which for memory
- * never watched again is never: a collector that watches each arena it maps
- * would leak one per arena. So once the spans have doubled since the last
- * sweep, one walk over every mapping of the process drops the spans no
- * mapping overlaps any more (their memory reads as new if mapped again, rule
- * M16, as it would after the next call). What stays is at most twice what is
- * mapped, and the sweep's cost, amortised, is constant per span made. Mutex
- * held.
- */
-#define SWEEP_AT_LEAST 64
-static size_t sweep_at = SWEEP_AT_LEAST;
-
-static void sweep_unmapped(void)
-{
-    if (span_count < sweep_at)
-        return;
-    struct vmas list = { 0 };
-    if (!walk_vmas(0, WW_USER_SPACE_END, &list)) {
-        size_t kept = 0, v = 0;
-        for (size_t at = 0; at < span_count; at++) {
-            while (v < list.count && list.at[v].end <= spans[at].start)
-                v++;
-            int mapped = v < list.count && list.at[v].start < spans[at].end;
-            if (mapped || ww_track_detach(spans[at].start))
-                spans[kept++] = spans[at];
-        }
-        span_count = kept;
-    }
-    free(list.at);
-    sweep_at = 2 * span_count > SWEEP_AT_LEAST ? 2 * span_count : SWEEP_AT_LEAST;
-}
-
-size_t ww_memwatch_span_count(void)
-{
-    pthread_mutex_lock(&foreign_mutex);
-    size_t count = span_count;
-    pthread_mutex_unlock(&foreign_mutex);
-    return count;
-}
-
 int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned flags,
                               uint64_t *vec, uint64_t vec_len)
 {
@@ -342,7 +300,6 @@ int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned f
     struct scan scan = { start, vec, vec_len, 0, get, clear, &before };
     if (!result)
         result = each_piece(mode, start, end, &list, scan_step, &scan);
-    sweep_unmapped();
     pthread_mutex_unlock(&foreign_mutex);
     snapshots_free(&before);
     free(list.at);
