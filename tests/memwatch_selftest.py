@@ -95,19 +95,45 @@ def _is_huge(address: int) -> bool:
 
 @contextmanager
 def huge_page(unwatch: bool = True) -> Iterator[Memory]:
-    """memalign(2 MiB) + MADV_HUGEPAGE + memset, as the selftest's gethugepage();
-    skips when the kernel gave no transparent huge page."""
+    """memalign(2 MiB) + MADV_HUGEPAGE + memset, as the selftest's gethugepage().
+    A heap that already holds small pages there (any long-running process,
+    this test run included) gives none: then a fresh 2 MiB-aligned anonymous
+    mapping, the same private anonymous memory with none of its pages touched
+    yet. Skips only when the kernel gives no transparent huge page at all."""
     base = _libc.memalign(HPAGE, HPAGE)
     assert base, "memalign failed"
+    _libc.madvise(base, HPAGE, MADV_HUGEPAGE)
+    ctypes.memset(base, 0, HPAGE)
+    if _is_huge(base):
+        try:
+            yield Memory(base, HPAGE)
+        finally:
+            _unwatch_then_free(base, HPAGE, unwatch)
+        return
+    _libc.free(base)  # never watched yet
+    with _fresh_huge_page(unwatch) as memory:
+        yield memory
+
+
+@contextmanager
+def _fresh_huge_page(unwatch: bool) -> Iterator[Memory]:
+    block = mmap.mmap(-1, 2 * HPAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = (ctypes.c_char * (2 * HPAGE)).from_buffer(block)
     try:
+        base = -ctypes.addressof(view) % HPAGE + ctypes.addressof(view)
         _libc.madvise(base, HPAGE, MADV_HUGEPAGE)
         ctypes.memset(base, 0, HPAGE)
         if not _is_huge(base):
-            pytest.skip("no transparent huge page was given (THP disabled or memory "
-                        "fragmented)")
-        yield Memory(base, HPAGE)
+            pytest.skip("no transparent huge page was given (THP disabled, or no free "
+                        "2 MiB of memory)")
+        try:
+            yield Memory(base, HPAGE)
+        finally:
+            if unwatch and backends.backend().name in ("uffd", "mprotect"):
+                memwatch.memwatch_unwatch(base, HPAGE)
     finally:
-        _unwatch_then_free(base, HPAGE, unwatch)
+        del view
+        block.close()
 
 
 def _unwatch_then_free(base: int, size: int, unwatch: bool) -> None:
