@@ -18,7 +18,9 @@ import pytest
 from forking import patience
 
 from writewatch import backends, kernel
+from writewatch.bench import model, scenarios
 from writewatch.bench import runner as bench
+from writewatch.bench.report import figure
 
 pytestmark = pytest.mark.any_backend  # the bench runs every backend itself
 
@@ -67,7 +69,7 @@ def test_numbers_are_positive_medians_with_ratios_to_raw(report):
             if result.impl == bench.RAW:
                 assert result.ratio is None
                 continue
-            own = bench.reference_of(result.impl)
+            own = model.reference_of(result.impl)
             raw = scenario.result(result.case, own)
             if raw is not None and raw.value == 0:
                 assert result.ratio is None, "no ratio to a reference below the timer"
@@ -90,7 +92,7 @@ def test_each_fallback_is_measured_beside_its_own_raw_mechanism(report):
     mechanism (reference.c) in every scenario, in the column before it, and its
     ratios are to that reference, not to the kernel's."""
     assert set(bench.RAW_BASELINE_OF) == {"uffd", "mprotect"}
-    assert bench.reference_of("pagemap") == bench.RAW
+    assert model.reference_of("pagemap") == bench.RAW
     for scenario in report.scenarios:
         for fallback in fallbacks_here():
             own = bench.RAW_BASELINE_OF[fallback]
@@ -174,7 +176,7 @@ def test_get_write_watch_makes_no_per_page_python_objects(report):
 
 
 def test_tables_json_and_targets(report):
-    text = report.tables()
+    text = bench.format_report(report)
     for scenario in report.scenarios:
         assert f"{scenario.number}. {scenario.title}" in text
     assert "OPENBLAS_NUM_THREADS" in text
@@ -260,7 +262,7 @@ def test_plot_draws_a_png(report, tmp_path):
 
 def test_quick_targets_are_not_judged_and_say_so(report):
     """Targets defined at full sizes would miss at --quick sizes for the size alone."""
-    text = report.tables()
+    text = bench.format_report(report)
     assert "MISSED" not in text
     assert "not judged" in text and "run without --quick" in text
     sized = [t for t in report.targets if not t.name.startswith("no per-page")]
@@ -282,7 +284,7 @@ def test_each_backend_has_one_colour_in_every_panel(report):
         pytest.skip("matplotlib is not installed (the optional 'plot' extra)")
     import matplotlib.pyplot as plt
 
-    fig = bench.figure(report)
+    fig = figure(report)
     try:
         colours: dict[str, set[tuple[float, ...]]] = {}
         for ax in fig.axes:
@@ -321,9 +323,9 @@ def test_first_write_has_a_second_raw_region_beside_the_first(report):
     scenario = report.scenario(1)
     if bench.RAW not in scenario.impls:
         pytest.skip("no raw C reference here")
-    assert scenario.impls[:2] == [bench.RAW, bench.RAW_AGAIN]
+    assert scenario.impls[:2] == [bench.RAW, scenarios.RAW_AGAIN]
     for case in scenario.cases:
-        again = scenario.result(case, bench.RAW_AGAIN)
+        again = scenario.result(case, scenarios.RAW_AGAIN)
         assert again.reference == bench.RAW and again.found == again.expected > 0
     details = [t.detail for t in report.targets if t.name.startswith("first write")
                and t.name.endswith("pagemap/raw")]
@@ -336,9 +338,9 @@ def test_small_call_shows_the_cffi_boundary_floor(report):
     scenario = report.scenario(3)
     if bench.RAW not in scenario.impls:
         pytest.skip("no raw C reference here")
-    assert scenario.impls[:3] == [bench.RAW, bench.RAW_FROM_PYTHON, bench.RAW_CFFI]
+    assert scenario.impls[:3] == [bench.RAW, scenarios.RAW_FROM_PYTHON, scenarios.RAW_CFFI]
     for case in scenario.cases:
-        floor = scenario.result(case, bench.RAW_CFFI)
+        floor = scenario.result(case, scenarios.RAW_CFFI)
         assert floor.reference == bench.RAW and floor.found == floor.expected > 0
-    assert all(f"{bench.RAW_CFFI}: " in t.detail for t in report.targets
+    assert all(f"{scenarios.RAW_CFFI}: " in t.detail for t in report.targets
                if t.name.startswith("small call"))

@@ -11,6 +11,7 @@ import pytest
 from writewatch import backends
 from writewatch.bench import buffers
 from writewatch.bench import runner as bench
+from writewatch.bench.report import format_scenario
 
 pytestmark = pytest.mark.any_backend  # the bench runs every backend itself
 
@@ -31,7 +32,7 @@ def test_every_method_finds_exactly_the_written_pages(report):
             result = scenario.result(case, impl)
             assert result is not None and result.value > 0, (case, impl)
             assert result.found == result.expected > 0, (case, impl)
-    assert "WRONG" not in bench.format_scenario(scenario)
+    assert "WRONG" not in format_scenario(scenario)
 
 
 def test_its_targets_are_shown_and_not_judged_below_full_size(report):

@@ -12,8 +12,9 @@ import os
 import pytest
 
 from writewatch import backends
-from writewatch.bench import foreign
+from writewatch.bench import foreign, model, scenarios
 from writewatch.bench import runner as bench
+from writewatch.bench.report import format_scenario
 
 pytestmark = pytest.mark.any_backend  # the bench runs every backend itself
 
@@ -36,7 +37,7 @@ def test_every_column_finds_exactly_the_written_pages(report):
             result = scenario.result(case, impl)
             assert result is not None and result.value >= 0, (case, impl)
             assert result.found == result.expected > 0, (case, impl)
-    assert "WRONG" not in bench.format_scenario(scenario)
+    assert "WRONG" not in format_scenario(scenario)
 
 
 def test_each_backend_is_compared_with_its_own_reference(report):
@@ -44,7 +45,7 @@ def test_each_backend_is_compared_with_its_own_reference(report):
     for case in scenario.cases:
         for impl in scenario.impls:
             result = scenario.result(case, impl)
-            if impl in bench.RAW_MODES:
+            if impl in model.RAW_MODES:
                 continue
             expected = bench.RAW_BASELINE_OF.get(impl, bench.RAW)
             if result.value and expected in scenario.impls:
@@ -57,12 +58,12 @@ def test_the_cffi_floor_is_measured_beside_raw_c(report):
     scenario = report.scenario(8)
     if bench.RAW not in scenario.impls:
         pytest.skip("no raw C reference here")
-    assert scenario.impls[:2] == [bench.RAW, bench.RAW_CFFI]
+    assert scenario.impls[:2] == [bench.RAW, scenarios.RAW_CFFI]
     for case in scenario.cases:
-        floor = scenario.result(case, bench.RAW_CFFI)
+        floor = scenario.result(case, scenarios.RAW_CFFI)
         assert floor.reference == bench.RAW and floor.found == floor.expected > 0
     small = [t for t in report.targets if t.name.startswith("process_memwatch 16 pages")]
-    assert len(small) == 1 and f"{bench.RAW_CFFI}: " in small[0].detail
+    assert len(small) == 1 and f"{scenarios.RAW_CFFI}: " in small[0].detail
 
 
 def test_the_raw_scan_reads_the_range_pagemap_watches(report):

@@ -27,8 +27,6 @@ pytestmark = pytest.mark.any_backend
 
 
 MAX_LINES = 600
-# Tooling, outside what the API and info import, waiting for its split.
-NOT_YET_SPLIT = {"bench/runner.py"}
 
 
 def product_sources() -> list[Path]:
@@ -189,6 +187,5 @@ def test_the_api_and_info_import_no_tooling():
 def test_no_python_file_of_the_package_is_over_600_lines():
     """A file that long holds more than one job: split it by job."""
     too_long = {str(path.relative_to(ROOT)): lines for path in product_sources()
-                if path.relative_to(PACKAGE).as_posix() not in NOT_YET_SPLIT
-                and (lines := len(path.read_text().splitlines())) > MAX_LINES}
+                if (lines := len(path.read_text().splitlines())) > MAX_LINES}
     assert not too_long, too_long

@@ -91,10 +91,10 @@ NO_SETUPTOOLS = """
 import os, sys
 sys.modules["setuptools"] = sys.modules["distutils"] = None   # as in a 3.12+ venv
 from pathlib import Path
-from writewatch.bench import runner
+from writewatch.bench import model
 from writewatch.testing import cbuild
 
-assert runner.reference().lib.wwb_segv_first is not None      # compiled at install time
+assert model.reference().lib.wwb_segv_first is not None      # compiled at install time
 cache = Path(sys.argv[1])
 add = cbuild.build_cached("add", "int add(int, int);", "int add(int a, int b) { return a + b; }",
                           cache=cache)

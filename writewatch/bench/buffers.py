@@ -1,6 +1,6 @@
 """Scenario 7 of the benchmark (opt-in: ``--scenarios 7``): what changed in a
-numpy array, with write watch and without. runner.py builds the table and
-judges the targets; this module measures (and imports nothing of the runner).
+numpy array, with write watch and without. scenarios.py builds the table and
+report.py judges the targets; this module measures (and imports neither).
 
 A page-aligned numpy array of ``--size-mib`` (1 GiB) has 0.1%, 1% and 10% of its
 pages written (random pages, one byte each) between two looks; each look finds

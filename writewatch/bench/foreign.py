@@ -1,7 +1,7 @@
 """Scenario 8 of the benchmark (opt-in: ``--scenarios 8``): process_memwatch
 over memory writewatch did not allocate, against a raw PAGEMAP_SCAN of the
-same range. runner.py builds the table and judges the target; this module
-measures (and imports nothing of the runner).
+same range. scenarios.py builds the table and report.py judges the target;
+this module measures (and imports neither).
 
 An anonymous ``mmap`` of ``--size-mib`` (1 GiB), every page present, has 0.1%,
 1% and 10% of its pages written (one byte each, by C code) between two calls;
