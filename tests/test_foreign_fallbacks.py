@@ -246,6 +246,46 @@ def test_holes_hold_nothing(watch) -> None:
     assert low.call(CLEAR) == [], "the selftest's clear of [0, 0x7FFFFFFF)"
 
 
+SWEEP_AT_LEAST = 64  # foreign.c: the spans a sweep waits for at least
+MAP_FIXED_NOREPLACE = 0x100000
+
+
+def _low_block(npages: int) -> int:
+    """npages mapped far below where the kernel places mappings (top-down from
+    near the stack): holes punched in it stay holes."""
+    for hint in range(1 << 40, 1 << 44, 1 << 40):
+        address = libc.mmap(hint, npages * P, PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                            | MAP_FIXED_NOREPLACE, -1, 0)
+        if address == hint:
+            return hint
+        if address not in (None, ctypes.c_void_p(-1).value):
+            libc.munmap(address, npages * P)
+    pytest.skip("no free low address range")
+
+
+def test_spans_of_memory_unmapped_do_not_pile_up(watch, backend, maps_method) -> None:
+    """Memory watched, then unmapped by its owner and never watched again (a
+    collector's arenas) keeps no tracking state for long: once the spans have
+    doubled since the last sweep, a call drops those no mapping overlaps, so
+    they stay within twice what is still watched."""
+    watch(map_anon(1), 1).call(GET)  # the backend's own set-up is done
+    before = lib.ww_memwatch_span_count()
+    rounds = 2 * (before + SWEEP_AT_LEAST)  # more than any bound below
+    block = _low_block(2 * rounds)
+    try:
+        for page in range(0, 2 * rounds, 2):  # odd pages stay mapped between the holes
+            Watched(backend, block + page * P, 1).call(CLEAR)
+            libc.munmap(block + page * P, P)
+        after = lib.ww_memwatch_span_count()
+    finally:
+        libc.munmap(block, 2 * rounds * P)
+    assert after < max(SWEEP_AT_LEAST, 2 * (before + 1)), \
+        f"spans of unmapped memory must be dropped: {before} before, {after} after {rounds}"
+    start = map_anon(3)
+    w = watch(start, 3)
+    assert w.call(GET) == [0, 1, 2], "memory mapped after a sweep reads as new"
+
+
 def test_file_mapping_refused_before_anything_is_cleared_shared_memory_watched(watch) -> None:
     start = map_anon(6)  # its last two pages become the file mapping
     with tempfile.TemporaryFile() as file:

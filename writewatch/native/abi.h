@@ -286,6 +286,8 @@ const char *ww_memwatch_reason(void);
 void ww_memwatch_use_uffd(int uffd, uint64_t features);
 int ww_memwatch_maps_method(int force_maps);
 void ww_memwatch_evict(uint64_t start, uint64_t end);
+/* Spans of memory process_memwatch watches on the fallbacks (foreign.c). */
+size_t ww_memwatch_span_count(void);
 
 /* The native index of write-watch regions (index.c): GetWriteWatch and
  * ResetWriteWatch in one call each, Windows' checks included. A call the index

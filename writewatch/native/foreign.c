@@ -252,6 +252,85 @@ static int check_call(int mode, uint64_t start, uint64_t end)
     return 0;
 }
 
+/*
+ * A span whose memory its owner unmapped keeps its tracking range (and state
+ * array) until a call or an eviction reaches its addresses, which for memory
+ * never watched again is never: a collector that watches each arena it maps
+ * would leak one per arena. So once the spans have doubled since the last
+ * sweep, one walk over every mapping of the process drops the spans that no
+ * mapping overlaps any more (their memory reads as new if mapped again, rule
+ * M16, as it would at the next call). writewatch's own mappings do not count:
+ * the next span's state array often lands in the hole the last one left, and
+ * no span ever covers them (foreign_maps.c refuses them). What stays is about
+ * twice what is mapped, and the sweep costs, amortised, a constant per span
+ * made. Mutex held.
+ */
+#define SWEEP_AT_LEAST 64
+static size_t sweep_at = SWEEP_AT_LEAST;
+
+static int by_start(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Is [start, end) inside the union of the sorted, merged pairs? */
+static int inside(const uint64_t *pairs, size_t count, uint64_t start, uint64_t end)
+{
+    size_t lo = 0, hi = count; /* the first pair ending after start */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (pairs[2 * mid + 1] <= start)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < count && pairs[2 * lo] <= start && pairs[2 * lo + 1] >= end;
+}
+
+static void sweep_unmapped(void)
+{
+    if (span_count < sweep_at)
+        return;
+    struct vmas list = { 0 };
+    uint64_t *own = NULL;
+    int64_t owned = ww_track_internal_mappings(&own);
+    if (owned >= 0 && !walk_vmas(0, WW_USER_SPACE_END, &list)) {
+        size_t merged = 0; /* own's pairs sorted, touching ones merged */
+        qsort(own, (size_t)owned, 2 * sizeof *own, by_start);
+        for (size_t i = 0; i < (size_t)owned; i++) {
+            if (merged && own[2 * i] <= own[2 * merged - 1]) {
+                own[2 * merged - 1] = max_u64(own[2 * merged - 1], own[2 * i + 1]);
+            } else {
+                own[2 * merged] = own[2 * i];
+                own[2 * merged++ + 1] = own[2 * i + 1];
+            }
+        }
+        size_t kept = 0, v = 0;
+        for (size_t at = 0; at < span_count; at++) {
+            while (v < list.count && list.at[v].end <= spans[at].start)
+                v++;
+            int mapped = 0;
+            for (size_t w = v; !mapped && w < list.count && list.at[w].start < spans[at].end; w++)
+                mapped = !inside(own, merged, list.at[w].start, list.at[w].end);
+            if (mapped || ww_track_detach(spans[at].start))
+                spans[kept++] = spans[at];
+        }
+        span_count = kept;
+    }
+    free(own);
+    free(list.at);
+    sweep_at = 2 * span_count > SWEEP_AT_LEAST ? 2 * span_count : SWEEP_AT_LEAST;
+}
+
+size_t ww_memwatch_span_count(void)
+{
+    pthread_mutex_lock(&foreign_mutex);
+    size_t count = span_count;
+    pthread_mutex_unlock(&foreign_mutex);
+    return count;
+}
+
 int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned flags,
                               uint64_t *vec, uint64_t vec_len)
 {
@@ -300,6 +379,7 @@ int64_t ww_track_memwatch_any(int mode, uint64_t start, uint64_t end, unsigned f
     struct scan scan = { start, vec, vec_len, 0, get, clear, &before };
     if (!result)
         result = each_piece(mode, start, end, &list, scan_step, &scan);
+    sweep_unmapped();
     pthread_mutex_unlock(&foreign_mutex);
     snapshots_free(&before);
     free(list.at);

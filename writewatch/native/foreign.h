@@ -35,6 +35,10 @@ void refuse_clear(void);
 /* Why [a, b) of vma cannot be watched in mode, as a refusal (0 if it can). */
 int refusal(const struct vma *vma, uint64_t a, uint64_t b, int mode);
 
+/* tracking.c's: every mapping the fault path writes, as [start, end) pairs
+ * in a malloc'd array (*out, unsorted); the count, or -ENOMEM. */
+int64_t ww_track_internal_mappings(uint64_t **out);
+
 /* ---- foreign_spans.c: the watched spans, one tracking range each, sorted by
  * address; the call mutex held ---- */
 struct span {

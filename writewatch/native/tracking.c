@@ -322,12 +322,23 @@ static int spans_overlap(uint64_t a, uint64_t b, uint64_t lo, uint64_t hi)
     return a < hi && lo < b;
 }
 
+/* The whole pages of a range's own mappings, its struct's and its state's,
+ * as two [start, end) pairs. */
+static void range_mappings(const struct track_range *r, uint64_t pairs[4])
+{
+    const uint64_t mask = WW_PAGE_SIZE - 1;
+    uint64_t at = (uint64_t)(uintptr_t)r, state = (uint64_t)(uintptr_t)r->state;
+    pairs[0] = at & ~mask;
+    pairs[1] = (at + sizeof *r + mask) & ~mask;
+    pairs[2] = state;
+    pairs[3] = state + ((r->state_size + mask) & ~mask);
+}
+
 /* Does [start, end) hold memory the fault path writes (a range's struct or
  * state, the uffd handler thread's stack)? Arming it would make the fault path
  * fault on itself. Whole pages count. */
 int ww_track_internal_overlaps(uint64_t start, uint64_t end)
 {
-    const uint64_t mask = WW_PAGE_SIZE - 1;
     int found = spans_overlap(start, end, __atomic_load_n(&track_handler_stack[0], __ATOMIC_ACQUIRE),
                               __atomic_load_n(&track_handler_stack[1], __ATOMIC_ACQUIRE));
     pthread_mutex_lock(&track_slots_mutex);
@@ -335,13 +346,45 @@ int ww_track_internal_overlaps(uint64_t start, uint64_t end)
     struct ct_pos pos = { 0, 0 };
     if (!found && top && top->count)
         do {
-            const struct track_range *r = ct_at(top, pos)->ptr;
-            uint64_t at = (uint64_t)(uintptr_t)r, state = (uint64_t)(uintptr_t)r->state;
-            found = spans_overlap(start, end, at & ~mask, (at + sizeof *r + mask) & ~mask) ||
-                    spans_overlap(start, end, state, state + r->state_size);
+            uint64_t pairs[4];
+            range_mappings(ct_at(top, pos)->ptr, pairs);
+            found = spans_overlap(start, end, pairs[0], pairs[1]) ||
+                    spans_overlap(start, end, pairs[2], pairs[3]);
         } while (!found && ct_next(top, &pos));
     pthread_mutex_unlock(&track_slots_mutex);
     return found;
+}
+
+/* Every mapping of the fault path's (each range's struct and state, the uffd
+ * handler thread's stack) as whole-page [start, end) pairs, into a malloc'd
+ * array *out: the number of pairs, or -ENOMEM. Unsorted. */
+int64_t ww_track_internal_mappings(uint64_t **out)
+{
+    const uint64_t mask = WW_PAGE_SIZE - 1;
+    pthread_mutex_lock(&track_slots_mutex);
+    struct ct_top *top = track_table.top;
+    uint64_t ranges = 0;
+    for (uint64_t c = 0; top && c < top->count; c++)
+        ranges += top->slots[c].chunk->count;
+    uint64_t *pairs = malloc((2 * ranges + 1) * 2 * sizeof *pairs), n = 0;
+    if (pairs && ranges) {
+        struct ct_pos pos = { 0, 0 };
+        do {
+            range_mappings(ct_at(top, pos)->ptr, pairs + 2 * n);
+            n += 2;
+        } while (ct_next(top, &pos));
+    }
+    pthread_mutex_unlock(&track_slots_mutex);
+    if (!pairs)
+        return -ENOMEM;
+    uint64_t low = __atomic_load_n(&track_handler_stack[0], __ATOMIC_ACQUIRE);
+    uint64_t high = __atomic_load_n(&track_handler_stack[1], __ATOMIC_ACQUIRE);
+    if (low < high) {
+        pairs[2 * n] = low & ~mask;
+        pairs[2 * n++ + 1] = (high + mask) & ~mask;
+    }
+    *out = pairs;
+    return (int64_t)n;
 }
 
 /* The state bytes of npages pages from address, in one counted access. */
