@@ -532,6 +532,11 @@ def scenario_reserve(cfg: Config, impls: list[str], progress: Progress) -> Scena
         "when the span is not 2 MiB aligned).")
     return scenario
 
+
+# ---------------------------------------------------------------------------
+# Scenarios 6 to 8 (opt-in): measured by scale.py, buffers.py and foreign.py
+
+
 def scenario_scale(cfg: Config, impls: list[str], progress: Progress) -> Scenario:
     """Scenario 6 (opt-in; bench/scale.py measures): sizes from ScaleSizes,
     quick() ones when the run's other sizes are reduced."""
