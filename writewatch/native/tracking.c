@@ -339,8 +339,9 @@ static void range_mappings(const struct track_range *r, uint64_t pairs[4])
  * fault on itself. Whole pages count. */
 int ww_track_internal_overlaps(uint64_t start, uint64_t end)
 {
-    int found = spans_overlap(start, end, __atomic_load_n(&track_handler_stack[0], __ATOMIC_ACQUIRE),
-                              __atomic_load_n(&track_handler_stack[1], __ATOMIC_ACQUIRE));
+    uint64_t low, high;
+    handler_stack(&low, &high);
+    int found = spans_overlap(start, end, low, high);
     pthread_mutex_lock(&track_slots_mutex);
     struct ct_top *top = track_table.top;
     struct ct_pos pos = { 0, 0 };
@@ -360,7 +361,6 @@ int ww_track_internal_overlaps(uint64_t start, uint64_t end)
  * array *out: the number of pairs, or -ENOMEM. Unsorted. */
 int64_t ww_track_internal_mappings(uint64_t **out)
 {
-    const uint64_t mask = WW_PAGE_SIZE - 1;
     pthread_mutex_lock(&track_slots_mutex);
     struct ct_top *top = track_table.top;
     uint64_t ranges = 0;
@@ -377,11 +377,11 @@ int64_t ww_track_internal_mappings(uint64_t **out)
     pthread_mutex_unlock(&track_slots_mutex);
     if (!pairs)
         return -ENOMEM;
-    uint64_t low = __atomic_load_n(&track_handler_stack[0], __ATOMIC_ACQUIRE);
-    uint64_t high = __atomic_load_n(&track_handler_stack[1], __ATOMIC_ACQUIRE);
+    uint64_t low, high;
+    handler_stack(&low, &high);
     if (low < high) {
-        pairs[2 * n] = low & ~mask;
-        pairs[2 * n++ + 1] = (high + mask) & ~mask;
+        pairs[2 * n] = low;
+        pairs[2 * n++ + 1] = high;
     }
     *out = pairs;
     return (int64_t)n;

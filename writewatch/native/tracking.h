@@ -104,7 +104,26 @@ extern struct ct_grace track_grace;   /* table memory and ranges replaced */
 extern int track_sync_uffd;           /* this process's uffd of the uffd backend */
 extern int track_blocked[TRACK_BLOCKED_MAX]; /* threads stopped in the fault path */
 extern size_t track_waiting_count;    /* uffd faults queued for a lock */
-extern uint64_t track_handler_stack[2]; /* the uffd handler thread's [low, high) */
+/* The uffd handler thread's stack as one word, so that a reader never pairs
+ * one stack's low end with another's high end: the page number of its low
+ * end in the low 36 bits, its length in pages above (0: none recorded). */
+extern uint64_t track_handler_stack;
+#define TRACK_STACK_PAGE_BITS 36
+
+static inline uint64_t handler_stack_word(uint64_t low, uint64_t high)
+{
+    uint64_t first = low / WW_PAGE_SIZE, last = (high + WW_PAGE_SIZE - 1) / WW_PAGE_SIZE;
+    return first | (last - first) << TRACK_STACK_PAGE_BITS;
+}
+
+/* The recorded stack's whole pages [*low, *high); empty if none. */
+static inline void handler_stack(uint64_t *low, uint64_t *high)
+{
+    uint64_t word = __atomic_load_n(&track_handler_stack, __ATOMIC_ACQUIRE);
+    uint64_t first = word & ((1ULL << TRACK_STACK_PAGE_BITS) - 1);
+    *low = first * WW_PAGE_SIZE;
+    *high = (first + (word >> TRACK_STACK_PAGE_BITS)) * WW_PAGE_SIZE;
+}
 
 /* tracking.c: threads, range locks, the deferred list, counted access */
 int this_thread(void);

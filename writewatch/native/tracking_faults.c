@@ -405,7 +405,7 @@ static int uffd_handler_paused;   /* stopped by ww_uffd_handler_pause, not yet r
 static int uffd_forked_alone;     /* the last fork ran with the handler paused, one thread */
 static int uffd_handler_stop_fd = -1; /* eventfd: ends the handler's poll */
 static pid_t uffd_handler_tid;
-uint64_t track_handler_stack[2]; /* the uffd handler thread's [low, high) */
+uint64_t track_handler_stack; /* tracking.h: handler_stack() reads it */
 
 /* Record this thread's stack: process_memwatch must not arm it (the handler
  * would fault on its own stack, with no one left to resolve the fault). */
@@ -417,8 +417,8 @@ static void record_handler_stack(void)
     if (pthread_getattr_np(pthread_self(), &self))
         return;
     if (!pthread_attr_getstack(&self, &stack, &stack_size)) {
-        __atomic_store_n(&track_handler_stack[0], (uint64_t)(uintptr_t)stack, __ATOMIC_RELEASE);
-        __atomic_store_n(&track_handler_stack[1], (uint64_t)(uintptr_t)stack + stack_size,
+        uint64_t low = (uint64_t)(uintptr_t)stack;
+        __atomic_store_n(&track_handler_stack, handler_stack_word(low, low + stack_size),
                          __ATOMIC_RELEASE);
     }
     pthread_attr_destroy(&self);
