@@ -315,7 +315,8 @@ static int ct_splice(struct ct_table *table, uint64_t from, uint64_t to,
         for (uint64_t k = 0; k < chunk->count; k++) {
             uint64_t s = chunk->items[k].start;
             if (!placed && s >= from) {
-                memcpy(all + at, repl, n * sizeof *repl);
+                if (n) /* repl may be NULL for a removal */
+                    memcpy(all + at, repl, n * sizeof *repl);
                 at += n;
                 placed = 1;
             }
@@ -323,7 +324,7 @@ static int ct_splice(struct ct_table *table, uint64_t from, uint64_t to,
                 all[at++] = chunk->items[k];
         }
     }
-    if (!placed) {
+    if (!placed && n) {
         memcpy(all + at, repl, n * sizeof *repl);
         at += n;
     }
