@@ -261,9 +261,10 @@ static int check_call(int mode, uint64_t start, uint64_t end)
  * mapping overlaps any more (their memory reads as new if mapped again, rule
  * M16, as it would at the next call). writewatch's own mappings do not count:
  * the next span's state array often lands in the hole the last one left, and
- * no span ever covers them (foreign_maps.c refuses them). What stays is about
- * twice what is mapped, and the sweep costs, amortised, a constant per span
- * made. Mutex held.
+ * no span ever covers them (foreign_maps.c refuses them). A hole that some
+ * other mapping took keeps its span until a call reaches it. So the spans
+ * stay within about twice those whose addresses are still mapped, and the
+ * sweep costs, amortised, a constant per span made. Mutex held.
  */
 #define SWEEP_AT_LEAST 64
 static size_t sweep_at = SWEEP_AT_LEAST;
