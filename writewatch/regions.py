@@ -116,8 +116,10 @@ class Region:
         """Address spans of the committed read-write pages in [first, last): the
         pages the kernel may write for a caller (prepare_kernel_write) and
         where GetWriteWatch's output array may lie."""
-        return [(start, end) for start, end, value in self.spans(first, last)
-                if value == PAGE_READWRITE]
+        return [(start, end)
+                for start, end, value in index.pages(self.base, first, last,
+                                                     index.PAGES_WRITABLE)
+                if value]
 
     def assign(self, first: int, last: int, protection: int) -> None:
         """Give pages [first, last) the protection (RESERVED: decommitted), and
