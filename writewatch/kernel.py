@@ -340,8 +340,9 @@ class Capabilities:
 
 
 class Spans:
-    """Page-aligned, ascending, disjoint [start, end) address spans in a C array:
-    built once when a region's committed runs change, used by every scan."""
+    """Page-aligned, ascending, disjoint [start, end) address spans in a C array,
+    for a watcher's scan from Python (the latch walk); the index keeps a
+    region's committed spans itself, for the scans it makes."""
 
     __slots__ = ("array", "count")
 
