@@ -189,3 +189,23 @@ def test_untouched_regions_stay_on_the_native_path(watched):
     assert region.written(ww.WRITE_WATCH_FLAG_RESET) == [1]
     assert regions.find(region.base).latched_spans(region.base, region.base + 16 * P) == []
     assert index.get_write_watch_as(0, region.base, 16 * P, out, 16) == 0
+
+
+def test_latched_pages_do_not_cut_virtual_querys_region_size():
+    """VirtualQuery's RegionSize counts the pages that share a state and a
+    protection; latched pages among them (rule 11) are no different to it,
+    committed or decommitted."""
+    memory = Real(RW)
+    try:
+        memory.write(3)
+        memory.protect(0, 16, RW)  # latches page 3
+        info = ww.VirtualQuery(memory.base)
+        assert (info.RegionSize, info.Protect) == (16 * P, RW), \
+            "a latched page inside a run of one protection must not split the run"
+        memory.decommit(2, 4)  # page 3 stays latched while decommitted
+        info = ww.VirtualQuery(memory.base + 2 * P)
+        assert (info.RegionSize, info.State) == (4 * P, ww.MEM_RESERVE), \
+            "a latched decommitted page must not split the reserved run"
+        assert memory.written() == [3]
+    finally:
+        memory.close()
